@@ -1,0 +1,3 @@
+"""spo_jax: Stable Preference Optimization and the Bradley-Terry loss family in JAX."""
+
+__version__ = "0.1.0"
