@@ -142,7 +142,7 @@ def inner_loop(
         return (theta, state), value
 
     if remat:
-        step = jax.checkpoint(step, prevent_cse=False)
+        step = jax.checkpoint(step, prevent_cse=True)
     (theta, _), values = jax.lax.scan(step, (params, optimizer.init(params)), None, length=steps)
     return theta, values
 
@@ -498,16 +498,16 @@ def pair_stats(sums_S: jax.Array, counts_S: jax.Array, batch: Batch):
     if sums_S.ndim != 1 or sums_S.shape[0] % 2:
         raise ValueError(f"pair_stats: sums_S has shape {sums_S.shape}; expected [S] with S = 2P "
                          "(chosen and rejected interleaved)")
-    counts = jnp.maximum(counts_S.astype(jnp.float32), 1.0)
-    sums = sums_S.astype(jnp.float32)
+    sums = _acc(sums_S)
+    counts = jnp.maximum(counts_S.astype(sums.dtype), 1.0)
     ref = batch.get("ref_logps")
     valid = batch.get("seq_valid")
     return losses.PairStats(
         chosen_logps=sums[0::2], rejected_logps=sums[1::2],
         chosen_len=counts[0::2], rejected_len=counts[1::2],
-        ref_chosen_logps=None if ref is None else jnp.asarray(ref, jnp.float32)[0::2],
-        ref_rejected_logps=None if ref is None else jnp.asarray(ref, jnp.float32)[1::2],
-        weight=None if valid is None else jnp.asarray(valid, jnp.float32)[0::2],
+        ref_chosen_logps=None if ref is None else _acc(ref)[0::2],
+        ref_rejected_logps=None if ref is None else _acc(ref)[1::2],
+        weight=None if valid is None else _acc(valid)[0::2],
     )
 
 
@@ -528,11 +528,12 @@ def sequence_nll(logps_fn: LogpsFn, params: Params, batch: Batch) -> tuple[jax.A
         sums, counts = sums[0::2], counts[0::2]
         valid = batch.get("seq_valid")
         valid = None if valid is None else jnp.asarray(valid)[0::2]
-    counts = counts.astype(jnp.float32)
-    weight = (counts > 0).astype(jnp.float32)
+    sums = _acc(sums)
+    counts = counts.astype(sums.dtype)
+    weight = (counts > 0).astype(sums.dtype)
     if valid is not None:
-        weight = weight * jnp.asarray(valid, jnp.float32)
-    return -sums.astype(jnp.float32) / jnp.maximum(counts, 1.0), weight
+        weight = weight * jnp.asarray(valid, sums.dtype)
+    return -sums / jnp.maximum(counts, 1.0), weight
 
 
 def _weighted_mean(x: jax.Array, weight: jax.Array) -> jax.Array:
