@@ -17,15 +17,11 @@ Two steps, both through HF ``datasets`` (memory-mapped Arrow, cached ``map``):
 Supported formats (TRL's dataset conventions; the column names are configurable
 through ``columns={"canonical": "actual"}``):
 
-====================  ===================================  ===================
-format                columns                              kind
-====================  ===================================  ===================
-``preference``        ``prompt``, ``chosen``, ``rejected``  preference
-``implicit_preference`` ``chosen``, ``rejected``           preference
-``prompt_completion`` ``prompt``, ``completion``           sft
-``messages``          ``messages``                         sft
-``question_answer``   ``question``, ``answer`` (GSM8K)     sft
-====================  ===================================  ===================
+* ``preference``: ``prompt``, ``chosen``, ``rejected`` (preference)
+* ``implicit_preference``: ``chosen``, ``rejected``; the shared prefix is the prompt (preference)
+* ``prompt_completion``: ``prompt``, ``completion`` (sft)
+* ``messages``: ``messages``; the last (assistant) message is the response (sft)
+* ``question_answer``: ``question``, ``answer`` (GSM8K; rendered with templates) (sft)
 
 Any text field may instead be *conversational*: a list of ``{"role", "content"}``
 messages. Conversational rows are rendered with the tokenizer's chat template the
