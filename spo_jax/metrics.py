@@ -1,0 +1,148 @@
+"""Metric writers (JSONL + TensorBoard + tqdm), throughput and MFU.
+
+Only process 0 writes files and shows the progress bar; other processes get a
+writer that does nothing, so the loop has no ``if process_index == 0`` branches.
+
+MFU (model FLOPs utilisation), the PaLM definition without the attention term::
+
+    MFU = 6 · N · tokens / step_time / (peak FLOP/s per device · devices)
+
+N = number of parameters (embedding included, an upper bound for tied
+embeddings), tokens = non-padding tokens in the step (forward + backward =
+6 FLOPs per parameter per token). A frozen online reference forward adds
+2·N·tokens, counted when given. ``peak`` comes from the config or from
+:func:`measure_peak_flops` (a timed square matmul: an honest *achievable* peak).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+
+def _scalar(v: Any) -> float:
+    return float(np.asarray(v))
+
+
+class MetricWriter:
+    """Writes scalar dicts to ``<run_dir>/metrics.jsonl`` and TensorBoard ``<run_dir>/tb``.
+
+    Each JSONL line is ``{"step": int, "split": "train"|"eval", <name>: float, ...}``.
+    Appends (a resumed run continues the same file).
+    """
+
+    def __init__(self, run_dir: str, *, jsonl: bool = True, tensorboard: bool = True, enabled: bool = True):
+        self.enabled = enabled
+        self._jsonl = None
+        self._tb = None
+        if not enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        if jsonl:
+            self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(os.path.join(run_dir, "tb"))
+
+    def write(self, step: int, metrics: Mapping[str, Any], split: str = "train") -> None:
+        if not self.enabled:
+            return
+        values = {k: _scalar(v) for k, v in metrics.items()}
+        if self._jsonl is not None:
+            record = {"step": int(step), "split": split}
+            record.update({k: (v if math.isfinite(v) else str(v)) for k, v in values.items()})
+            self._jsonl.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for k, v in values.items():
+                self._tb.add_scalar(f"{split}/{k}", v, int(step))
+
+    def flush(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.flush()
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+class Progress:
+    """tqdm bar over optimizer steps with loss and tokens/s (tqdm shows the ETA)."""
+
+    def __init__(self, total: int, initial: int = 0, enabled: bool = True):
+        self._bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+            self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+    def update(self, n: int, metrics: Mapping[str, Any]) -> None:
+        if self._bar is None:
+            return
+        post = {}
+        if "loss" in metrics:
+            post["loss"] = f"{_scalar(metrics['loss']):.4f}"
+        if "tokens_per_sec" in metrics:
+            post["tok/s"] = f"{_scalar(metrics['tokens_per_sec']):.0f}"
+        self._bar.set_postfix(post, refresh=False)
+        self._bar.update(n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def mfu(num_params: int, tokens: float, seconds: float, peak_flops_per_device: float, num_devices: int,
+        extra_forward_params: int = 0) -> float:
+    """Model FLOPs utilisation: (6·N + 2·N_ref)·tokens / seconds / (peak · devices)."""
+    if seconds <= 0 or peak_flops_per_device <= 0:
+        return float("nan")
+    flops = (6.0 * num_params + 2.0 * extra_forward_params) * tokens
+    return flops / seconds / (peak_flops_per_device * num_devices)
+
+
+def measure_peak_flops(dtype: str = "float32", size: int | None = None, repeats: int = 5) -> float:
+    """Achieved FLOP/s of one device on a square matmul (2·n³ FLOPs), best of ``repeats``.
+
+    ``size`` defaults to 4096 on accelerators and 512 on CPU (keeps start-up fast).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    dev = jax.local_devices()[0]
+    n = size or (512 if dev.platform == "cpu" else 4096)
+    a = jax.device_put(jnp.ones((n, n), dtype), dev)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n ** 3 / best
+
+
+class Throughput:
+    """Wall-clock time per step between consecutive metric reads."""
+
+    def __init__(self):
+        self._last = None
+
+    def tick(self) -> float | None:
+        now = time.perf_counter()
+        dt = None if self._last is None else now - self._last
+        self._last = now
+        return dt
+
+    def reset(self) -> None:
+        self._last = None
