@@ -7,6 +7,8 @@ The data paths are left empty on purpose (the test writes its own files):
         --config.run_dir=/tmp/tiny --config.data.train_path=/tmp/pairs.jsonl
 """
 
+import ml_collections
+
 from spo_jax.config import get_default_config
 
 # Vocabulary of spo_jax.data.synthetic.build_tokenizer() is < 128 tokens.
@@ -32,7 +34,7 @@ def get_config():
     config = get_default_config()
     config.stage = "preference"
     config.seed = 0
-    config.model.config = dict(TINY_LLAMA)
+    config.model.config = ml_collections.ConfigDict(TINY_LLAMA)  # --config.model.config.hidden_size=... works
     config.model.tokenizer = "synthetic"
     config.model.dtype = "float32"
     config.model.param_dtype = "float32"

@@ -116,7 +116,7 @@ def get_default_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.path = ""
-    c.model.config = ml_collections.config_dict.placeholder(dict)
+    c.model.config = None  # a ConfigDict of HF config.json fields when set
     c.model.tokenizer = ""
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "float32"

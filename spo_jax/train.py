@@ -268,7 +268,7 @@ def make_step_fn(config, graphdef, tx: optax.GradientTransformation, schedule) -
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
         rng = jax.random.fold_in(state.rng, state.step)
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
@@ -729,9 +729,10 @@ class _Loop:
     def _save(self, step: int, it) -> None:
         self.checkpointer.save(step, self.state.saveable(), it.get_state(), _config_dict(self.config))
 
-    def run(self) -> TrainResult:
+    def run(self, stop_at: int | None = None) -> TrainResult:
         c = self.config
         num_steps = int(c.train.num_steps)
+        last = num_steps if stop_at is None else min(int(stop_at), num_steps)
         micro_bs = c.data.batch_size // self.accum
         it = make_iterator(c, self.train_ds, batch_size=micro_bs, shuffle=c.data.shuffle, num_epochs=None,
                            seed=int(c.seed), pad_id=self.pad_id)
@@ -767,7 +768,7 @@ class _Loop:
             progress.update(1, m)
 
         try:
-            for step in range(start, num_steps):
+            for step in range(start, last):
                 local = self._next_local(it)
                 tokens = float(np.sum(local["segment_ids"] > 0)) * jax.process_count()
                 batch = sharding_lib.make_global_batch(local, self.mesh, leading_micro_axis=self.accum > 1)
@@ -776,7 +777,7 @@ class _Loop:
                     read(pending)  # step t's metrics, after step t+1 was dispatched
                 pending = (step + 1, metrics, tokens)
                 done = step + 1
-                save_now = done == num_steps or (c.checkpoint.every and done % c.checkpoint.every == 0)
+                save_now = done == last or (c.checkpoint.every and done % c.checkpoint.every == 0)
                 eval_now = bool(c.eval.every) and done % c.eval.every == 0 and done != num_steps
                 if save_now or eval_now:
                     read(pending)  # never save or evaluate a state whose step was not checked
@@ -789,9 +790,10 @@ class _Loop:
             if pending is not None:
                 read(pending)
             self.checkpointer.wait()
-            if self.eval_ds is not None:
+            finished = last == num_steps
+            if self.eval_ds is not None and finished:
                 final_eval = self.evaluate(self.state.params, num_steps)
-            export = self._export() if c.checkpoint.export_hf else None
+            export = self._export() if c.checkpoint.export_hf and finished else None
         finally:
             progress.close()
             self.writer.flush()
@@ -829,11 +831,14 @@ class _Loop:
         return TrainResult(self.state, self.graphdef, self.history, out, self.run_dir, None, start)
 
 
-def train(config, *, train_data=None, eval_data=None) -> TrainResult:
+def train(config, *, train_data=None, eval_data=None, stop_at: int | None = None) -> TrainResult:
     """Validate ``config``, then run its stage. ``train_data`` / ``eval_data``
     (optional ``datasets.Dataset`` in any supported row format) replace the
     ``data.train_path`` / ``data.eval_path`` sources (the fields may then be
-    empty). Returns a ``TrainResult``."""
+    empty). ``stop_at``: end this invocation after that optimizer step (with a
+    checkpoint there, as a pre-empted job would; a later call resumes). The run
+    resumes from the latest complete checkpoint in ``run_dir`` when
+    ``checkpoint.resume``. Returns a ``TrainResult``."""
     c = config
     sharding_lib.initialize_distributed(c.distributed.coordinator_address, c.distributed.num_processes,
                                         c.distributed.process_id, c.distributed.cpu_collectives)
@@ -841,7 +846,7 @@ def train(config, *, train_data=None, eval_data=None) -> TrainResult:
     loop = _Loop(c, train_data=train_data, eval_data=eval_data)
     if c.stage == "eval":
         return loop.run_eval()
-    return loop.run()
+    return loop.run(stop_at=stop_at)
 
 
 def validate_for_run(config, *, train_data=None, eval_data=None) -> None:
