@@ -130,19 +130,3 @@ def measure_peak_flops(dtype: str = "float32", size: int | None = None, repeats:
         f(a).block_until_ready()
         best = min(best, time.perf_counter() - t)
     return 2.0 * n ** 3 / best
-
-
-class Throughput:
-    """Wall-clock time per step between consecutive metric reads."""
-
-    def __init__(self):
-        self._last = None
-
-    def tick(self) -> float | None:
-        now = time.perf_counter()
-        dt = None if self._last is None else now - self._last
-        self._last = now
-        return dt
-
-    def reset(self) -> None:
-        self._last = None

@@ -48,7 +48,7 @@ from flax import nnx, struct
 from spo_jax import config as config_lib
 from spo_jax import sharding as sharding_lib
 from spo_jax.checkpoint import Checkpointer
-from spo_jax.metrics import MetricWriter, Progress, Throughput, measure_peak_flops, mfu
+from spo_jax.metrics import MetricWriter, Progress, measure_peak_flops, mfu
 
 logger = logging.getLogger("spo_jax.train")
 
@@ -270,6 +270,7 @@ def make_step_fn(config, graphdef, tx: optax.GradientTransformation, schedule) -
         metrics = dict(metrics)
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
+        metrics["tokens"] = jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32)  # global, non-padding
         rng = jax.random.fold_in(state.rng, state.step)
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
         return new, metrics
@@ -695,8 +696,46 @@ class _Loop:
         return out
 
     def _generation_accuracy(self, params) -> dict:
-        from spo_jax import evaluate_generation  # noqa: F401  (wired when the module lands)
-        raise NotImplementedError
+        """GSM8K-style accuracy of sampled / greedy answers on the first ``eval.num_prompts``
+        held-out prompts: ``models.generate`` (left-padded prompts), the new tokens decoded
+        up to EOS, ``spo_jax.data.gsm8k.accuracy`` against the reference response
+        (chosen response or SFT completion, which ends in ``#### N``)."""
+        from spo_jax import models
+        from spo_jax.data import gsm8k
+        c = self.config
+        ds = self.eval_ds
+        n = min(int(c.eval.num_prompts), len(ds))
+        rows = ds.select(range(n))
+        ref_col = "chosen_ids" if "chosen_ids" in rows.column_names else "completion_ids"
+        prompts = [np.asarray(p, np.int32) for p in rows["prompt_ids"]]
+        refs = [self.tokenizer.decode(r, skip_special_tokens=True) for r in rows[ref_col]]
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        model = nnx.merge(self.graphdef, params)
+        texts = []
+        bs = int(c.data.eval_batch_size)
+        key = jax.random.fold_in(jax.random.PRNGKey(int(c.seed)), 7)
+        for start in range(0, n, bs):
+            chunk = prompts[start:start + bs]
+            width = max(len(p) for p in chunk)
+            width = -(-width // 8) * 8  # a few fixed widths bound the compiles
+            ids = np.full((len(chunk), width), self.pad_id, np.int32)
+            mask = np.zeros((len(chunk), width), np.int32)
+            for i, p in enumerate(chunk):
+                ids[i, width - len(p):] = p
+                mask[i, width - len(p):] = 1
+            key, sub = jax.random.split(key)
+            out = models.generate(model, jnp.asarray(ids), jnp.asarray(mask), max_new_tokens=int(c.eval.max_new_tokens),
+                                  key=sub, temperature=float(c.eval.temperature), top_k=None, top_p=None,
+                                  eos_id=eos, pad_id=self.pad_id)
+            out = np.asarray(jax.device_get(out))
+            new = out[:, width:] if out.shape[1] == width + int(c.eval.max_new_tokens) else out
+            for row in new:
+                row = list(row)
+                if eos is not None and eos in row:
+                    row = row[:row.index(eos)]
+                texts.append(self.tokenizer.decode(row, skip_special_tokens=True))
+        self.last_generations = list(zip(refs, texts))
+        return {"gen/accuracy": gsm8k.accuracy(texts, refs), "gen/num_prompts": float(n)}
 
     # --------------------------------------------------------------- train
 
@@ -742,13 +781,15 @@ class _Loop:
             "bfloat16" if jax.devices()[0].platform != "cpu" and c.model.dtype == "bfloat16" else "float32")
         ref_n = self.num_params if self.ref_mode == "online" else 0
         progress = Progress(num_steps, initial=start, enabled=c.metrics.progress_bar and self.is_main)
-        clock = Throughput()
-        pending = None  # (step, metrics on device, tokens)
+        pending = None  # (step, metrics still on device)
         final_eval: dict = {}
 
-        def read(p):
-            step, metrics, tokens = p
+        def read(p, next_dispatch: float | None = None):
+            # step time = from this step's dispatch to the next step's dispatch (steady state:
+            # the loop is paced by the device), or to now when nothing was dispatched after it.
+            step, metrics, dispatched = p
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            tokens = m["tokens"]
             if not (math.isfinite(m["loss"]) and math.isfinite(m.get("grad_norm", 0.0))):
                 self.checkpointer.wait()
                 raise NonFiniteLossError(
@@ -756,12 +797,11 @@ class _Loop:
                     f"stopped without saving this state. The last good checkpoint is step "
                     f"{self.checkpointer.latest_step()} in {self.checkpointer.directory}. Lower optim.learning_rate, "
                     "enable optim.grad_clip, or check the data.")
-            dt = clock.tick()
-            if dt is not None:
+            dt = (next_dispatch if next_dispatch is not None else time.perf_counter()) - dispatched
+            if step > start + 1:  # the first step of a process includes compilation
                 m["step_time"] = dt
                 m["tokens_per_sec"] = tokens / dt
                 m["mfu"] = mfu(self.num_params, tokens, dt, peak, jax.device_count(), ref_n)
-            m["tokens"] = tokens
             if step % c.metrics.log_every == 0 or step == num_steps:
                 self.writer.write(step, m)
                 self.history.append({"step": step, "split": "train", **m})
@@ -770,19 +810,18 @@ class _Loop:
         try:
             for step in range(start, last):
                 local = self._next_local(it)
-                tokens = float(np.sum(local["segment_ids"] > 0)) * jax.process_count()
                 batch = sharding_lib.make_global_batch(local, self.mesh, leading_micro_axis=self.accum > 1)
+                dispatched = time.perf_counter()
                 self.state, metrics = train_step(self.state, batch)
                 if pending is not None:
-                    read(pending)  # step t's metrics, after step t+1 was dispatched
-                pending = (step + 1, metrics, tokens)
+                    read(pending, dispatched)  # step t's metrics, after step t+1 was dispatched
+                pending = (step + 1, metrics, dispatched)
                 done = step + 1
                 save_now = done == last or (c.checkpoint.every and done % c.checkpoint.every == 0)
                 eval_now = bool(c.eval.every) and done % c.eval.every == 0 and done != num_steps
                 if save_now or eval_now:
                     read(pending)  # never save or evaluate a state whose step was not checked
                     pending = None
-                    clock.reset()
                 if save_now:
                     self._save(done, it)
                 if eval_now:
