@@ -52,11 +52,17 @@ def stats_from_sequences(sums_S, counts_S, ref_sums_S=None, seq_valid_S=None) ->
 # ----------------------------------------------------------------------------- helpers
 
 
+def _f32(x):
+    """At least fp32 (bf16 inputs are promoted; fp64 under jax x64 is kept for exact tests)."""
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def _mean(x, weight):
-    x = x.astype(jnp.float32)
+    x = _f32(x)
     if weight is None:
         return jnp.mean(x)
-    w = weight.astype(jnp.float32)
+    w = _f32(weight)
     return jnp.sum(w * x) / jnp.maximum(jnp.sum(w), 1e-8)
 
 
@@ -368,14 +374,15 @@ def spo_penalty(q: Array, epsilon: float = 0.0, per_sample: bool = True, squared
                 weight: Array | None = None):
     """The SPO penalty on the constraint ``q ≤ ε`` (METHOD.md, solver ``penalty``).
 
+    ε may be negative (demand that the chosen response improve).
     per_sample: ``mean_i relu(q_i − ε)`` (``relu²`` if squared); batch level:
     ``relu(mean_i q_i − ε)``. Metrics ``spo/constraint`` (mean q),
     ``spo/violation_frac`` (share of pairs with q_i > 0: chosen token-mean
     log-prob below the reference's) and ``spo/penalty``.
     """
-    if epsilon < 0:
-        raise ValueError(f"spo_penalty: epsilon must be >= 0; got {epsilon}")
-    q = q.astype(jnp.float32)
+    if not np.isfinite(epsilon):
+        raise ValueError(f"spo_penalty: epsilon must be finite; got {epsilon}")
+    q = _f32(q)
     act = (lambda x: jnp.square(jax.nn.relu(x))) if squared else jax.nn.relu
     value = _mean(act(q - epsilon), weight) if per_sample else act(_mean(q, weight) - epsilon)
     metrics = {
