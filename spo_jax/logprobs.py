@@ -1,134 +1,228 @@
-"""Per-token log-probs of target tokens from final hidden states, chunked.
+"""Per-token log-probs of target tokens from final hidden states, chunked (Contract 3).
 
-The naive path forms the full logits ``hidden_BTD @ w_DV`` ([B, T, V]) and a
-log-softmax; at vocab 151936 and length 2048 that is 1.2 GB per sequence in fp32,
-and the backward pass keeps it alive. :func:`token_logps` instead scans over
-chunks of ``seq_chunk`` positions, each under :func:`jax.checkpoint`, so forward
-and backward peak at O(B x seq_chunk x V); with ``vocab_chunk`` it also scans the
-vocabulary with an online log-sum-exp, O(B x seq_chunk x vocab_chunk).
+    log p(y_t | x, y_<t) = z_t[y_t] − logsumexp_v z_t[v],   z_t = h_t · W + b      (W: [D, V])
 
-    log p(y_t | x, y_<t) = h_t . w[:, y_t] + b[y_t] - logsumexp_v(h_t . w[:, v] + b[v])
+The naive path (:func:`naive_token_logps`) forms the full logits ``[B, T, V]``
+and a log-softmax: at vocab 151936 and length 2048 that is 1.2 GB per sequence
+in fp32, and the backward pass keeps several such buffers alive.
+:func:`token_logps` scans over chunks of ``seq_chunk`` positions, each under
+:func:`jax.checkpoint` (only the chunk's inputs are saved; its logits are
+recomputed in the backward pass), so forward *and* backward peak at
+O(B · seq_chunk · V). With ``vocab_chunk`` it also scans the vocabulary with an
+online log-sum-exp (running max m and scaled sum s, the body again under
+``jax.checkpoint``), peak O(B · seq_chunk · vocab_chunk):
 
-Matmuls run in the input dtype (bf16 allowed); log-sum-exp and every reduction
-in fp32.
+    m_k = max(m_{k−1}, max_{v ∈ chunk k} z[v]),   s_k = s_{k−1} e^{m_{k−1} − m_k} + Σ_{v ∈ chunk k} e^{z[v] − m_k}
+    logsumexp z = m_K + log s_K
+
+(the running max is held under stop-gradient: the result does not depend on
+it, and the gradient is then exactly the softmax). A length ``T`` or a
+vocabulary ``V`` not divisible by its chunk is fine (the sequence is padded,
+the last vocabulary chunk is clamped and overlapping columns masked).
+
+Matmuls run in the input dtype (bf16 allowed) with fp32 accumulation
+(``preferred_element_type``); log-sum-exp, outputs and reductions are fp32.
+A target outside ``[0, V)`` (only checkable when the targets are concrete) gives
+NaN in both paths when traced, never a silently wrong number.
+
+:func:`sequence_logps` turns token log-probs into per-sequence sums and token
+counts with segment sums over ``seq_ids`` (Contract 1's batch layout);
+:func:`sequence_mean_logps` gives token means.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["token_logps", "naive_token_logps", "sequence_logps", "sequence_mean_logps"]
 
 
-def _check(hidden_BTD, w_DV, targets_BT, b_V):
-    if hidden_BTD.ndim != 3:
-        raise ValueError(f"hidden_BTD must be [B, T, D]; got shape {hidden_BTD.shape}")
-    if w_DV.ndim != 2 or w_DV.shape[0] != hidden_BTD.shape[-1]:
-        raise ValueError(f"w_DV must be [D, V] with D = hidden_BTD.shape[-1] = {hidden_BTD.shape[-1]}; "
-                         f"got shape {w_DV.shape}")
-    if targets_BT.shape != hidden_BTD.shape[:2]:
-        raise ValueError(f"targets_BT must be [B, T] = {hidden_BTD.shape[:2]}; got shape {targets_BT.shape}")
-    if b_V is not None and b_V.shape != (w_DV.shape[1],):
-        raise ValueError(f"b_V must be [V] = ({w_DV.shape[1]},); got shape {b_V.shape}")
+# ----------------------------------------------------------------------------- boundary checks
 
 
-def naive_token_logps(hidden_BTD, w_DV, targets_BT, b_V=None):
-    """Reference path: full [B, T, V] logits, log-softmax, gather. Returns fp32 [B, T]."""
-    _check(hidden_BTD, w_DV, targets_BT, b_V)
-    logits_BTV = jnp.einsum("btd,dv->btv", hidden_BTD, w_DV.astype(hidden_BTD.dtype)).astype(jnp.float32)
-    if b_V is not None:
-        logits_BTV = logits_BTV + b_V.astype(jnp.float32)
-    logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
-    return jnp.take_along_axis(logp_BTV, targets_BT[..., None].astype(jnp.int32), axis=-1)[..., 0]
+def _concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
 
 
-def _chunk_logps(h_BCD, t_BC, w_DV, b_V, vocab_chunk):
-    """Log-probs for one sequence chunk [B, C]; optionally an online logsumexp over vocab chunks."""
-    w = w_DV.astype(h_BCD.dtype)
-    if not vocab_chunk or vocab_chunk >= w_DV.shape[1]:
-        logits = jnp.einsum("bcd,dv->bcv", h_BCD, w).astype(jnp.float32)
-        if b_V is not None:
-            logits = logits + b_V.astype(jnp.float32)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        tgt = jnp.take_along_axis(logits, t_BC[..., None], axis=-1)[..., 0]
-        return tgt - lse
-    V = w_DV.shape[1]
-    n = -(-V // vocab_chunk)
-    pad = n * vocab_chunk - V
-    w_p = jnp.pad(w, ((0, 0), (0, pad)))
-    b_p = jnp.zeros((V,), jnp.float32) if b_V is None else b_V.astype(jnp.float32)
-    b_p = jnp.pad(b_p, (0, pad), constant_values=-jnp.inf)
-    w_NDK = w_p.reshape(w.shape[0], n, vocab_chunk).transpose(1, 0, 2)
-    b_NK = b_p.reshape(n, vocab_chunk)
+def _check(hidden_BTD, w_DV, targets_BT, b_V) -> None:
+    """Shapes and dtypes of the inputs; target range when the targets are concrete."""
+    for name, x in (("hidden_BTD", hidden_BTD), ("w_DV", w_DV), ("b_V", b_V)):
+        if x is not None and not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+            raise ValueError(f"{name} must be a float array; got dtype {jnp.result_type(x)}")
+    if jnp.ndim(hidden_BTD) != 3:
+        raise ValueError(f"hidden_BTD must be [B, T, D]; got shape {jnp.shape(hidden_BTD)} "
+                         "(pass the final hidden states after the final norm)")
+    D = jnp.shape(hidden_BTD)[-1]
+    if jnp.ndim(w_DV) != 2 or jnp.shape(w_DV)[0] != D:
+        raise ValueError(f"w_DV must be [D, V] with D = hidden_BTD.shape[-1] = {D}; got shape "
+                         f"{jnp.shape(w_DV)} (a [V, D] embedding must be transposed)")
+    if jnp.shape(targets_BT) != jnp.shape(hidden_BTD)[:2]:
+        raise ValueError(f"targets_BT must be [B, T] = {jnp.shape(hidden_BTD)[:2]}; got shape "
+                         f"{jnp.shape(targets_BT)}")
+    if not jnp.issubdtype(jnp.result_type(targets_BT), jnp.integer):
+        raise ValueError(f"targets_BT must be integer token ids; got dtype {jnp.result_type(targets_BT)}")
+    V = jnp.shape(w_DV)[1]
+    if b_V is not None and jnp.shape(b_V) != (V,):
+        raise ValueError(f"b_V must be [V] = ({V},); got shape {jnp.shape(b_V)}")
+    if _concrete(targets_BT):
+        t = np.asarray(targets_BT)
+        bad = (t < 0) | (t >= V)
+        if bad.any():
+            raise ValueError(f"targets_BT must lie in [0, V = {V}); got {t[bad][:5].tolist()} "
+                             "(Contract 1 puts 0 where there is no target, not -100)")
+
+
+def _check_chunk(name: str, value) -> None:
+    if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool)
+                              or value < 0):
+        raise ValueError(f"{name} must be a Python int >= 0 (0 or None: no chunking); got {value!r}")
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def _logits(h_BCD, w_DK, b_K):
+    """fp32 logits of one chunk: matmul in the hidden dtype, fp32 accumulation."""
+    z = jnp.einsum("bcd,dk->bck", h_BCD, w_DK.astype(h_BCD.dtype), preferred_element_type=jnp.float32)
+    return z if b_K is None else z + b_K.astype(jnp.float32)
+
+
+def _pick(z_BCK, idx_BC):
+    return jnp.take_along_axis(z_BCK, idx_BC[..., None], axis=-1)[..., 0]
+
+
+def _chunk_full_vocab(h_BCD, t_BC, w_DV, b_V):
+    """Log-probs of one sequence chunk over the whole vocabulary (one [B, C, V] buffer)."""
+    z = _logits(h_BCD, w_DV, b_V)
+    return _pick(z, t_BC) - jax.nn.logsumexp(z, axis=-1)
+
+
+def _chunk_vocab_scan(h_BCD, t_BC, w_DV, b_V, vocab_chunk: int):
+    """Log-probs of one sequence chunk with an online log-sum-exp over vocabulary chunks.
+
+    Chunk k covers columns [start_k, start_k + K) with start_k = min(k K, V − K)
+    (the last chunk is clamped to stay inside W, no padded copy of W); columns
+    below k K were already counted and are masked out. A target y is picked in
+    chunk y // K. Out-of-range targets are never picked and stay NaN.
+    """
+    V, K = w_DV.shape[1], vocab_chunk
+    n = -(-V // K)
     B, C = t_BC.shape
+    sg = jax.lax.stop_gradient
 
-    def body(carry, xs):
+    @jax.checkpoint
+    def body(carry, k):
         m, s, tgt = carry
-        w_DK, b_K, k = xs
-        logits = jnp.einsum("bcd,dk->bck", h_BCD, w_DK).astype(jnp.float32) + b_K
-        m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
-        s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(logits - m_new[..., None]), axis=-1)
-        local = t_BC - k * vocab_chunk
-        inside = (local >= 0) & (local < vocab_chunk)
-        picked = jnp.take_along_axis(logits, jnp.clip(local, 0, vocab_chunk - 1)[..., None], axis=-1)[..., 0]
-        tgt = jnp.where(inside, picked, tgt)
+        start = jnp.minimum(k * K, V - K)
+        w_DK = jax.lax.dynamic_slice_in_dim(w_DV, start, K, axis=1)
+        b_K = None if b_V is None else jax.lax.dynamic_slice_in_dim(b_V, start, K)
+        z = _logits(h_BCD, w_DK, b_K)
+        fresh_K = start + jnp.arange(K) >= k * K
+        z = jnp.where(fresh_K, z, -jnp.inf)
+        m_new = sg(jnp.maximum(m, jnp.max(z, axis=-1)))
+        s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(z - m_new[..., None]), axis=-1)
+        inside = t_BC // K == k
+        tgt = jnp.where(inside, _pick(z, jnp.clip(t_BC - start, 0, K - 1)), tgt)
         return (m_new, s, tgt), None
 
     init = (jnp.full((B, C), -jnp.inf, jnp.float32), jnp.zeros((B, C), jnp.float32),
-            jnp.zeros((B, C), jnp.float32))
-    (m, s, tgt), _ = jax.lax.scan(body, init, (w_NDK, b_NK, jnp.arange(n)))
+            jnp.full((B, C), jnp.nan, jnp.float32))
+    (m, s, tgt), _ = jax.lax.scan(body, init, jnp.arange(n))
     return tgt - (m + jnp.log(s))
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def naive_token_logps(hidden_BTD, w_DV, targets_BT, b_V=None):
+    """Reference path: full [B, T, V] logits, log-softmax, gather. Returns fp32 [B, T].
+
+    Same dtype policy as :func:`token_logps`; use it only for small shapes and tests.
+    """
+    _check(hidden_BTD, w_DV, targets_BT, b_V)
+    logp_BTV = jax.nn.log_softmax(_logits(hidden_BTD, w_DV, b_V), axis=-1)
+    return _pick(logp_BTV, targets_BT.astype(jnp.int32))
 
 
 def token_logps(hidden_BTD, w_DV, targets_BT, b_V=None, *, seq_chunk: int = 128,
                 vocab_chunk: int | None = None):
-    """Chunked log-probs of ``targets_BT`` (fp32 [B, T]); equals :func:`naive_token_logps`.
+    """Chunked log-probs of ``targets_BT``: fp32 [B, T], equal to :func:`naive_token_logps`.
 
     Args:
-      hidden_BTD: final hidden states (after the final norm), any float dtype.
-      w_DV: unembedding matrix [D, V]; b_V: optional output bias [V].
-      targets_BT: int target ids (the token predicted at each position).
-      seq_chunk: positions per chunk (<= 0 or >= T: one chunk). T need not divide.
-      vocab_chunk: vocabulary entries per inner chunk (None/0: whole vocabulary).
+      hidden_BTD: [B, T, D] final hidden states (after the final norm), any float dtype.
+      w_DV: [D, V] unembedding matrix (cast to the hidden dtype for the matmul).
+      targets_BT: [B, T] int token ids in [0, V), the token predicted at each position.
+      b_V: optional [V] output bias.
+      seq_chunk: positions per chunk (0, or >= T: one chunk). T need not be divisible.
+      vocab_chunk: vocabulary columns per inner chunk (None / 0, or >= V: the whole vocabulary).
+
+    Peak memory (forward and backward) O(B · seq_chunk · min(V, vocab_chunk)) plus
+    the [D, V] gradient of ``w_DV`` when it is differentiated. ``seq_chunk`` and
+    ``vocab_chunk`` must be static (Python ints) under ``jax.jit``.
     """
     _check(hidden_BTD, w_DV, targets_BT, b_V)
-    if seq_chunk < 0 or (vocab_chunk is not None and vocab_chunk < 0):
-        raise ValueError(f"seq_chunk and vocab_chunk must be >= 0; got {seq_chunk}, {vocab_chunk}")
+    _check_chunk("seq_chunk", seq_chunk)
+    _check_chunk("vocab_chunk", vocab_chunk)
     B, T, D = hidden_BTD.shape
+    V = w_DV.shape[1]
     targets_BT = targets_BT.astype(jnp.int32)
-    chunk = T if seq_chunk <= 0 or seq_chunk >= T else seq_chunk
-    fn = jax.checkpoint(lambda h, t, w, b: _chunk_logps(h, t, w, b, vocab_chunk))
-    if chunk == T:
-        return fn(hidden_BTD, targets_BT, w_DV, b_V)
-    n = -(-T // chunk)
-    pad = n * chunk - T
-    h = jnp.pad(hidden_BTD, ((0, 0), (0, pad), (0, 0)))
-    t = jnp.pad(targets_BT, ((0, 0), (0, pad)))
-    h_NBCD = h.reshape(B, n, chunk, D).transpose(1, 0, 2, 3)
-    t_NBC = t.reshape(B, n, chunk).transpose(1, 0, 2)
+    if vocab_chunk and vocab_chunk < V:
+        def chunk_fn(h, t, w, b):
+            return _chunk_vocab_scan(h, t, w, b, vocab_chunk)
+    else:
+        chunk_fn = _chunk_full_vocab
+    C = T if not seq_chunk or seq_chunk >= T else seq_chunk
+    if C == T:
+        return jax.checkpoint(chunk_fn)(hidden_BTD, targets_BT, w_DV, b_V)
+    n = -(-T // C)
+    pad = n * C - T
+    h_NBCD = jnp.pad(hidden_BTD, ((0, 0), (0, pad), (0, 0))).reshape(B, n, C, D).swapaxes(0, 1)
+    t_NBC = jnp.pad(targets_BT, ((0, 0), (0, pad))).reshape(B, n, C).swapaxes(0, 1)
+    # inside scan, prevent_cse is unnecessary (the scan already stops CSE across the remat boundary)
+    fn = jax.checkpoint(chunk_fn, prevent_cse=False)
 
     def body(_, xs):
         return None, fn(xs[0], xs[1], w_DV, b_V)
 
     _, out_NBC = jax.lax.scan(body, None, (h_NBCD, t_NBC))
-    return out_NBC.transpose(1, 0, 2).reshape(B, n * chunk)[:, :T]
+    return out_NBC.swapaxes(0, 1).reshape(B, n * C)[:, :T]
 
 
 def sequence_logps(logps_BT, loss_mask_BT, seq_ids_BT, num_seqs: int):
-    """Per-sequence sums of masked token log-probs and token counts (fp32 [S], [S]).
+    """Per-sequence sums of masked token log-probs and token counts: fp32 ([S], [S]).
 
-    ``seq_ids_BT`` names each token's sequence (Contract 1 in docs/DESIGN.md);
-    tokens with ``loss_mask_BT == 0`` contribute nothing.
+        sums[s]   = Σ_{(b,t): seq_ids[b,t] = s} mask[b,t] · logps[b,t]
+        counts[s] = Σ_{(b,t): seq_ids[b,t] = s} mask[b,t]
+
+    ``seq_ids_BT`` names each token's sequence in [0, num_seqs) (Contract 1 in
+    docs/DESIGN.md, padded or packed rows alike); positions with mask 0
+    contribute nothing, even if their log-prob is NaN or inf.
     """
-    if not (logps_BT.shape == loss_mask_BT.shape == seq_ids_BT.shape):
-        raise ValueError(f"logps_BT, loss_mask_BT and seq_ids_BT must share a shape; got "
-                         f"{logps_BT.shape}, {loss_mask_BT.shape}, {seq_ids_BT.shape}")
+    if not isinstance(num_seqs, (int, np.integer)) or isinstance(num_seqs, bool) or num_seqs <= 0:
+        raise ValueError(f"num_seqs must be a Python int > 0 (sequences in the batch); got {num_seqs!r}")
+    shapes = [jnp.shape(x) for x in (logps_BT, loss_mask_BT, seq_ids_BT)]
+    if not shapes[0] == shapes[1] == shapes[2]:
+        raise ValueError(f"logps_BT, loss_mask_BT and seq_ids_BT must share a shape; got {shapes[0]}, "
+                         f"{shapes[1]}, {shapes[2]}")
+    if not jnp.issubdtype(jnp.result_type(seq_ids_BT), jnp.integer):
+        raise ValueError(f"seq_ids_BT must be integer sequence ids; got dtype {jnp.result_type(seq_ids_BT)}")
+    if _concrete(seq_ids_BT):
+        ids = np.asarray(seq_ids_BT)
+        bad = (ids < 0) | (ids >= num_seqs)
+        if bad.any():
+            raise ValueError(f"seq_ids_BT must lie in [0, num_seqs = {num_seqs}); got "
+                             f"{ids[bad][:5].tolist()}")
     mask = loss_mask_BT.astype(jnp.float32)
+    masked = jnp.where(mask != 0, logps_BT.astype(jnp.float32), 0.0) * mask
     ids = seq_ids_BT.reshape(-1).astype(jnp.int32)
-    sums = jax.ops.segment_sum((logps_BT.astype(jnp.float32) * mask).reshape(-1), ids, num_segments=num_seqs)
+    sums = jax.ops.segment_sum(masked.reshape(-1), ids, num_segments=num_seqs)
     counts = jax.ops.segment_sum(mask.reshape(-1), ids, num_segments=num_seqs)
     return sums, counts
 
 
 def sequence_mean_logps(sums_S, counts_S):
-    """Token-mean log-prob per sequence; 0 where a sequence has no tokens."""
-    return jnp.where(counts_S > 0, sums_S / jnp.maximum(counts_S, 1.0), 0.0)
+    """Token-mean log-prob per sequence, ``sums / counts`` (fp32 [S]); 0 where a sequence has no tokens."""
+    counts = counts_S.astype(jnp.float32)
+    return jnp.where(counts > 0, sums_S.astype(jnp.float32) / jnp.maximum(counts, 1.0), 0.0)
