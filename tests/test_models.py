@@ -1,0 +1,419 @@
+"""Tests for spo_jax.models (Llama-family decoder) against transformers' PyTorch models as the oracle.
+
+Each tiny PyTorch model is built from a random config, saved with ``save_pretrained`` once per module
+(tmp_path_factory) and loaded with our ``from_pretrained``; logits, generation and checkpoint round trips
+are compared with the PyTorch classes in float32.
+"""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from spo_jax.models import (
+    SUPPORTED_MODEL_TYPES,
+    ModelConfig,
+    apply,
+    create_model,
+    from_pretrained,
+    generate,
+    save_pretrained,
+    set_remat,
+    unembedding,
+)
+
+VOCAB = 101
+T = 24  # > 16 = original_max_position_embeddings of the llama3-scaled config
+ATOL = 1e-4
+
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+              initializer_range=0.1, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=None, pad_token_id=0)
+
+KINDS = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(tie_word_embeddings=False)),
+    "llama3_rope": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(
+        tie_word_embeddings=False,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 16})),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM,
+                dict(sliding_window=None, tie_word_embeddings=False)),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM,
+              dict(head_dim=24, tie_word_embeddings=False)),  # head_dim != 64 / 4
+}
+
+
+def _randomize(model: torch.nn.Module, seed: int) -> None:
+    """Non-trivial norms and biases too (HF initialises them to 1 and 0, which would hide mapping bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def _build_torch(kind: str, seed: int = 0):
+    cfg_cls, model_cls, extra = KINDS[kind]
+    torch.manual_seed(seed)
+    cfg = cfg_cls(**COMMON, **extra)
+    cfg._attn_implementation = "eager"
+    model = model_cls(cfg).eval()
+    _randomize(model, seed + 1)
+    return model
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """kind -> (torch model, directory of its save_pretrained output); each built and saved once."""
+    cache = {}
+
+    def get(kind):
+        if kind not in cache:
+            tm = _build_torch(kind, seed=len(cache))
+            d = str(tmp_path_factory.mktemp(f"hf_{kind}"))
+            tm.save_pretrained(d)
+            cache[kind] = (tm, d)
+        return cache[kind]
+    return get
+
+
+@pytest.fixture(scope="module")
+def loaded(checkpoints):
+    """kind -> our Decoder loaded with from_pretrained from the torch checkpoint."""
+    cache = {}
+
+    def get(kind):
+        if kind not in cache:
+            cache[kind] = from_pretrained(checkpoints(kind)[1])
+        return cache[kind]
+    return get
+
+
+def _ids(batch, length, seed):
+    return np.random.default_rng(seed).integers(2, VOCAB, size=(batch, length)).astype(np.int64)
+
+
+def _torch_logits(tm, ids, mask=None):
+    with torch.no_grad():
+        out = tm(input_ids=torch.from_numpy(ids), attention_mask=None if mask is None else torch.from_numpy(mask))
+    return out.logits.float().numpy()
+
+
+def _our_logits(model, ids, positions=None, segment_ids=None):
+    hidden = model(jnp.asarray(ids, jnp.int32), None if positions is None else jnp.asarray(positions, jnp.int32),
+                   None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32))
+    return np.asarray(model.logits(hidden))
+
+
+# ----------------------------------------------------------------------------- logits vs transformers
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_logits_match_transformers(kind, checkpoints, loaded):
+    tm, _ = checkpoints(kind)
+    model = loaded(kind)
+    assert model.config.model_type == tm.config.model_type
+    assert model.config.tie_word_embeddings == (kind == "qwen2")
+    if kind == "llama3_rope":
+        assert dict(model.config.rope_scaling)["rope_type"] == "llama3"
+    ids = _ids(3, T, seed=11)
+
+    # no padding
+    ref = _torch_logits(tm, ids)
+    ours = _our_logits(model, ids)
+    assert ours.shape == (3, T, VOCAB) and ours.dtype == np.float32
+    assert np.abs(ref).max() > 0.5, "oracle logits are degenerate; the comparison would be weak"
+    np.testing.assert_allclose(ours, ref, atol=ATOL, rtol=0, err_msg=f"{kind}: logits differ (no padding)")
+
+    # right padding: torch attention_mask vs our segment_ids (0 on pads); compare real positions only
+    lengths = np.array([T, 17, 9])
+    mask = (np.arange(T)[None] < lengths[:, None]).astype(np.int64)
+    ids_p = np.where(mask == 1, ids, 0)
+    ref_p = _torch_logits(tm, ids_p, mask)
+    ours_p = _our_logits(model, ids_p, segment_ids=mask)
+    real = mask.astype(bool)
+    err = np.abs(ours_p - ref_p)[real].max()
+    assert err < ATOL, f"{kind}: logits differ with right padding (max abs {err:.3g})"
+
+
+def test_unsupported_gpt2_is_not_implemented():
+    """GPT-2 is not in the Llama-family module: loading its config must fail clearly, not silently."""
+    assert "gpt2" not in SUPPORTED_MODEL_TYPES
+    with pytest.raises(ValueError, match="gpt2"):
+        ModelConfig.from_hf(transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB).to_dict())
+
+
+# ----------------------------------------------------------------------------- checkpoint round trip
+
+
+def _perturbed_model(cfg: ModelConfig, seed: int):
+    """Our model with every parameter random (norm scales near 1), so the export mapping is fully exercised."""
+    model = create_model(cfg, rngs=nnx.Rngs(seed))
+    state = nnx.state(model, nnx.Param)
+    flat = dict(nnx.to_flat_state(state))
+    key = jax.random.PRNGKey(seed)
+    new = {}
+    for i, (path, var) in enumerate(sorted(flat.items(), key=lambda kv: str(kv[0]))):
+        k = jax.random.fold_in(key, i)
+        noise = jax.random.normal(k, var.shape, jnp.float32)
+        base = 1.0 if path[-1] == "scale" else 0.0
+        scale = 0.2 if path[-1] in ("scale", "bias") else 0.1
+        new[path] = var.replace(base + scale * noise)
+    nnx.update(model, nnx.from_flat_state(new))
+    return model
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+def test_save_pretrained_loads_in_transformers(kind, checkpoints, tmp_path):
+    tm, _ = checkpoints(kind)
+    cfg = ModelConfig.from_hf(tm.config.to_dict())
+    ours = _perturbed_model(cfg, seed=5)
+    save_pretrained(ours, str(tmp_path))
+    _, model_cls, _ = KINDS[kind]
+    back = model_cls.from_pretrained(str(tmp_path), attn_implementation="eager", dtype=torch.float32).eval()
+    ids = _ids(2, 12, seed=3)
+    ref = _torch_logits(back, ids)
+    np.testing.assert_allclose(_our_logits(ours, ids), ref, atol=ATOL, rtol=0,
+                               err_msg=f"{kind}: transformers' logits on our save_pretrained output differ")
+    # and our own loader reads it back exactly
+    again = from_pretrained(str(tmp_path))
+    np.testing.assert_array_equal(_our_logits(again, ids), _our_logits(ours, ids))
+
+
+def test_sharded_safetensors_load(checkpoints, loaded, tmp_path):
+    tm, _ = checkpoints("llama")
+    tm.save_pretrained(str(tmp_path), max_shard_size="20KB")
+    files = [f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]
+    assert len(files) > 1 and os.path.exists(tmp_path / "model.safetensors.index.json"), files
+    model = from_pretrained(str(tmp_path))
+    ids = _ids(2, 10, seed=4)
+    np.testing.assert_allclose(_our_logits(model, ids), _torch_logits(tm, ids), atol=ATOL, rtol=0)
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+def test_packed_row_equals_separate_sequences(loaded):
+    model = loaded("llama")
+    a, b = _ids(1, 7, seed=21)[0], _ids(1, 9, seed=22)[0]
+    L = 20  # 16 real tokens + 4 pads with segment 0
+    ids = np.zeros((1, L), np.int64)
+    ids[0, :7], ids[0, 7:16] = a, b
+    seg = np.zeros((1, L), np.int64)
+    seg[0, :7], seg[0, 7:16] = 1, 2
+    pos = np.zeros((1, L), np.int64)
+    pos[0, :7], pos[0, 7:16] = np.arange(7), np.arange(9)
+    packed = _our_logits(model, ids, pos, seg)[0]
+    sep_a = _our_logits(model, a[None])[0]
+    sep_b = _our_logits(model, b[None])[0]
+    np.testing.assert_allclose(packed[:7], sep_a, atol=1e-5, rtol=0, err_msg="first packed segment differs")
+    np.testing.assert_allclose(packed[7:16], sep_b, atol=1e-5, rtol=0, err_msg="second packed segment differs")
+
+
+# ----------------------------------------------------------------------------- functional boundary
+
+
+def _scalar_loss(graphdef, params, ids, seg):
+    hidden = apply(graphdef, params, ids, None, seg)
+    w, _ = unembedding(graphdef, params)
+    logits = jnp.einsum("btd,dv->btv", hidden, w)
+    lp = jax.nn.log_softmax(logits, axis=-1)
+    tgt = jnp.roll(ids, -1, axis=1)
+    return -jnp.mean(jnp.take_along_axis(lp, tgt[..., None], axis=-1))
+
+
+def test_grad_through_apply_jit_scan_and_remat(loaded):
+    model = loaded("qwen2")  # tied embeddings: unembedding and embed share one parameter
+    ids = jnp.asarray(_ids(2, 10, seed=8), jnp.int32)
+    seg = jnp.ones((2, 10), jnp.int32).at[1, 7:].set(0)
+    graphdef, params = nnx.split(model)
+
+    loss_and_grad = jax.jit(jax.value_and_grad(_scalar_loss, argnums=1), static_argnums=0)
+    val, g = loss_and_grad(graphdef, params, ids, seg)
+    assert np.isfinite(float(val))
+    assert jax.tree.structure(g) == jax.tree.structure(params)
+    gnorms = [float(jnp.linalg.norm(x)) for x in jax.tree.leaves(g)]
+    assert all(np.isfinite(gnorms)) and min(gnorms) > 0, "some parameter received no gradient"
+
+    # oracle: central finite difference along a random direction
+    leaves, treedef = jax.tree.flatten(params)
+    dirs = [jax.random.normal(jax.random.PRNGKey(i), x.shape, x.dtype) for i, x in enumerate(leaves)]
+    direction = jax.tree.unflatten(treedef, dirs)
+    eps = 5e-4  # the direction is O(1) per element while weights are O(0.1): keep the step small
+    f = jax.jit(_scalar_loss, static_argnums=0)
+    plus = f(graphdef, jax.tree.map(lambda p, d: p + eps * d, params, direction), ids, seg)
+    minus = f(graphdef, jax.tree.map(lambda p, d: p - eps * d, params, direction), ids, seg)
+    fd = float(plus - minus) / (2 * eps)
+    analytic = sum(float(jnp.vdot(a, d)) for a, d in zip(jax.tree.leaves(g), dirs))
+    assert abs(fd - analytic) <= 1e-2 * abs(analytic) + 1e-3, (fd, analytic)
+
+    # inside lax.scan: two SGD steps equal the same two steps in Python
+    def sgd(p, _):
+        v, gr = jax.value_and_grad(_scalar_loss, argnums=1)(graphdef, p, ids, seg)
+        return jax.tree.map(lambda a, b: a - 0.1 * b, p, gr), v
+    p_scan, vals = jax.jit(lambda p: jax.lax.scan(sgd, p, None, length=2))(params)
+    p_loop = params
+    for step in range(2):
+        v, gr = loss_and_grad(graphdef, p_loop, ids, seg)
+        np.testing.assert_allclose(float(vals[step]), float(v), rtol=1e-5)
+        p_loop = jax.tree.map(lambda a, b: a - 0.1 * b, p_loop, gr)
+    for a, b in zip(jax.tree.leaves(p_scan), jax.tree.leaves(p_loop)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
+    assert float(vals[1]) < float(vals[0])
+
+    # remat: same value and gradients
+    rm = nnx.merge(graphdef, params)
+    set_remat(rm, True)
+    graphdef_r, params_r = nnx.split(rm)
+    val_r, g_r = loss_and_grad(graphdef_r, params_r, ids, seg)
+    np.testing.assert_allclose(float(val_r), float(val), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_r), jax.tree.leaves(g)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    lengths = np.array([5, 8, 3])
+    Tp = int(lengths.max())
+    mask = (np.arange(Tp)[None] >= Tp - lengths[:, None]).astype(np.int64)  # left padding
+    ids = np.where(mask == 1, _ids(3, Tp, seed=31), 0)
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def greedy(loaded, prompts):
+    ids, mask = prompts
+    toks, m = generate(loaded("llama"), ids, mask, max_new_tokens=20)
+    return np.asarray(toks), np.asarray(m)
+
+
+def test_greedy_generation_matches_transformers(checkpoints, prompts, greedy):
+    tm, _ = checkpoints("llama")
+    ids, mask = prompts
+    tm.generation_config.eos_token_id = None
+    tm.generation_config.pad_token_id = 0
+    with torch.no_grad():
+        out = tm.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                          max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
+    ref = out[:, ids.shape[1]:].numpy()
+    toks, m = greedy
+    assert toks.shape == (3, 20) and toks.dtype == np.int32
+    np.testing.assert_array_equal(m, np.ones((3, 20), np.float32))
+    np.testing.assert_array_equal(toks, ref, err_msg="greedy tokens differ from transformers' generate")
+
+
+def test_generation_eos_then_pad(loaded, prompts, greedy):
+    ids, mask = prompts
+    toks, _ = greedy
+    eos = int(toks[0, 6])  # a token greedy decoding emits in row 0
+    pad = 99 if eos != 99 else 98
+    out, m = generate(loaded("llama"), ids, mask, max_new_tokens=20, eos_id=eos, pad_id=pad)
+    out, m = np.asarray(out), np.asarray(m)
+    for r in range(3):
+        hits = np.nonzero(toks[r] == eos)[0]
+        stop = int(hits[0]) + 1 if hits.size else 20  # EOS itself is kept with mask 1
+        np.testing.assert_array_equal(out[r, :stop], toks[r, :stop], err_msg=f"row {r} before EOS")
+        np.testing.assert_array_equal(m[r, :stop], 1.0)
+        np.testing.assert_array_equal(out[r, stop:], pad, err_msg=f"row {r} after EOS must be pad")
+        np.testing.assert_array_equal(m[r, stop:], 0.0, err_msg=f"row {r} mask after EOS must be 0")
+    assert m[0, 7:].sum() == 0 and m[0, :7].sum() == 7
+
+
+def test_sampling_deterministic_and_topk1_is_greedy(loaded, prompts, greedy):
+    model = loaded("llama")
+    ids, mask = prompts
+    kw = dict(max_new_tokens=20, temperature=1.0)
+    a = np.asarray(generate(model, ids, mask, key=jax.random.PRNGKey(3), **kw)[0])
+    b = np.asarray(generate(model, ids, mask, key=jax.random.PRNGKey(3), **kw)[0])
+    c = np.asarray(generate(model, ids, mask, key=jax.random.PRNGKey(4), **kw)[0])
+    np.testing.assert_array_equal(a, b, err_msg="sampling with the same key is not deterministic")
+    assert (a != c).any(), "different keys gave identical samples over 60 tokens"
+    assert ((a >= 0) & (a < VOCAB)).all()
+    k1 = np.asarray(generate(model, ids, mask, key=jax.random.PRNGKey(5), max_new_tokens=20,
+                             temperature=0.7, top_k=1)[0])
+    np.testing.assert_array_equal(k1, greedy[0], err_msg="top_k=1 sampling differs from greedy")
+    p0 = np.asarray(generate(model, ids, mask, key=jax.random.PRNGKey(6), max_new_tokens=20,
+                             temperature=1.0, top_p=1e-6)[0])
+    np.testing.assert_array_equal(p0, greedy[0], err_msg="top_p->0 sampling differs from greedy")
+
+
+def test_generate_rejects_bad_settings(loaded, prompts):
+    ids, mask = prompts
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(loaded("llama"), ids, mask, max_new_tokens=0)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(loaded("llama"), ids, mask, max_new_tokens=2, temperature=1.0, top_p=0.0)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_unsupported_model_type_lists_supported(checkpoints, tmp_path):
+    with pytest.raises(ValueError) as e:
+        ModelConfig.from_hf({"model_type": "falcon", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8,
+                             "num_hidden_layers": 1, "num_attention_heads": 2})
+    msg = str(e.value)
+    assert "falcon" in msg and all(t in msg for t in SUPPORTED_MODEL_TYPES), msg
+    # the same through from_pretrained on a directory
+    _, d = checkpoints("llama")
+    shutil.copytree(d, tmp_path / "ck")
+    cfg = json.load(open(tmp_path / "ck" / "config.json"))
+    cfg["model_type"] = "falcon"
+    json.dump(cfg, open(tmp_path / "ck" / "config.json", "w"))
+    with pytest.raises(ValueError, match="falcon"):
+        from_pretrained(str(tmp_path / "ck"))
+
+
+def _tampered(checkpoints, tmp_path, edit):
+    _, d = checkpoints("llama")
+    out = tmp_path / "ck"
+    shutil.copytree(d, out)
+    path = out / "model.safetensors"
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return str(out)
+
+
+def test_missing_weight(checkpoints, tmp_path):
+    name = "model.layers.1.mlp.up_proj.weight"
+    d = _tampered(checkpoints, tmp_path, lambda t: t.pop(name))
+    with pytest.raises(ValueError, match="missing") as e:
+        from_pretrained(d)
+    assert name in str(e.value) and d in str(e.value)
+
+
+def test_extra_weight(checkpoints, tmp_path):
+    name = "model.layers.0.self_attn.q_proj.bias"
+    d = _tampered(checkpoints, tmp_path, lambda t: t.__setitem__(name, np.zeros(64, np.float32)))
+    with pytest.raises(ValueError, match="unexpected") as e:
+        from_pretrained(d)
+    assert name in str(e.value) and d in str(e.value)
+
+
+def test_shape_mismatch(checkpoints, tmp_path):
+    name = "model.layers.0.mlp.down_proj.weight"
+    d = _tampered(checkpoints, tmp_path, lambda t: t.__setitem__(name, np.zeros((64, 95), np.float32)))
+    with pytest.raises(ValueError, match="shape") as e:
+        from_pretrained(d)
+    msg = str(e.value)
+    assert name in msg and "layers/0/mlp/down_proj/kernel" in msg and d in msg, msg
+
+
+def test_missing_config_json(tmp_path):
+    with pytest.raises(ValueError, match="config.json"):
+        from_pretrained(str(tmp_path))
