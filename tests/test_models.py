@@ -276,6 +276,9 @@ def test_grad_through_apply_jit_scan_and_remat(loaded):
     rm = nnx.merge(graphdef, params)
     set_remat(rm, True)
     graphdef_r, params_r = nnx.split(rm)
+    jaxpr = str(jax.make_jaxpr(lambda p: _scalar_loss(graphdef_r, p, ids, seg))(params_r))
+    assert "remat" in jaxpr or "checkpoint" in jaxpr, "set_remat(model, True) did not insert a remat"
+    assert "remat" not in str(jax.make_jaxpr(lambda p: _scalar_loss(graphdef, p, ids, seg))(params))
     val_r, g_r = loss_and_grad(graphdef_r, params_r, ids, seg)
     np.testing.assert_allclose(float(val_r), float(val), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g_r), jax.tree.leaves(g)):
