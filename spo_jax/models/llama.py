@@ -44,6 +44,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
+    sliding_window: int | None = None
 
     @classmethod
     def from_hf(cls, d: dict) -> "ModelConfig":
@@ -71,13 +72,31 @@ class ModelConfig:
             attention_bias=bool(d.get("attention_bias", mt == "qwen2")), qk_norm=mt == "qwen3",
             max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
             bos_token_id=d.get("bos_token_id"), eos_token_id=eos[0] if isinstance(eos, list) else eos,
-            pad_token_id=d.get("pad_token_id"))
+            pad_token_id=d.get("pad_token_id"),
+            sliding_window=_sliding_window(mt, d))
 
     def to_hf(self) -> dict:
         d = dataclasses.asdict(self)
         d.pop("qk_norm")
+        if d["sliding_window"] is None:
+            d.pop("sliding_window")
         d["rope_scaling"] = dict(self.rope_scaling) if self.rope_scaling else None
         return d
+
+
+def _sliding_window(model_type: str, d: dict) -> int | None:
+    """Mistral's window, or Qwen2's when ``use_sliding_window`` is on; None = full attention."""
+    w = d.get("sliding_window")
+    if not w or (model_type in ("qwen2", "qwen3") and not d.get("use_sliding_window", False)):
+        return None
+    return int(w)
+
+
+def _window_mask(cfg, q_pos, k_pos):
+    """True where a query may see a key under the sliding window (all True without one)."""
+    if cfg.sliding_window is None:
+        return True
+    return (q_pos[..., :, None] - k_pos[..., None, :]) < cfg.sliding_window
 
 
 def rope_inv_freq(cfg: ModelConfig):
@@ -205,6 +224,7 @@ class Decoder(nnx.Module):
             segment_ids = jnp.ones((B, T), jnp.int32)
         causal = jnp.tril(jnp.ones((T, T), bool))
         mask = causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        mask = mask & _window_mask(self.config, positions, positions)
         inv_freq = rope_inv_freq(self.config)
         x = self.embed(input_ids)
         for layer in self.layers:
@@ -253,6 +273,7 @@ def forward_cached(model: Decoder, ids_BT, positions_BT, kv_valid_BS, cache, sta
     S = cache[0].shape[2]
     slot_q = start + jnp.arange(T)
     mask = (jnp.arange(S)[None, :] <= slot_q[:, None])[None] & kv_valid_BS[:, None, :]  # [B, T, S]
+    mask = mask & _window_mask(model.config, slot_q, jnp.arange(S))[None]
     inv_freq = rope_inv_freq(model.config)
     x = model.embed(ids_BT)
     ks, vs = cache
