@@ -273,7 +273,7 @@ def forward_cached(model: Decoder, ids_BT, positions_BT, kv_valid_BS, cache, sta
     S = cache[0].shape[2]
     slot_q = start + jnp.arange(T)
     mask = (jnp.arange(S)[None, :] <= slot_q[:, None])[None] & kv_valid_BS[:, None, :]  # [B, T, S]
-    mask = mask & _window_mask(model.config, slot_q, jnp.arange(S))[None]
+    mask = mask & jnp.asarray(_window_mask(model.config, slot_q, jnp.arange(S)))[None]
     inv_freq = rope_inv_freq(model.config)
     x = model.embed(ids_BT)
     ks, vs = cache
