@@ -123,7 +123,7 @@ def _chunk_vocab_scan(h_BCD, t_BC, w_DV, b_V, vocab_chunk: int):
         z = jnp.where(fresh_K, z, -jnp.inf)
         m_new = sg(jnp.maximum(m, jnp.max(z, axis=-1)))
         s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(z - m_new[..., None]), axis=-1)
-        inside = t_BC // K == k
+        inside = (t_BC // K == k) & (t_BC < V)
         tgt = jnp.where(inside, _pick(z, jnp.clip(t_BC - start, 0, K - 1)), tgt)
         return (m_new, s, tgt), None
 
