@@ -225,8 +225,10 @@ def test_gradient_accumulation_matches_one_batch(pairs, tmp_path):
 
 def test_sft_then_spo_preference_and_metrics_files(tmp_path):
     sft_data = write_sft(tmp_path / "sft.jsonl")
+    # batch 8: SFT sequences must split over the 8 CPU devices CI exposes
     sft = train.train(tiny_config(tmp_path / "sft", sft_data, stage="sft", reference__mode="none",
-                                  train__num_steps=6, checkpoint__export_hf=True))
+                                  train__num_steps=6, checkpoint__export_hf=True,
+                                  data__batch_size=8, data__eval_batch_size=8))
     losses = train_losses(sft)
     assert losses[-1] < losses[0]
     assert os.path.isdir(sft.export_dir)
