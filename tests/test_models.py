@@ -1,4 +1,4 @@
-"""Tests for spo_jax.models (Llama-family decoder) against transformers' PyTorch models as the oracle.
+"""Tests for spo_jax.models (Llama-family and GPT-2 decoder) against transformers' PyTorch models as the oracle.
 
 Each tiny PyTorch model is built from a random config, saved with ``save_pretrained`` once per module
 (tmp_path_factory) and loaded with our ``from_pretrained``; logits, generation and checkpoint round trips
@@ -49,7 +49,13 @@ KINDS = {
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM,
               dict(head_dim=24, tie_word_embeddings=False)),  # head_dim != 64 / 4
+    "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel, {}),
 }
+# GPT-2 has its own config names; n_inner != 4 * n_embd checks the mapping
+GPT2_COMMON = dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, n_inner=96,
+                   initializer_range=0.1, layer_norm_epsilon=1e-5, activation_function="gelu_new",
+                   bos_token_id=1, eos_token_id=None, pad_token_id=0)
+TIED = ("qwen2", "gpt2")
 
 
 def _randomize(model: torch.nn.Module, seed: int) -> None:
@@ -57,7 +63,7 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name or ".ln_" in name:
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
             elif name.endswith("bias"):
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
@@ -66,7 +72,7 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
 def _build_torch(kind: str, seed: int = 0):
     cfg_cls, model_cls, extra = KINDS[kind]
     torch.manual_seed(seed)
-    cfg = cfg_cls(**COMMON, **extra)
+    cfg = cfg_cls(**(GPT2_COMMON if kind == "gpt2" else COMMON), **extra)
     cfg._attn_implementation = "eager"
     model = model_cls(cfg).eval()
     _randomize(model, seed + 1)
@@ -124,7 +130,7 @@ def test_logits_match_transformers(kind, checkpoints, loaded):
     tm, _ = checkpoints(kind)
     model = loaded(kind)
     assert model.config.model_type == tm.config.model_type
-    assert model.config.tie_word_embeddings == (kind == "qwen2")
+    assert model.config.tie_word_embeddings == (kind in TIED)
     if kind == "llama3_rope":
         assert dict(model.config.rope_scaling)["rope_type"] == "llama3"
     ids = _ids(3, T, seed=11)
@@ -147,11 +153,69 @@ def test_logits_match_transformers(kind, checkpoints, loaded):
     assert err < ATOL, f"{kind}: logits differ with right padding (max abs {err:.3g})"
 
 
-def test_unsupported_gpt2_is_not_implemented():
-    """GPT-2 is not in the Llama-family module: loading its config must fail clearly, not silently."""
-    assert "gpt2" not in SUPPORTED_MODEL_TYPES
-    with pytest.raises(ValueError, match="gpt2"):
-        ModelConfig.from_hf(transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB).to_dict())
+def test_gpt2_left_padding_logits(checkpoints, loaded):
+    """Left padding: HF gets the attention mask and position ids counted from the first real token
+    (what its generate uses); we get segment_ids = mask and the same positions (learned wpe rows)."""
+    tm, _ = checkpoints("gpt2")
+    model = loaded("gpt2")
+    ids = _ids(3, T, seed=12)
+    lengths = np.array([T, 15, 6])
+    mask = (np.arange(T)[None] >= T - lengths[:, None]).astype(np.int64)
+    ids = np.where(mask == 1, ids, 0)
+    pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    with torch.no_grad():
+        ref = tm(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                 position_ids=torch.from_numpy(pos)).logits.numpy()
+    ours = _our_logits(model, ids, pos, mask)
+    real = mask.astype(bool)
+    err = np.abs(ours - ref)[real].max()
+    assert err < ATOL, f"gpt2: logits differ with left padding (max abs {err:.3g})"
+    # the rows are really shifted: the unpadded row 1 alone gives the same logits as its padded copy
+    alone = _our_logits(model, ids[1:2, T - 15:])[0]
+    np.testing.assert_allclose(ours[1, T - 15:], alone, atol=1e-5, rtol=0)
+
+
+def test_gpt2_config_mapping_and_rejections():
+    hf = transformers.GPT2Config(**GPT2_COMMON).to_dict()
+    cfg = ModelConfig.from_hf(hf)
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads) == (64, 2, 4, 4)
+    assert (cfg.intermediate_size, cfg.max_position_embeddings, cfg.head_dim) == (96, 64, 16)
+    assert (cfg.norm_type, cfg.position_embedding, cfg.hidden_act, cfg.gated_mlp) == ("layer", "learned", "gelu_new",
+                                                                                      False)
+    assert cfg.tie_word_embeddings and cfg.attention_bias and cfg.attention_out_bias and cfg.mlp_bias
+    assert cfg.rms_norm_eps == 1e-5
+    assert ModelConfig.from_hf(cfg.to_hf()) == cfg
+    # n_inner=None means 4 * n_embd, as in HF
+    assert ModelConfig.from_hf({**hf, "n_inner": None}).intermediate_size == 256
+    for bad, field in ((dict(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx"),
+                       (dict(scale_attn_weights=False), "scale_attn_weights"),
+                       (dict(add_cross_attention=True), "add_cross_attention"),
+                       (dict(activation_function="gelu_10"), "activation_function")):
+        with pytest.raises(ValueError, match=field):
+            ModelConfig.from_hf({**hf, **bad})
+    with pytest.raises(ValueError, match="n_embd"):
+        ModelConfig.from_hf({k: v for k, v in hf.items() if k != "n_embd"})
+
+
+def test_gpt2_unprefixed_checkpoint_with_mask_buffers(checkpoints, loaded, tmp_path):
+    """Original OpenAI-converted GPT-2 files name tensors without "transformer." and carry attn.bias buffers."""
+    tm, d = checkpoints("gpt2")
+    shutil.copytree(d, tmp_path / "ck")
+    path = str(tmp_path / "ck" / "model.safetensors")
+    t = {k.removeprefix("transformer."): v for k, v in load_file(path).items()}
+    t["h.0.attn.bias"] = np.tril(np.ones((1, 1, 64, 64), np.float32))
+    t["h.1.attn.masked_bias"] = np.array(-1e4, np.float32)
+    save_file(t, path, metadata={"format": "pt"})
+    model = from_pretrained(str(tmp_path / "ck"))
+    ids = _ids(2, 10, seed=5)
+    np.testing.assert_array_equal(_our_logits(model, ids), _our_logits(loaded("gpt2"), ids))
+
+
+def test_unsupported_model_config_options():
+    base = dict(model_type="llama", vocab_size=10, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                num_attention_heads=2)
+    with pytest.raises(ValueError, match="hidden_act"):
+        ModelConfig.from_hf({**base, "hidden_act": "gelu_10"})
 
 
 # ----------------------------------------------------------------------------- checkpoint round trip
@@ -174,7 +238,7 @@ def _perturbed_model(cfg: ModelConfig, seed: int):
     return model
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "gpt2"])
 def test_save_pretrained_loads_in_transformers(kind, checkpoints, tmp_path):
     tm, _ = checkpoints(kind)
     cfg = ModelConfig.from_hf(tm.config.to_dict())
@@ -204,8 +268,9 @@ def test_sharded_safetensors_load(checkpoints, loaded, tmp_path):
 # ----------------------------------------------------------------------------- packing
 
 
-def test_packed_row_equals_separate_sequences(loaded):
-    model = loaded("llama")
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_packed_row_equals_separate_sequences(kind, loaded):
+    model = loaded(kind)
     a, b = _ids(1, 7, seed=21)[0], _ids(1, 9, seed=22)[0]
     L = 20  # 16 real tokens + 4 pads with segment 0
     ids = np.zeros((1, L), np.int64)
@@ -304,19 +369,57 @@ def greedy(loaded, prompts):
     return np.asarray(toks), np.asarray(m)
 
 
-def test_greedy_generation_matches_transformers(checkpoints, prompts, greedy):
-    tm, _ = checkpoints("llama")
-    ids, mask = prompts
-    tm.generation_config.eos_token_id = None
-    tm.generation_config.pad_token_id = 0
+def _hf_greedy(tm, ids, mask, max_new, eos=None, pad=0):
+    """transformers' greedy continuation, right-filled with ``pad`` to ``max_new`` (it stops early when all
+    rows reached EOS)."""
+    tm.generation_config.eos_token_id = eos
+    tm.generation_config.pad_token_id = pad
     with torch.no_grad():
         out = tm.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                          max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
-    ref = out[:, ids.shape[1]:].numpy()
-    toks, m = greedy
+                          max_new_tokens=max_new, do_sample=False, eos_token_id=eos, pad_token_id=pad)
+    new = out[:, ids.shape[1]:].numpy()
+    return np.pad(new, ((0, 0), (0, max_new - new.shape[1])), constant_values=pad)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_greedy_generation_matches_transformers(kind, checkpoints, loaded, prompts, greedy):
+    tm, _ = checkpoints(kind)
+    ids, mask = prompts
+    ref = _hf_greedy(tm, ids, mask, 20)
+    toks, m = greedy if kind == "llama" else map(np.asarray, generate(loaded(kind), ids, mask, max_new_tokens=20))
     assert toks.shape == (3, 20) and toks.dtype == np.int32
     np.testing.assert_array_equal(m, np.ones((3, 20), np.float32))
-    np.testing.assert_array_equal(toks, ref, err_msg="greedy tokens differ from transformers' generate")
+    np.testing.assert_array_equal(toks, ref, err_msg=f"{kind}: greedy tokens differ from transformers' generate")
+
+
+def test_generation_stops_on_any_of_several_eos_ids(checkpoints, prompts, greedy, tmp_path):
+    """A config eos_token_id list (Llama 3.x) is kept whole: generate(eos_id=None) stops at ANY of them,
+    as transformers' generate does with the same list."""
+    tm, d = checkpoints("llama")
+    ids, mask = prompts
+    toks, _ = greedy
+    eos = [int(toks[1, 3]), int(toks[2, 9])]  # tokens rows 1 and 2 emit; row 0 may hit either or neither
+    pad = next(t for t in range(2, VOCAB) if t not in eos)
+    shutil.copytree(d, tmp_path / "ck")
+    cfg = json.load(open(tmp_path / "ck" / "config.json"))
+    cfg["eos_token_id"] = eos
+    json.dump(cfg, open(tmp_path / "ck" / "config.json", "w"))
+    model = from_pretrained(str(tmp_path / "ck"))
+    assert model.config.eos_token_id == tuple(eos) and model.config.to_hf()["eos_token_id"] == eos
+    out, m = map(np.asarray, generate(model, ids, mask, max_new_tokens=20, pad_id=pad))
+    for r in range(3):
+        hits = np.nonzero(np.isin(toks[r], eos))[0]
+        stop = int(hits[0]) + 1 if hits.size else 20
+        np.testing.assert_array_equal(out[r, :stop], toks[r, :stop])
+        np.testing.assert_array_equal(out[r, stop:], pad, err_msg=f"row {r}: no stop at the first EOS id")
+        np.testing.assert_array_equal(m[r], (np.arange(20) < stop).astype(np.float32))
+    assert m[1].sum() <= 4 and m[2].sum() <= 10
+    np.testing.assert_array_equal(out, _hf_greedy(tm, ids, mask, 20, eos=eos, pad=pad),
+                                  err_msg="differs from transformers' generate with the same eos list")
+    # an explicit list behaves the same, and () disables stopping
+    np.testing.assert_array_equal(np.asarray(generate(model, ids, mask, max_new_tokens=20, eos_id=eos,
+                                                      pad_id=pad)[0]), out)
+    np.testing.assert_array_equal(np.asarray(generate(model, ids, mask, max_new_tokens=20, eos_id=())[0]), toks)
 
 
 def test_generation_eos_then_pad(loaded, prompts, greedy):
