@@ -61,7 +61,8 @@ optim.grad_accum_steps     micro-batches per optimizer step (scan inside the ste
 
 train.num_steps            optimizer steps
 
-logprobs.seq_chunk         positions per chunk of the log-prob computation (0 = all at once)
+logprobs.seq_chunk         positions per chunk of the log-prob computation (0 = all at once, which
+                           materialises [batch, length, vocab] logits; default 128)
 logprobs.vocab_chunk       vocabulary chunk (0 = the whole vocabulary at once)
 
 mesh.data, mesh.fsdp, mesh.tensor   device-mesh axis sizes; one may be -1 (= the remaining devices)
@@ -183,7 +184,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.train.num_steps = 100
 
     c.logprobs = ml_collections.ConfigDict()
-    c.logprobs.seq_chunk = 0
+    c.logprobs.seq_chunk = 128
     c.logprobs.vocab_chunk = 0
 
     c.mesh = ml_collections.ConfigDict()

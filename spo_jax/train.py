@@ -134,7 +134,7 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule
 # --------------------------------------------------------------------------- #
 
 
-def make_logps_fn(graphdef, *, seq_chunk: int = 0, vocab_chunk: int = 0) -> Callable:
+def make_logps_fn(graphdef, *, seq_chunk: int = 128, vocab_chunk: int = 0) -> Callable:
     """``logps_fn(params, batch) -> (sums_S, counts_S)`` fp32 [S] (Contract 3).
 
     hidden = models.apply(graphdef, params, input_ids, positions, segment_ids);
@@ -146,15 +146,12 @@ def make_logps_fn(graphdef, *, seq_chunk: int = 0, vocab_chunk: int = 0) -> Call
     def logps_fn(params, batch):
         hidden = models.apply(graphdef, params, batch["input_ids"], batch["positions"], batch["segment_ids"])
         w, b = models.unembedding(graphdef, params)
-        kwargs = {}
-        if seq_chunk:
-            kwargs["seq_chunk"] = int(seq_chunk)
-        if vocab_chunk:
-            kwargs["vocab_chunk"] = int(vocab_chunk)
-        logps = logprobs.token_logps(hidden, w, batch["targets"], b_V=b, **kwargs)
+        logps = logprobs.token_logps(hidden, w, batch["targets"], b_V=b, seq_chunk=int(seq_chunk),
+                                     vocab_chunk=int(vocab_chunk))
         num_seqs = batch["seq_valid"].shape[0]
         sums, counts = logprobs.sequence_logps(logps, batch["loss_mask"], batch["seq_ids"], num_seqs=num_seqs)
-        return sums.astype(jnp.float32), counts.astype(jnp.float32)
+        dt = jnp.promote_types(sums.dtype, jnp.float32)  # fp32, or fp64 under x64 (exact tests)
+        return sums.astype(dt), counts.astype(dt)
 
     return logps_fn
 

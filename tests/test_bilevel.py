@@ -175,9 +175,16 @@ def test_conjugate_gradient_solves_spd_system_and_flags_negative_curvature():
     assert int(info.iterations) == 0 and float(info.residual) == 0.0 and not np.any(np.asarray(x))
 
 
+def _constraint_terms(params, batch):
+    """Upper f = ½‖Cθ − e‖²; per-sample constraint values q_i(θ) = ½‖P_iθ − t_i‖² − r_i;
+    c(θ) = mean_i relu(q_i − ε). The instance's arrays travel in ``batch`` (one compile)."""
+    x = _flat(params)
+    res = batch["c"] @ x - batch["e"]
+    q = 0.5 * jnp.sum((jnp.einsum("ijk,k->ij", batch["p"], x) - batch["t"]) ** 2, axis=1) - batch["r"]
+    return (0.5 * res @ res, jnp.mean(jax.nn.relu(q - batch["eps"]))), {"q": jnp.mean(q)}
+
+
 def _constraint_instance(seed):
-    """Upper f = ½‖Cθ − e‖², per-sample constraint values q_i(θ) = ½‖P_iθ − t_i‖² − r_i,
-    c(θ) = mean_i relu(q_i − ε)."""
     rng = np.random.default_rng(seed)
     _, _, cm, e, theta = _quadratic(seed)
     p = rng.normal(size=(4, 3, N))
@@ -185,29 +192,22 @@ def _constraint_instance(seed):
     r = rng.uniform(0.0, 3.0, size=4)
     eps = 0.2
 
-    def q_np(x):
-        return 0.5 * np.sum((np.einsum("ijk,k->ij", p, x) - t) ** 2, axis=1) - r
-
     def c_np(x):
-        return np.mean(np.maximum(q_np(x) - eps, 0.0))
+        q = 0.5 * np.sum((np.einsum("ijk,k->ij", p, x) - t) ** 2, axis=1) - r
+        return np.mean(np.maximum(q - eps, 0.0))
 
-    def terms(params, batch):
-        x = _flat(params)
-        res = jnp.asarray(cm) @ x - jnp.asarray(e)
-        q = 0.5 * jnp.sum((jnp.einsum("ijk,k->ij", jnp.asarray(p), x) - jnp.asarray(t)) ** 2, axis=1) - r
-        return (0.5 * res @ res, jnp.mean(jax.nn.relu(q - eps))), {"q": jnp.mean(q)}
-
-    return terms, c_np, theta, (cm, e, p, t, r, eps)
+    batch = {k: jnp.asarray(v) for k, v in dict(c=cm, e=e, p=p, t=t, r=r, eps=eps).items()}
+    return batch, c_np, theta, (cm, e, p, t, r, eps)
 
 
 def test_barrier_direction_decreases_violated_constraint_on_random_instances():
     alpha, delta = 1.0, 1e-12
     violated = 0
     with jax.enable_x64(True):
+        solver = jax.jit(bilevel.barrier_solver(_constraint_terms, alpha, delta))
         for seed in range(20):
-            terms, c_np, theta, (cm, e, p, t, r, eps) = _constraint_instance(seed)
-            solver = jax.jit(bilevel.barrier_solver(terms, alpha, delta))
-            d, metrics = solver(_split(jnp.asarray(theta)), {})
+            batch, c_np, theta, (cm, e, p, t, r, eps) = _constraint_instance(seed)
+            d, metrics = solver(_split(jnp.asarray(theta)), batch)
             d = np.asarray(_flat(d))
             c0 = c_np(theta)
             # NumPy gradients and λ
@@ -229,9 +229,9 @@ def test_barrier_direction_decreases_violated_constraint_on_random_instances():
 
 def test_penalty_solver_is_gradient_of_f_plus_gamma_c():
     with jax.enable_x64(True):
-        terms, c_np, theta, (cm, e, p, t, r, eps) = _constraint_instance(4)
+        batch, c_np, theta, (cm, e, p, t, r, eps) = _constraint_instance(4)
         gamma = 3.0
-        d, metrics = jax.jit(bilevel.penalty_solver(terms, gamma))(_split(jnp.asarray(theta)), {})
+        d, metrics = jax.jit(bilevel.penalty_solver(_constraint_terms, gamma))(_split(jnp.asarray(theta)), batch)
         q = 0.5 * np.sum((np.einsum("ijk,k->ij", p, theta) - t) ** 2, axis=1) - r
         active = (q - eps > 0).astype(float)
         grad_c = sum(active[i] * p[i].T @ (p[i] @ theta - t[i]) for i in range(4)) / 4
@@ -270,3 +270,240 @@ def test_config_from_dict_and_cross_field_checks():
     # every field is documented in the class docstring (the trainer maps spo.<field> to it)
     for f in dataclasses.fields(bilevel.SPOConfig):
         assert f"``{f.name}``" in bilevel.SPOConfig.__doc__
+
+
+# --------------------------------------------------------------------------- #
+# A tiny language model written here (independent of spo_jax.models):
+# embedding -> causal prefix-mean mixing + one tanh MLP layer (residual) -> unembedding.
+# All in float64 so that central finite differences are accurate.
+# --------------------------------------------------------------------------- #
+
+V, D, H, T = 11, 6, 10, 7
+
+
+def _lm_params(seed, scale=0.5):
+    rng = np.random.default_rng(seed)
+    shapes = {"embed": (V, D), "w1": (D, H), "w2": (H, D), "unembed": (D, V)}
+    return {k: jnp.asarray(scale * rng.normal(size=s)) for k, s in shapes.items()}
+
+
+def _lm_logps(params, batch):
+    """(sums_S, counts_S) of response-token log-probs, an independent re-implementation
+    of Contract 3 for a padded batch (row r = sequence r)."""
+    x = params["embed"][batch["input_ids"]]  # [R, T, D]
+    ctx = jnp.cumsum(x, axis=1) / jnp.arange(1, x.shape[1] + 1)[None, :, None]
+    h = x + jnp.tanh(ctx @ params["w1"]) @ params["w2"]
+    logp = jax.nn.log_softmax(h @ params["unembed"], axis=-1)
+    tok = jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+    mask = batch["loss_mask"]
+    num = batch["seq_valid"].shape[0]
+    sums = jax.ops.segment_sum((tok * mask).ravel(), batch["seq_ids"].ravel(), num_segments=num)
+    counts = jax.ops.segment_sum(mask.ravel(), batch["seq_ids"].ravel(), num_segments=num)
+    return sums, counts
+
+
+def _lm_batch(seed, num_seqs, filler=0):
+    """Padded batch: prompt of 2 tokens, response of 2..T-1 tokens; the last ``filler``
+    sequences have seq_valid 0."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, V, size=(num_seqs, T)).astype(np.int32)
+    lengths = rng.integers(4, T + 1, size=num_seqs)
+    targets = np.zeros_like(ids)
+    mask = np.zeros((num_seqs, T))
+    for r, n in enumerate(lengths):
+        ids[r, n:] = 0
+        targets[r, : n - 1] = ids[r, 1:n]
+        mask[r, 1 : n - 1] = 1.0  # targets at positions 1.. are response tokens (prompt = 2 tokens)
+    seq_ids = np.repeat(np.arange(num_seqs, dtype=np.int32)[:, None], T, axis=1) * (ids > 0)
+    valid = np.ones(num_seqs)
+    if filler:
+        valid[-filler:] = 0.0
+    return {"input_ids": jnp.asarray(ids), "targets": jnp.asarray(targets), "loss_mask": jnp.asarray(mask),
+            "seq_ids": jnp.asarray(seq_ids), "seq_valid": jnp.asarray(valid)}
+
+
+def _pref_batch(seed=10, pairs=4, with_sft=False):
+    batch = _lm_batch(seed, 2 * pairs, filler=2)  # the last pair is a filler
+    # reference = another random model: some chosen responses violate q <= ε, some do not
+    ref_params = _lm_params(5)
+    ref_sums, _ = _lm_logps(ref_params, batch)
+    batch["ref_logps"] = ref_sums
+    if with_sft:
+        batch["sft"] = _lm_batch(seed + 1, 3)
+    return batch
+
+
+def _oracle_stats(params, batch):
+    from spo_jax import losses
+
+    s, n = _lm_logps(params, batch)
+    r = batch["ref_logps"]
+    return losses.PairStats(chosen_logps=s[0::2], rejected_logps=s[1::2], chosen_len=n[0::2],
+                            rejected_len=n[1::2], ref_chosen_logps=r[0::2], ref_rejected_logps=r[1::2],
+                            weight=batch["seq_valid"][0::2])
+
+
+def _oracle_lower(params, batch):
+    """g = weighted mean token-mean NLL of the lower-level sequences (NumPy-style, here)."""
+    sub = batch.get("sft")
+    if sub is None:
+        s, n = _lm_logps(params, batch)
+        s, n, w = s[0::2], n[0::2], batch["seq_valid"][0::2]
+    else:
+        s, n = _lm_logps(params, sub)
+        w = sub["seq_valid"]
+    return jnp.sum(w * (-s / n)) / jnp.sum(w)
+
+
+def _random_direction(params, seed):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape)), params)
+
+
+def _central_difference(fn, params, direction, h=1e-5):
+    plus = fn(jax.tree.map(lambda p, v: p + h * v, params, direction))
+    minus = fn(jax.tree.map(lambda p, v: p - h * v, params, direction))
+    return (float(plus) - float(minus)) / (2 * h)
+
+
+def _assert_directional(direction, fn, params, seeds, rtol, atol=1e-7):
+    for seed in seeds:
+        v = _random_direction(params, seed)
+        fd = _central_difference(fn, params, v)
+        got = float(bilevel.tree_vdot(direction, v))
+        assert abs(got - fd) <= rtol * abs(fd) + atol, (seed, got, fd)
+
+
+SPO = dict(gamma=4.0, epsilon=0.01)
+
+
+@pytest.mark.parametrize("per_sample,squared", [(True, False), (False, True)])
+def test_penalty_reference_equals_f_plus_gamma_spo_penalty_on_tiny_lm(per_sample, squared):
+    from spo_jax import losses
+
+    with jax.enable_x64(True):
+        params, batch = _lm_params(0), _pref_batch()
+        upper = losses.get_loss("dpo", beta=0.5)
+        cfg = bilevel.SPOConfig(solver="penalty", value="reference", per_sample=per_sample, squared=squared, **SPO)
+        grads, metrics = jax.jit(bilevel.make_solver(_lm_logps, upper, cfg))(params, batch)
+
+        def oracle(p):
+            stats = _oracle_stats(p, batch)
+            q = losses.reference_gap(stats)
+            pen, _ = losses.spo_penalty(q, epsilon=SPO["epsilon"], per_sample=per_sample, squared=squared,
+                                        weight=stats.weight)
+            return upper(stats)[0] + SPO["gamma"] * pen
+
+        value, expected = jax.value_and_grad(oracle)(params)
+        assert float(metrics["spo/penalty"]) > 0  # the constraint is active on this batch
+        np.testing.assert_allclose(float(metrics["spo/objective"]), float(value), rtol=1e-6)
+        for k in params:
+            np.testing.assert_allclose(np.asarray(grads[k]), np.asarray(expected[k]), rtol=1e-9, atol=1e-12)
+        _assert_directional(grads, jax.jit(oracle), params, seeds=(1, 2), rtol=1e-5)
+        assert 0.0 < float(metrics["spo/violation_frac"]) <= 1.0
+
+
+@pytest.mark.parametrize("with_sft", [False, True])
+def test_penalty_inner_sft_matches_finite_differences_with_frozen_value(with_sft):
+    from spo_jax import losses
+
+    with jax.enable_x64(True):
+        params, batch = _lm_params(0), _pref_batch(with_sft=with_sft)
+        upper = losses.get_loss("dpo", beta=0.5)
+        cfg = bilevel.SPOConfig(solver="penalty", value="inner_sft", inner_steps=3, inner_lr=0.5,
+                                epsilon=-0.05, gamma=4.0)
+        grads, metrics = jax.jit(bilevel.make_solver(_lm_logps, upper, cfg))(params, batch)
+
+        theta_k = _python_unroll(_oracle_lower, params, batch, 3, optax.sgd(0.5))
+
+        def per_seq_nll(p):
+            sub = batch.get("sft")
+            if sub is None:
+                s, n = _lm_logps(p, batch)
+                return -s[0::2] / n[0::2], batch["seq_valid"][0::2]
+            s, n = _lm_logps(p, sub)
+            return -s / n, sub["seq_valid"]
+
+        def oracle(p):  # θ_K frozen: the value estimate carries no gradient
+            nll, w = per_seq_nll(p)
+            pen, _ = losses.spo_penalty(nll - per_seq_nll(theta_k)[0], epsilon=-0.05, weight=w)
+            return upper(_oracle_stats(p, batch))[0] + 4.0 * pen
+
+        np.testing.assert_allclose(float(metrics["spo/objective"]), float(oracle(params)), rtol=1e-6)
+        np.testing.assert_allclose(float(metrics["spo/g_star"]), float(_oracle_lower(theta_k, batch)), rtol=1e-6)
+        assert float(metrics["spo/g_star"]) < float(metrics["spo/inner_loss_first"])  # SFT steps lower g
+        assert float(metrics["spo/penalty"]) > 0
+        _assert_directional(grads, jax.jit(oracle), params, seeds=(3, 4), rtol=1e-5)
+
+
+def test_barrier_direction_matches_finite_differences_on_tiny_lm():
+    from spo_jax import losses
+
+    with jax.enable_x64(True):
+        params, batch = _lm_params(0), _pref_batch()
+        upper = losses.get_loss("dpo", beta=0.5)
+        alpha, delta = 2.0, 1e-10
+        cfg = bilevel.SPOConfig(solver="barrier", barrier_alpha=alpha, barrier_delta=delta, epsilon=SPO["epsilon"])
+        d, metrics = jax.jit(bilevel.make_solver(_lm_logps, upper, cfg))(params, batch)
+
+        def f(p):
+            return upper(_oracle_stats(p, batch))[0]
+
+        def c(p):
+            stats = _oracle_stats(p, batch)
+            return losses.spo_penalty(losses.reference_gap(stats), epsilon=SPO["epsilon"], weight=stats.weight)[0]
+
+        f, c = jax.jit(f), jax.jit(c)
+        gf, gc = jax.jit(jax.grad(f))(params), jax.jit(jax.grad(c))(params)
+        dot = lambda a, b: sum(float(jnp.sum(a[k] * b[k])) for k in a)  # noqa: E731
+        lam = max((alpha * float(c(params)) - dot(gf, gc)) / (dot(gc, gc) + delta), 0.0)
+        assert lam > 0  # violated and conflicting on this batch: the barrier is active
+        np.testing.assert_allclose(float(metrics["spo/lambda"]), lam, rtol=1e-6)
+        for seed in (5, 6):
+            v = _random_direction(params, seed)
+            fd = _central_difference(f, params, v) + lam * _central_difference(c, params, v)
+            np.testing.assert_allclose(float(bilevel.tree_vdot(d, v)), fd, rtol=1e-5, atol=1e-7)
+        # the constraint value decreases along −d
+        step = jax.tree.map(lambda p, g: p - 1e-4 * g, params, d)
+        assert float(c(step)) < float(c(params))
+
+
+def test_unrolled_hypergradient_matches_finite_differences_on_tiny_lm():
+    from spo_jax import losses
+
+    with jax.enable_x64(True):
+        params, batch = _lm_params(0), _pref_batch(with_sft=True)
+        upper = losses.get_loss("dpo", beta=0.5)
+        cfg = bilevel.SPOConfig(solver="unrolled", inner_steps=3, inner_lr=0.5, **SPO)
+        grads, metrics = jax.jit(bilevel.make_solver(_lm_logps, upper, cfg))(params, batch)
+
+        def oracle(phi):  # F(θ_K(φ)) with a Python-loop inner SFT on batch["sft"]
+            theta = _python_unroll(_oracle_lower, phi, batch, 3, optax.sgd(0.5))
+            stats = _oracle_stats(theta, batch)
+            pen, _ = losses.spo_penalty(losses.reference_gap(stats), epsilon=SPO["epsilon"], weight=stats.weight)
+            return upper(stats)[0] + SPO["gamma"] * pen
+
+        np.testing.assert_allclose(float(metrics["spo/objective"]), float(oracle(params)), rtol=1e-6)
+        _assert_directional(grads, oracle, params, seeds=(7, 8), rtol=1e-5)
+
+
+def test_implicit_hypergradient_matches_finite_differences_of_converged_prox_loop():
+    from spo_jax import losses
+
+    with jax.enable_x64(True):
+        params, batch = _lm_params(0), _pref_batch()
+        upper = losses.get_loss("dpo", beta=0.5)
+        mu, lr, k = 2.0, 0.3, 150
+        cfg = bilevel.SPOConfig(solver="implicit", mu=mu, inner_steps=k, inner_lr=lr, cg_iters=100,
+                                cg_tol=1e-10, gamma=0.0)
+        grads, metrics = jax.jit(bilevel.make_solver(_lm_logps, upper, cfg))(params, batch)
+        assert float(metrics["spo/cg_residual"]) <= 1e-10
+        assert float(metrics["spo/cg_negative_curvature"]) == 0.0
+
+        @jax.jit
+        def oracle(phi):  # f(θ_K(φ)), θ_K = K steps on g + (μ/2)‖θ − φ‖² (converged)
+            theta, _ = bilevel.inner_loop(_oracle_lower, phi, batch, steps=k, optimizer=optax.sgd(lr), prox=mu)
+            return upper(_oracle_stats(theta, batch))[0]
+
+        _assert_directional(grads, oracle, params, seeds=(9, 10), rtol=1e-4)
+
