@@ -111,6 +111,39 @@ def test_grid_size_and_order():
     assert first.index("qwen2.5-0.5b,dpo,spo,gsm8k,preference") < first.index("qwen2.5-0.5b,dpo,spo,gsm8k,eval")
 
 
+def test_each_stage_reads_what_the_previous_stage_writes():
+    """GSM8K: preference starts from the SFT run's export and trains on the pairs file next
+    to it; eval scores the export of the run with the same model / loss / SPO setting."""
+    for arg in paper.grid(stages=("preference", "eval")):
+        p, c = paper.parse(arg), paper.get_config(arg)
+        if p["dataset"] != "gsm8k":
+            assert c.model.path == paper.MODELS[p["model"]]["hub"]
+            continue
+        if p["stage"] == "preference":
+            sft = paper.get_config(f"{p['model']},sft,nospo,gsm8k")
+            assert c.model.path == os.path.join(sft.run_dir, "hf_final") and sft.checkpoint.export_hf
+            assert c.data.train_path == os.path.join(os.path.dirname(sft.run_dir), "pairs.jsonl")
+        else:
+            up = paper.get_config(arg.rsplit(",", 1)[0] + (",sft" if p["loss"] == "sft" else ",preference"))
+            assert c.model.path == os.path.join(up.run_dir, "hf_final") and up.checkpoint.export_hf
+            assert c.run_dir != up.run_dir
+
+
+def test_cli_flags_parse_the_argument_and_overrides():
+    """What ``python -m spo_jax.train --config experiments/paper.py:<arg> --config.x=y`` does."""
+    from absl import flags
+    from ml_collections import config_flags
+    argv = ["prog", f"--config={os.path.join(ROOT, 'experiments', 'paper.py')}:llama-3-8b,simpo,spo,ultrafeedback,tpu",
+            "--config.model.path=/ckpt/sft", "--config.train.num_steps=20", "--config.spo.gamma=5"]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True, sys_argv=argv)
+    fv(argv)
+    c = fv.config
+    assert (c.model.path, c.loss.name, c.spo.enabled, c.spo.gamma) == ("/ckpt/sft", "simpo", True, 5.0)
+    assert (c.train.num_steps, c.optim.warmup_steps) == (20, 2)
+    assert (c.mesh.fsdp, c.distributed.coordinator_address) == (-1, "auto")
+
+
 def test_warmup_follows_num_steps_override():
     c = paper.get_config("qwen2.5-0.5b,dpo,nospo,ultrafeedback")
     assert c.train.num_steps == math.ceil(61135 / 128)
@@ -237,6 +270,17 @@ def test_every_grid_entry_validates(layout, tmp_path, mesh, devices_processes):
                 raise AssertionError(f"{arg},{mesh} on {n} devices / {procs} processes: {e}") from None
 
 
+def test_default_data_root_is_the_shared_gsm8k(monkeypatch):
+    """Without $SPO_JAX_DATA the SFT stage reads the real GSM8K next to the repository."""
+    monkeypatch.delenv("SPO_JAX_DATA", raising=False)
+    c = paper.get_config("qwen2.5-0.5b,sft,nospo,gsm8k")
+    assert c.data.train_path == os.path.normpath(os.path.join(ROOT, "..", "shared", "data", "gsm8k", "train.jsonl"))
+    assert c.data.eval_path.endswith(os.path.join("gsm8k", "test.jsonl"))
+    with open(c.data.train_path) as f:
+        assert set(json.loads(f.readline())) == {"question", "answer"}
+    config_lib.validate_config(c, num_devices=8, process_count=1)
+
+
 def test_missing_sft_checkpoint_is_a_clear_error(layout):
     c = paper.get_config("qwen2.5-0.5b,dpo,spo,gsm8k")
     with pytest.raises(config_lib.ConfigError, match=r"model\.path.*no such file"):
@@ -272,7 +316,7 @@ def checkpoints(tmp_path_factory):
     import transformers
     from spo_jax.data import synthetic
     tok = synthetic.build_tokenizer(model_max_length=64)
-    common = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    common = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=128, pad_token_id=tok.pad_token_id,
                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     kinds = {
@@ -294,12 +338,12 @@ def checkpoints(tmp_path_factory):
 
 
 def _shrink(c, ckpt):
-    """CPU sizes: T <= 64, 8 pairs (or SFT rows) per micro-batch, 2 steps, data-parallel mesh."""
+    """CPU sizes: T <= 48, 8 pairs (or SFT rows) per micro-batch, 2 steps, data-parallel mesh."""
     c.model.path = ckpt
     c.model.tokenizer = ""
-    c.data.max_length = 64
+    c.data.max_length = 48
     c.data.min_prompt_length = 8
-    c.data.length_bucket = 16
+    c.data.length_bucket = 48  # one padded length: one compile per step function
     c.data.batch_size = 8 * c.optim.grad_accum_steps
     c.data.eval_batch_size = 8
     c.train.num_steps = 2
@@ -350,8 +394,6 @@ def test_two_steps_with_a_tiny_checkpoint_of_the_family(arg, layout, checkpoints
     with open(os.path.join(ckpt, "config.json")) as f:
         assert json.load(f)["model_type"] == family
     c = paper.get_config(arg)
-    if p["stage"] != "sft" and c.model.path.startswith(str(layout["runs"])):
-        assert not os.path.exists(c.model.path)  # the SFT / preference export this stage reads
     _point_uf_at(c, layout["uf"])
     _shrink(c, ckpt)
     assert c.optim.warmup_steps == 0
