@@ -64,10 +64,22 @@ def versions() -> dict:
                 device=str(jax.devices()[0].device_kind), num_devices=jax.device_count())
 
 
+def peak_device_mib() -> float | None:
+    """Peak bytes in use on the first accelerator (None on CPU, where peak RSS is the number)."""
+    dev = jax.local_devices()[0]
+    if dev.platform == "cpu":
+        return None
+    stats = dev.memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 2**20
+
+
 def make_config(variant: str, *, pairs: int, max_length: int, packing: bool = False,
-                dtype: str = "float32", seq_chunk: int = 0, vocab_chunk: int = 0,
+                dtype: str = "float32", seq_chunk: int | None = None, vocab_chunk: int | None = None,
                 model_config: dict | None = None, extra: dict | None = None):
-    """The trainer config for one benchmark variant (``VARIANTS[variant]`` + ``extra``)."""
+    """The trainer config for one benchmark variant (``VARIANTS[variant]`` + ``extra``).
+
+    ``seq_chunk`` / ``vocab_chunk``: None keeps the trainer's defaults."""
     import ml_collections
     from spo_jax.config import get_default_config
     if variant not in VARIANTS:
@@ -79,8 +91,10 @@ def make_config(variant: str, *, pairs: int, max_length: int, packing: bool = Fa
     c.data.batch_size = pairs
     c.data.max_length = max_length
     c.data.packing = packing
-    c.logprobs.seq_chunk = seq_chunk
-    c.logprobs.vocab_chunk = vocab_chunk
+    if seq_chunk is not None:
+        c.logprobs.seq_chunk = seq_chunk
+    if vocab_chunk is not None:
+        c.logprobs.vocab_chunk = vocab_chunk
     c.optim.schedule = "constant"
     c.train.num_steps = 1000
     for key, value in {**VARIANTS[variant], **(extra or {})}.items():
@@ -165,10 +179,11 @@ class Bench:
     def step(self, name: str = "main") -> tuple[float, int]:
         b = self._i % len(self.batches)
         self._i += 1
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         self.state, metrics = self.steps[name](self.state, self.batches[b])
         jax.block_until_ready((self.state, metrics))
         dt = time.perf_counter() - t
+        self.last_cpu = time.process_time() - c  # CPU seconds of all this process's threads
         if not np.isfinite(float(metrics["loss"])):
             raise FloatingPointError(f"non-finite loss in benchmark variant (step {self._i})")
         return dt, self.tokens[b]
@@ -191,24 +206,25 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--seq-chunk", type=int, default=0)
-    p.add_argument("--vocab-chunk", type=int, default=0)
+    p.add_argument("--seq-chunk", type=int, default=None, help="logprobs.seq_chunk (default: the trainer's)")
+    p.add_argument("--vocab-chunk", type=int, default=None, help="logprobs.vocab_chunk (default: the trainer's)")
     a = p.parse_args()
     rows = make_pairs(a.pairs_per_step * a.steps, a.prompt_len, a.response_len, seed=0)
     cfg = make_config(a.variant, pairs=a.pairs_per_step, max_length=a.prompt_len + a.response_len,
                       dtype=a.dtype, seq_chunk=a.seq_chunk, vocab_chunk=a.vocab_chunk)
     bench = Bench(cfg, rows, num_batches=a.steps)
     t0 = time.perf_counter()
-    times, tokens = [], []
+    times, cpu, tokens = [], [], []
     for i in range(a.steps):
         dt, n = bench.step()
         if i == 0:
             first = time.perf_counter() - t0
         if i >= a.warmup:
             times.append(dt)
+            cpu.append(bench.last_cpu)
             tokens.append(n)
-    print(json.dumps(dict(side="spo_jax", variant=a.variant, step_times=times, tokens_per_step=tokens[0],
-                          first_step_s=first, peak_rss_mib=peak_rss_mib(), num_params=bench.num_params,
+    print(json.dumps(dict(side="spo_jax", variant=a.variant, step_times=times, cpu_times=cpu, tokens_per_step=tokens[0],
+                          first_step_s=first, peak_rss_mib=peak_rss_mib(), peak_device_mib=peak_device_mib(), num_params=bench.num_params,
                           shapes=bench.shapes[:1], **versions())))
 
 

@@ -75,10 +75,15 @@ def main() -> None:
         rates = sorted(tok / t for t in times)
         peak = max(o["peak_rss_mib"] for o in runs[side])
         loads = [x for o in runs[side] for x in o["load"]]
+        cpu = [t for o in runs[side] for t in o.get("cpu_times", [])]
+        cpu_cell = f" {statistics.median(cpu):.2f} ({min(cpu):.2f}–{max(cpu):.2f}) |" if cpu else " n/a |"
+        summary[side]["cpu"] = statistics.median(cpu) if cpu else None
+        dev = [o.get("peak_device_mib") for o in runs[side] if o.get("peak_device_mib") is not None]
+        dev_cell = f" {max(dev):.0f} |" if dev else " n/a |"
         summary[side] = dict(tok_s=tok / med, peak=peak, step=med)
         rows.append(f"| {LABEL[side]} | {len(times)} | {med:.2f} ({min(times):.2f}–{max(times):.2f}) | "
                     f"{tok} | {tok / med:.0f} ({rates[0]:.0f}–{rates[-1]:.0f}) | {peak:.0f} | "
-                    f"{min(loads):.2f}–{max(loads):.2f} |")
+                    f"{min(loads):.2f}–{max(loads):.2f} |" + cpu_cell + dev_cell)
     spo = next(o for s in sides if s != "trl" for o in runs[s])
     trl = runs["trl"][0] if "trl" in runs else {}
     m = machine_info()
@@ -100,8 +105,8 @@ def main() -> None:
         "before/after each process, min–max (the 2 cores were shared with other jobs).",
         "",
         "| variant | timed steps | step s, median (min–max) | tokens/step | tokens/s, median (min–max) | "
-        "peak RSS MiB | load avg |",
-        "|---|---|---|---|---|---|---|",
+        "peak RSS MiB | load avg | CPU s/step (all threads), median (min–max) | peak accelerator MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
         *rows,
     ]
     if "trl" in summary and "dpo" in summary:
@@ -110,6 +115,10 @@ def main() -> None:
         lines += ["", f"spo_jax DPO / TRL DPO: **{speed:.2f}x** tokens/s (target >= 2x: "
                   f"{'met' if speed >= 2 else 'missed'}), peak RSS {mem:.2f}x (target <= 1x: "
                   f"{'met' if mem <= 1 else 'missed'})."]
+        if summary["dpo"].get("cpu") and summary["trl"].get("cpu"):
+            lines[-1] += (f" CPU seconds per step, TRL / spo_jax: "
+                          f"{summary['trl']['cpu'] / summary['dpo']['cpu']:.2f}x (less sensitive to the "
+                          "other jobs on the cores than wall time).")
         if "dpo_spo" in summary:
             lines[-1] += (f" DPO+SPO (penalty) step / DPO step: "
                           f"{summary['dpo_spo']['step'] / summary['dpo']['step']:.2f}x.")

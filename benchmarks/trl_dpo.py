@@ -1,4 +1,5 @@
-"""TRL's DPOTrainer (PyTorch, CPU) on the benchmark's small Llama: tokens/s and peak memory.
+"""TRL's DPOTrainer (PyTorch; CPU, or the GPU when there is one) on the benchmark's small Llama:
+tokens/s and peak memory.
 
 One process, one measurement: `python benchmarks/trl_dpo.py --steps 7 --warmup 2`.
 Prints a JSON line with per-step times (after warm-up), tokens per step and the
@@ -41,13 +42,14 @@ def as_text(ids: list[int], lead_space: bool) -> str:
 
 class StepTimer(TrainerCallback):
     def __init__(self):
-        self.times, self._t = [], None
+        self.times, self.cpu, self._t, self._c = [], [], None, None
 
     def on_step_begin(self, args, state, control, **kw):
-        self._t = time.perf_counter()
+        self._t, self._c = time.perf_counter(), time.process_time()
 
     def on_step_end(self, args, state, control, **kw):
         self.times.append(time.perf_counter() - self._t)
+        self.cpu.append(time.process_time() - self._c)  # CPU seconds of all threads
 
 
 def main() -> None:
@@ -74,7 +76,7 @@ def main() -> None:
     tok = word_tokenizer()
     with tempfile.TemporaryDirectory() as out:
         args = DPOConfig(output_dir=out, per_device_train_batch_size=a.pairs_per_step,
-                         max_steps=a.steps, learning_rate=1e-5, beta=0.1, use_cpu=True,
+                         max_steps=a.steps, learning_rate=1e-5, beta=0.1, use_cpu=not torch.cuda.is_available(),
                          report_to=[], logging_steps=10_000, save_strategy="no",
                          max_length=a.prompt_len + a.response_len, dataloader_num_workers=0,
                          seed=0, data_seed=0, gradient_checkpointing=False)
@@ -85,8 +87,10 @@ def main() -> None:
         trainer.train()
     step_tokens = real_tokens(rows[: a.pairs_per_step])
     times = timer.times[a.warmup:]
-    print(json.dumps(dict(side="trl", step_times=times, tokens_per_step=step_tokens,
+    print(json.dumps(dict(side="trl", step_times=times, cpu_times=timer.cpu[a.warmup:], tokens_per_step=step_tokens,
                           peak_rss_mib=peak_rss_mib(), torch=torch.__version__,
+                          peak_device_mib=(torch.cuda.max_memory_allocated() / 2**20
+                                           if torch.cuda.is_available() else None),
                           threads=a.threads)))
 
 
