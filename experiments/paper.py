@@ -282,7 +282,9 @@ def get_config(arg: str = "qwen2.5-0.5b,dpo,spo,gsm8k") -> ml_collections.Config
     c.data.batch_size = BATCH
     c.data.eval_batch_size = 64
     if dataset == "gsm8k":
-        c.data.max_length = 512  # GSM8K question + solution < 400 tokens for these tokenizers
+        # GSM8K train question + solution, tokenized with a digit-splitting BPE (SmolLM2's; Qwen2.5
+        # splits digits too): 99th percentile 398 tokens, max 542; 5 of 7473 rows get truncated
+        c.data.max_length = 512
         c.data.min_prompt_length = 64
         c.data.use_chat_template = False  # base models: "Question: {question}\nAnswer: {answer}"
         if stage == "sft":
