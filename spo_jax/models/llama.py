@@ -156,6 +156,8 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         for k in ("qk_norm", "norm_type", "position_embedding", "gated_mlp", "attention_out_bias"):
             d.pop(k)
+        if self.model_type != "llama" and not self.mlp_bias:
+            d.pop("mlp_bias")  # a LlamaConfig field only
         if d["sliding_window"] is None:
             d.pop("sliding_window")
         d["rope_scaling"] = dict(self.rope_scaling) if self.rope_scaling else None
