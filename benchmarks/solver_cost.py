@@ -107,7 +107,10 @@ def main() -> None:
         "remat on for unrolled, μ=1 and CG tol 1e-4 for implicit). "
         f"{a.rounds} interleaved rounds after one warm-up step each; ratio = variant step / DPO step "
         f"of the same round. 1-min load average {load0:.2f} before, {load1:.2f} after (shared cores). "
-        "XLA GFLOP: `compile().cost_analysis()['flops']` of the whole step.",
+        "XLA GFLOP: `compile().cost_analysis()['flops']` of the whole step; XLA counts the body of a loop "
+        "(`lax.scan` / `while`: the inner steps, the CG iterations) once, not once per iteration, so for "
+        "the K>1 and implicit rows it is a lower bound on the work (K=1 vs K=4 differ only by the loop's "
+        "set-up).",
         "",
         "| solver | step s, median (min–max) | step / DPO step, median (min–max) | XLA GFLOP | FLOP / DPO FLOP |",
         "|---|---|---|---|---|",
