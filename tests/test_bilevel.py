@@ -366,10 +366,10 @@ def _central_difference(fn, params, direction, h=1e-5):
     return (float(plus) - float(minus)) / (2 * h)
 
 
-def _assert_directional(direction, fn, params, seeds, rtol, atol=1e-7):
+def _assert_directional(direction, fn, params, seeds, rtol, atol=1e-7, h=1e-5):
     for seed in seeds:
         v = _random_direction(params, seed)
-        fd = _central_difference(fn, params, v)
+        fd = _central_difference(fn, params, v, h)
         got = float(bilevel.tree_vdot(direction, v))
         assert abs(got - fd) <= rtol * abs(fd) + atol, (seed, got, fd)
 
@@ -507,3 +507,87 @@ def test_implicit_hypergradient_matches_finite_differences_of_converged_prox_loo
 
         _assert_directional(grads, oracle, params, seeds=(9, 10), rtol=1e-4)
 
+
+
+# --------------------------------------------------------------------------- #
+# The same checks through the production path: spo_jax.models' Llama decoder
+# (2 layers, float64) and the trainer's chunked log-prob function.
+# --------------------------------------------------------------------------- #
+
+
+def _decoder_setup():
+    from flax import nnx
+
+    from spo_jax import models, train
+
+    cfg = models.ModelConfig.from_hf(dict(
+        model_type="llama", vocab_size=V, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16, rms_norm_eps=1e-6,
+        rope_theta=10000.0, tie_word_embeddings=False))
+    model = models.create_model(cfg, rngs=nnx.Rngs(3), dtype=jnp.float64, param_dtype=jnp.float64)
+    graphdef, params = nnx.split(model)
+    params = jax.tree.map(lambda p: p * 5.0, params)  # N(0, 0.1²) weights: non-trivial log-probs
+    logps_fn = train.make_logps_fn(graphdef, seq_chunk=4, vocab_chunk=4)  # chunked on both axes
+
+    def oracle_logps(p, batch):  # unchunked: [B, T, V] log-softmax, then segment sums
+        from spo_jax import logprobs
+        hidden = models.apply(graphdef, p, batch["input_ids"], batch["positions"], batch["segment_ids"])
+        w, b = models.unembedding(graphdef, p)
+        tok = logprobs.naive_token_logps(hidden, w, batch["targets"], b)
+        mask, num = batch["loss_mask"], batch["seq_valid"].shape[0]
+        return (jax.ops.segment_sum((tok * mask).ravel(), batch["seq_ids"].ravel(), num_segments=num),
+                jax.ops.segment_sum(mask.ravel(), batch["seq_ids"].ravel(), num_segments=num))
+
+    batch = _lm_batch(10, 8, filler=2)
+    batch["positions"] = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (8, T))
+    batch["segment_ids"] = (batch["input_ids"] > 0).astype(jnp.int32)
+    batch["ref_logps"] = oracle_logps(jax.tree.map(lambda p: p * 0.8, params), batch)[0]
+    return params, batch, logps_fn, oracle_logps
+
+
+@pytest.mark.parametrize("solver", ["penalty", "barrier", "unrolled"])
+def test_solvers_on_llama_decoder_match_finite_differences_of_their_objective(solver):
+    from spo_jax import losses
+
+    with jax.enable_x64(True):
+        params, batch, logps_fn, oracle_logps = _decoder_setup()
+        upper = losses.get_loss("simpo", beta=2.0, gamma=0.5)
+        cfg = bilevel.SPOConfig(solver=solver, inner_steps=2, inner_lr=0.05, gamma=4.0, epsilon=-0.5,
+                                barrier_alpha=500.0)  # large enough that λ > 0 here
+        d, metrics = jax.jit(bilevel.make_solver(logps_fn, upper, cfg))(params, batch)
+
+        def stats_of(p):
+            s, n = oracle_logps(p, batch)
+            r = batch["ref_logps"]
+            return losses.PairStats(chosen_logps=s[0::2], rejected_logps=s[1::2], chosen_len=n[0::2],
+                                    rejected_len=n[1::2], ref_chosen_logps=r[0::2], ref_rejected_logps=r[1::2],
+                                    weight=batch["seq_valid"][0::2])
+
+        def f(p):
+            return upper(stats_of(p))[0]
+
+        def c(p):
+            st = stats_of(p)
+            return losses.spo_penalty(losses.reference_gap(st), epsilon=-0.5, weight=st.weight)[0]
+
+        def lower(p, b):
+            s, n = oracle_logps(p, b)
+            w = b["seq_valid"][0::2]
+            return jnp.sum(w * (-s[0::2] / n[0::2])) / jnp.sum(w)
+
+        if solver == "penalty":
+            objective = lambda p: f(p) + 4.0 * c(p)  # noqa: E731
+        elif solver == "barrier":
+            gf, gc = jax.grad(f)(params), jax.grad(c)(params)
+            lam = max((cfg.barrier_alpha * float(c(params)) - float(bilevel.tree_vdot(gf, gc))) /
+                      (float(bilevel.tree_vdot(gc, gc)) + cfg.barrier_delta), 0.0)
+            assert lam > 0
+            np.testing.assert_allclose(float(metrics["spo/lambda"]), lam, rtol=1e-6)
+            objective = lambda p: f(p) + lam * c(p)  # noqa: E731
+        else:
+            def objective(phi):
+                theta = _python_unroll(lower, phi, batch, 2, optax.sgd(0.05))
+                return f(theta) + 4.0 * c(theta)
+        assert float(metrics["spo/penalty"]) > 0  # the constraint is active on this batch
+        # h = 1e-6: the unrolled objective is strongly curved (FD with h = 1e-5 is off by 1e-4)
+        _assert_directional(d, jax.jit(objective), params, seeds=(11, 12), rtol=1e-5, h=1e-6)

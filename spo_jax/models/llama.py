@@ -200,7 +200,7 @@ def _at_least_f32(dtype):
 
 def rope_inv_freq(cfg: ModelConfig):
     hd = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, hd, 2, dtype=_at_least_f32(jnp.float32)) / hd))
+    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
     rs = dict(cfg.rope_scaling or ())
     if rs.get("rope_type", rs.get("type")) == "llama3":
         factor, lo, hi = rs["factor"], rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
@@ -229,9 +229,9 @@ class RMSNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x):
-        xf = x.astype(jnp.float32)
+        xf = x.astype(_at_least_f32(x.dtype))
         y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+        return (y * self.scale[...].astype(xf.dtype)).astype(x.dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -241,11 +241,11 @@ class LayerNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x):
-        xf = x.astype(jnp.float32)
+        xf = x.astype(_at_least_f32(x.dtype))
         mean = jnp.mean(xf, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
         y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
-        return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+        return (y * self.scale[...].astype(xf.dtype) + self.bias[...].astype(xf.dtype)).astype(x.dtype)
 
 
 def _norm(cfg: ModelConfig, param_dtype):
@@ -289,7 +289,7 @@ class Attention(nnx.Module):
         B, T, H, hd = q.shape
         G = H // cfg.num_key_value_heads
         q = q.reshape(B, T, cfg.num_key_value_heads, G, hd)
-        s = jnp.einsum("btkgh,bskh->bkgts", q, k).astype(jnp.float32) / math.sqrt(hd)
+        s = jnp.einsum("btkgh,bskh->bkgts", q, k).astype(_at_least_f32(q.dtype)) / math.sqrt(hd)
         s = jnp.where(mask_BTS[:, None, None], s, -1e30)
         p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
         o = jnp.einsum("bkgts,bskh->btkgh", p, v).reshape(B, T, H * hd)
@@ -379,7 +379,7 @@ class Decoder(nnx.Module):
 
     def logits(self, hidden):
         w, _ = self.unembedding()
-        return jnp.einsum("btd,dv->btv", hidden, w.astype(hidden.dtype)).astype(jnp.float32)
+        return jnp.einsum("btd,dv->btv", hidden, w.astype(hidden.dtype)).astype(_at_least_f32(hidden.dtype))
 
 
 def create_model(config: ModelConfig, *, rngs: nnx.Rngs | None = None, dtype=jnp.float32,
