@@ -706,8 +706,11 @@ class _Loop:
         ref_col = "chosen_ids" if "chosen_ids" in rows.column_names else "completion_ids"
         prompts = [np.asarray(p, np.int32) for p in rows["prompt_ids"]]
         refs = [self.tokenizer.decode(r, skip_special_tokens=True) for r in rows[ref_col]]
-        eos = getattr(self.tokenizer, "eos_token_id", None)
         model = nnx.merge(self.graphdef, params)
+        # stop on the tokenizer's EOS and on every EOS id of the model config (Llama 3.x has several)
+        eos_ids = {int(e) for e in (model.config.eos_token_ids or ())}
+        if getattr(self.tokenizer, "eos_token_id", None) is not None:
+            eos_ids.add(int(self.tokenizer.eos_token_id))
         texts = []
         bs = int(c.data.eval_batch_size)
         key = jax.random.fold_in(jax.random.PRNGKey(int(c.seed)), 7)
@@ -721,15 +724,13 @@ class _Loop:
                 ids[i, width - len(p):] = p
                 mask[i, width - len(p):] = 1
             key, sub = jax.random.split(key)
-            out = models.generate(model, jnp.asarray(ids), jnp.asarray(mask), max_new_tokens=int(c.eval.max_new_tokens),
-                                  key=sub, temperature=float(c.eval.temperature), top_k=None, top_p=None,
-                                  eos_id=eos, pad_id=self.pad_id)
-            out = np.asarray(jax.device_get(out))
-            new = out[:, width:] if out.shape[1] == width + int(c.eval.max_new_tokens) else out
-            for row in new:
-                row = list(row)
-                if eos is not None and eos in row:
-                    row = row[:row.index(eos)]
+            toks, valid = models.generate(model, jnp.asarray(ids), jnp.asarray(mask),
+                                          max_new_tokens=int(c.eval.max_new_tokens), key=sub,
+                                          temperature=float(c.eval.temperature), eos_id=tuple(sorted(eos_ids)),
+                                          pad_id=self.pad_id)
+            toks, valid = np.asarray(jax.device_get(toks)), np.asarray(jax.device_get(valid)) > 0
+            for row, ok in zip(toks, valid):
+                row = [int(t) for t in row[ok] if int(t) not in eos_ids]  # the answer, without EOS
                 texts.append(self.tokenizer.decode(row, skip_special_tokens=True))
         self.last_generations = list(zip(refs, texts))
         return {"gen/accuracy": gsm8k.accuracy(texts, refs), "gen/num_prompts": float(n)}
