@@ -39,13 +39,13 @@ BATCH_AXES = ("data", "fsdp")
 # D over fsdp; an untied output head [D, V]: D over fsdp, V over tensor.
 # Norm scales and biases are replicated (they are tiny).
 LLAMA_RULES: tuple[tuple[str, P], ...] = (
+    (r"(pos_embed|wpe)", P(None, "fsdp")),  # GPT-2's learned positions [P, D]
     (r"(embed|embed_tokens|wte|tok_embeddings)/(embedding|weight|value)?$", P("tensor", "fsdp")),
     (r"(embed|embed_tokens|wte|tok_embeddings)", P("tensor", "fsdp")),
     (r"(lm_head|unembed|output)/(kernel|weight)", P("fsdp", "tensor")),
     (r"(q_proj|k_proj|v_proj|qkv|wq|wk|wv|gate_proj|up_proj|w1|w3|c_attn|c_fc)/kernel", P("fsdp", "tensor")),
     (r"(o_proj|down_proj|wo|w2|c_proj)/kernel", P("tensor", "fsdp")),
     (r"(norm|ln_|layernorm|scale|bias)", P()),
-    (r"wpe", P(None, "fsdp")),
 )
 DEFAULT_RULES = LLAMA_RULES
 

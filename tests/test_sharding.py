@@ -62,6 +62,10 @@ def test_partition_rules_fit_shapes():
     assert sharding.spec_for("layers/mlp/up_proj/kernel", (2, 32, 64), rules, mesh) == P(None, "fsdp", "tensor")
     # an axis that does not divide its dimension is dropped (vocab 67 is odd)
     assert sharding.spec_for("embed_tokens/embedding", (67, 32), rules, mesh) == P(None, "fsdp")
+    # GPT-2: learned positions [P, D] split D over fsdp; biases replicated
+    assert sharding.spec_for("pos_embed/embedding", (64, 32), rules, mesh) == P(None, "fsdp")
+    assert sharding.spec_for("layers/0/attn/q_proj/bias", (64,), rules, mesh) == P(None)
+    assert sharding.spec_for("embed/embedding", (64, 32), rules, mesh) == P("tensor", "fsdp")
     # norms replicated; unmatched matrices split their largest dimension over fsdp
     assert sharding.spec_for("layers/0/input_norm/scale", (32,), rules, mesh) == P(None)
     assert sharding.spec_for("something/else", (6, 40), rules, mesh) == P(None, "fsdp")
