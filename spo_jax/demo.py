@@ -2,7 +2,7 @@
 
 ::
 
-    python -m spo_jax.demo [--quick] [--out DIR] [--seeds 0 1 ...]
+    python -m spo_jax.demo [--quick] [--out DIR] [--seeds 0 1 ...] [--task-seed 0] [--methods DPO DPO+SPO ...]
 
 On the synthetic multi-step arithmetic task (``spo_jax.data.synthetic``), on a CPU:
 
@@ -153,7 +153,6 @@ def _model_config(s: DemoSettings) -> dict:
 
 
 def _base_config(s: DemoSettings, run_dir: str, seed: int):
-    import ml_collections
     from spo_jax.config import get_default_config
     c = get_default_config()
     c.run_dir = run_dir
@@ -175,7 +174,6 @@ def _base_config(s: DemoSettings, run_dir: str, seed: int):
     c.metrics.peak_tflops = 1.0
     c.metrics.log_every = 1
     c.mesh.data = -1
-    del ml_collections
     return c
 
 
@@ -244,7 +242,7 @@ def run_demo(out_dir: str, settings: DemoSettings | None = None, seeds=(0,), *, 
     import jax
     from flax import nnx
 
-    from spo_jax import evaluate, models, sampling
+    from spo_jax import evaluate, sampling
     from spo_jax.data import prepare_dataset, synthetic
     from spo_jax.train import train
 
@@ -446,7 +444,8 @@ def _report(out_dir: str, out: dict) -> None:
     s = out["settings"]
     sft = out["sft"]
     lines = ["# SPO demo: synthetic multi-step arithmetic", ""]
-    lines.append(f"Wall time of the whole job: **{out['timings_s']['total']:.0f} s** on this machine "
+    lines.append(f"Wall time of the whole job (inside `run_demo`, after imports): **{out['timings_s']['total']:.0f} s** "
+                 "on this machine "
                  f"({out['machine']['cpu_count']} CPU cores, shared with other jobs; 1-min load average at the end "
                  f"{_fmt(out['machine']['load_avg_1min_at_end'], 2)}). Phases (s): "
                  + ", ".join(f"{k} {v:.0f}" for k, v in out["timings_s"].items()) + ".")
@@ -489,7 +488,8 @@ def _report(out_dir: str, out: dict) -> None:
               f"mean |g_w|^2 = {_fmt(g['mean_gw_sq'], 1)}, |g_l|^2 = {_fmt(g['mean_gl_sq'], 1)}; share of pairs "
               f"where one DPO step lowers s_w to first order (<g_w,g_l> > |g_w|^2): "
               f"{_fmt(g['frac_dpo_lowers_chosen'], 2)}.", ""]
-    lines += ["## Plots", "", "`logps_all.png`: mean chosen / rejected summed log-prob of the probe pairs over "
+    lines += ["## Plots", "", f"`logps_all.png`: mean chosen / rejected summed log-prob of the probe pairs (the first "
+              f"{s['n_probe']} training pairs, evaluated every {s['eval_every']} steps) over "
               "preference steps, every method (dotted: SFT). Per method: "
               + ", ".join(f"`logps_{m.replace('+', '_')}.png`" for m in out["methods"]) + ".", ""]
     for m in out["methods"]:
@@ -517,6 +517,8 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true", help="tiny version for tests (< ~60 s)")
     p.add_argument("--out", default="", help="run directory (default: ./runs/demo-<timestamp>)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="preference-stage seeds (data order)")
+    p.add_argument("--task-seed", type=int, default=0,
+                   help="seed of the task splits, the SFT initialisation/data order and the pair sampling")
     p.add_argument("--methods", nargs="+", default=None, help=f"subset of {list(METHOD_SPECS)}")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -526,7 +528,7 @@ def main(argv=None) -> None:
     if args.methods:
         s.methods = tuple(args.methods)
     out = args.out or os.path.join("runs", "demo-" + time.strftime("%Y%m%d-%H%M%S"))  # runs/ is git-ignored
-    res = run_demo(out, s, seeds=tuple(args.seeds))
+    res = run_demo(out, s, seeds=tuple(args.seeds), task_seed=args.task_seed)
     print(f"report: {os.path.join(os.path.abspath(out), 'report.md')}  (wall {res['timings_s']['total']:.0f} s)")
 
 

@@ -88,8 +88,8 @@ _CACHE: dict = {}
 
 
 def _jitted(graphdef, what: str):
-    key = (id(graphdef), what)
-    if key not in _CACHE or _CACHE[key][0] is not graphdef:
+    key = (graphdef, what)  # GraphDefs are hashable and equal for equal structures: one compile per shape
+    if key not in _CACHE:
         f = _row_logp_fn(graphdef)
         if what == "logps":
             fn = jax.jit(jax.vmap(f, in_axes=(None, 0, 0, 0, 0, 0)))

@@ -4,7 +4,7 @@ one-sequence batches (through the trainer's logps_fn), the first-order predictio
 
 import datasets
 import jax
-import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
 import numpy as np
 import pytest
 from flax import nnx
@@ -53,7 +53,7 @@ def test_per_sequence_grads_match_a_loop_of_grad(setup):
     loop = []
     for r in range(S):
         gr = jax.grad(lambda p: logps_fn(p, _row(batch, r))[0][0])(params)
-        loop.append(np.asarray(jax.flatten_util.ravel_pytree(gr)[0]))
+        loop.append(np.asarray(ravel_pytree(gr)[0]))
     loop = np.stack(loop)
     np.testing.assert_allclose(g, loop, rtol=1e-4, atol=1e-5 * np.abs(loop).max())
     stats = evaluate.pair_gradient_stats(graphdef, params, batch)
