@@ -40,9 +40,9 @@ def test_bench_tokens_match_real_tokens():
         assert dt > 0 and n in (real_tokens(rows[:2]), real_tokens(rows[2:4]))
 
 
-def test_solver_cost_measure_runs_each_solver_family():
+def test_solver_cost_measure_interleaves_variants():
     import solver_cost
-    variants = ["penalty_inner_sft_k1", "implicit"]  # the inner-loop value and the most involved solver
+    variants = ["penalty_reference", "barrier"]  # cheap to compile; the others share the same path
     res = solver_cost.measure(variants,
                               pairs=2, prompt_len=4, response_len=3, rounds=1, model_config=TINY, cg_iters=2,
                               flops=False, log=lambda s: None)
