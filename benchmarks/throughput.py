@@ -14,6 +14,7 @@ on all of them; the load average is recorded around each process. Same model
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -54,7 +55,14 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--sides", default=",".join(SIDES))
     p.add_argument("--write", default=os.path.join(HERE, "RESULTS.md"), help="RESULTS.md path ('' = print only)")
+    p.add_argument("--save-runs", default="", help="also dump the raw per-process results to this JSON file")
+    p.add_argument("--from-runs", default="", help="only rebuild the table from a --save-runs file")
     a = p.parse_args()
+    if a.from_runs:
+        with open(a.from_runs) as f:
+            saved = json.load(f)
+        table(saved["runs"], saved["total"], argparse.Namespace(**{**saved["args"], "write": a.write}))
+        return
     sides = a.sides.split(",")
     runs: dict[str, list[dict]] = {s: [] for s in sides}
     t0 = time.perf_counter()
@@ -66,6 +74,14 @@ def main() -> None:
                   f"peak RSS {out['peak_rss_mib']:.0f} MiB, load {out['load'][0]:.2f}->{out['load'][1]:.2f}",
                   flush=True)
     total = time.perf_counter() - t0
+    if a.save_runs:
+        with open(a.save_runs, "w") as f:
+            json.dump(dict(runs=runs, total=total, args=vars(a)), f)
+    table(runs, total, a)
+
+
+def table(runs: dict, total: float, a) -> None:
+    sides = list(runs)
 
     rows, summary = [], {}
     for side in sides:
@@ -77,10 +93,9 @@ def main() -> None:
         loads = [x for o in runs[side] for x in o["load"]]
         cpu = [t for o in runs[side] for t in o.get("cpu_times", [])]
         cpu_cell = f" {statistics.median(cpu):.2f} ({min(cpu):.2f}–{max(cpu):.2f}) |" if cpu else " n/a |"
-        summary[side]["cpu"] = statistics.median(cpu) if cpu else None
         dev = [o.get("peak_device_mib") for o in runs[side] if o.get("peak_device_mib") is not None]
         dev_cell = f" {max(dev):.0f} |" if dev else " n/a |"
-        summary[side] = dict(tok_s=tok / med, peak=peak, step=med)
+        summary[side] = dict(tok_s=tok / med, peak=peak, step=med, cpu=statistics.median(cpu) if cpu else None)
         rows.append(f"| {LABEL[side]} | {len(times)} | {med:.2f} ({min(times):.2f}–{max(times):.2f}) | "
                     f"{tok} | {tok / med:.0f} ({rates[0]:.0f}–{rates[-1]:.0f}) | {peak:.0f} | "
                     f"{min(loads):.2f}–{max(loads):.2f} |" + cpu_cell + dev_cell)
