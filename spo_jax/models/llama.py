@@ -414,17 +414,15 @@ def forward_cached(model: Decoder, ids_BT, positions_BT, kv_valid_BS, cache, sta
     mask = mask & jnp.asarray(_window_mask(model.config, slot_q, jnp.arange(S)))[None]
     x, inv_freq = model.embed_inputs(ids_BT, positions_BT)
     ks, vs = cache
-    new_k, new_v = [], []
     for i, layer in enumerate(model.layers):
         h = layer.input_norm(x)
         q, k, v = layer.attn.qkv(h, positions_BT, inv_freq)
-        kc = jax.lax.dynamic_update_slice(ks[i], k.astype(ks.dtype), (0, start, 0, 0))
-        vc = jax.lax.dynamic_update_slice(vs[i], v.astype(vs.dtype), (0, start, 0, 0))
-        x = x + layer.attn.attend(q, kc.astype(q.dtype), vc.astype(q.dtype), mask)
+        # update the stacked cache in place (a per-layer copy + stack would rewrite all of it every step)
+        ks = jax.lax.dynamic_update_slice(ks, k.astype(ks.dtype)[None], (i, 0, start, 0, 0))
+        vs = jax.lax.dynamic_update_slice(vs, v.astype(vs.dtype)[None], (i, 0, start, 0, 0))
+        x = x + layer.attn.attend(q, ks[i].astype(q.dtype), vs[i].astype(q.dtype), mask)
         x = x + layer.mlp(layer.post_attention_norm(x))
-        new_k.append(kc)
-        new_v.append(vc)
-    return model.norm(x), (jnp.stack(new_k), jnp.stack(new_v))
+    return model.norm(x), (ks, vs)
 
 
 def _sample(logits_BV, key, temperature, top_k, top_p):
