@@ -415,3 +415,25 @@ def test_two_steps_with_a_tiny_checkpoint_of_the_family(arg, layout, checkpoints
         assert "spo/penalty" in steps[0] and abs(steps[0]["spo/penalty"]) < 5e-3
     if p["stage"] == "sft":
         assert result.final_eval["num_seqs"] == 8 and np.isfinite(result.final_eval["loss"])
+
+
+def test_default_experiment_runs_two_steps_through_the_cli(checkpoints, tmp_path):
+    """experiments/default.py (the README's training command) with a tiny Llama checkpoint."""
+    import subprocess
+
+    pairs = _write_jsonl(tmp_path / "pairs.jsonl", _pair_rows(16))
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "spo_jax.train", f"--config={os.path.join(ROOT, 'experiments', 'default.py')}",
+            f"--config.run_dir={run_dir}", f"--config.model.path={checkpoints['llama']}",
+            f"--config.data.train_path={pairs}", "--config.train.num_steps=2", "--config.data.batch_size=8",
+            "--config.data.max_length=48", "--config.data.min_prompt_length=8", "--config.model.dtype=float32",
+            "--config.spo.enabled=True", "--config.spo.gamma=10", "--config.optim.warmup_steps=0",
+            "--config.metrics.progress_bar=False", "--config.checkpoint.async_save=False"]
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(run_dir / "metrics.jsonl") as f:
+        steps = [json.loads(line) for line in f if '"train"' in line]
+    assert [s["step"] for s in steps] == [1, 2]
+    # DPO at the reference: loss log 2; the SPO penalty is 0 there
+    assert abs(steps[0]["loss"] - math.log(2.0)) < 5e-3 and abs(steps[0]["spo/penalty"]) < 5e-3
+    assert os.path.isfile(run_dir / "hf_final" / "config.json")  # the exported policy
