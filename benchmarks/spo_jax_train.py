@@ -129,7 +129,7 @@ class Bench:
         from spo_jax import models
         from spo_jax import sharding as sharding_lib
         from spo_jax.data import BatchIterator
-        from spo_jax.train import (TrainState, make_optimizer, make_train_step, state_shardings,
+        from spo_jax.train import (TrainState, batch_devices_per_process, make_optimizer, make_train_step, state_shardings,
                                    _DTYPES)
         c = self.config = config
         self.mesh = sharding_lib.make_mesh((-1, 1, 1))
@@ -151,7 +151,8 @@ class Bench:
                      num_epochs=1 if num_batches is None else None, pad_id=PAD_ID,
                      length_bucket=int(c.data.length_bucket) or "pow2")
         if c.data.packing:
-            it_kw.update(pack_rows=int(c.data.pack_rows) or None, pack_length=int(c.data.pack_length) or None)
+            it_kw.update(pack_rows=int(c.data.pack_rows) or None, pack_length=int(c.data.pack_length) or None,
+                         pack_rows_multiple=batch_devices_per_process(c))
         it = BatchIterator(tokenized_dataset(rows), **it_kw)
         self.batches, self.tokens = [], []
         for local in it:

@@ -412,10 +412,18 @@ def make_iterator(config, dataset, *, batch_size: int, shuffle: bool, num_epochs
               length_bucket=int(d.length_bucket) if d.length_bucket else "pow2", shuffle=shuffle, seed=seed,
               num_epochs=num_epochs, pad_id=pad_id)
     if d.packing:
-        kw.update(pack_rows=int(d.pack_rows) or None, pack_length=int(d.pack_length) or None)
+        kw.update(pack_rows=int(d.pack_rows) or None, pack_length=int(d.pack_length) or None,
+                  pack_rows_multiple=batch_devices_per_process(config))
     else:
         kw.update(drop_remainder=drop_remainder)
     return BatchIterator(dataset, **kw)
+
+
+def batch_devices_per_process(config) -> int:
+    """Devices of this process that the batch's row axis is split over (data x fsdp)."""
+    data, fsdp, _ = sharding_lib.resolve_axes((config.mesh.data, config.mesh.fsdp, config.mesh.tensor),
+                                              jax.device_count())
+    return max(1, data * fsdp // jax.process_count())
 
 
 def dataset_identity(dataset) -> str:

@@ -32,3 +32,20 @@ def shared_data_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared data folder not found at {path}: set SPO_JAX_DATA to it")
     return path
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_memory_after_module():
+    """Free each test module's device buffers and compiled programs when it ends.
+
+    The suite runs in one process; without this, compiled executables and the arrays
+    that cached functions keep alive accumulate across modules (the real-model tests
+    load a 135M-parameter model several times) until the 24 GiB CI machine runs out."""
+    yield
+    import gc
+
+    import jax
+
+    gc.collect()
+    jax.clear_caches()
+    gc.collect()

@@ -13,6 +13,9 @@ tokenizer's own decode, and DPO's value log(2) at the start (policy = reference)
 import gzip
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -20,6 +23,8 @@ import pytest
 from spo_jax import models
 from spo_jax.data import loading, prepare_dataset
 from spo_jax.data.gsm8k import extract_answer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -72,46 +77,43 @@ def test_hh_rlhf_loads_in_implicit_prompt_format(shared_data_dir, tokenizer):
     assert max(lengths) <= 256
 
 
+def one_device_env():
+    """The environment for a real-model subprocess: one CPU device. CI simulates 8 devices
+    (XLA_FLAGS); an FSDP-sharded 135M model on 8 simulated devices of one host gathers a
+    full copy per device and needs ~24 GiB, so the real-model runs use one device."""
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
 def test_dpo_steps_on_32_real_hh_rlhf_pairs_with_smollm2(shared_data_dir, smollm2_gguf, tmp_path):
-    import datasets
-
-    from spo_jax import train
-    from spo_jax.config import get_default_config
-
     raw = _raw_jsonl(shared_data_dir / "hh-rlhf" / "harmless-base-test.jsonl.gz")
     # 32 short pairs (whole dialogues under 400 characters), in file order
     rows = [r for r in raw if len(r["chosen"]) < 400 and len(r["rejected"]) < 400][:32]
     assert len(rows) == 32
-    pairs = datasets.Dataset.from_list(rows)
+    pairs = tmp_path / "hh32.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    c = get_default_config()
-    c.stage = "preference"
-    c.run_dir = str(tmp_path / "run")
-    c.model.path = smollm2_gguf
-    c.model.dtype = "float32"
-    c.reference.mode = "cached"
-    c.loss.name = "dpo"
-    c.loss.hparams.beta = 0.1
-    c.data.max_length = 48  # truncated dialogues keep the test to a few forward passes
-    c.data.min_prompt_length = 16
-    c.data.length_bucket = 16
-    c.data.batch_size = 16
-    c.data.eval_batch_size = 16
-    c.data.shuffle = False
-    c.optim.learning_rate = 2e-5
-    c.optim.schedule = "constant"
-    c.train.num_steps = 2  # one pass over the 32 pairs
-    c.mesh.data = 1
-    c.mesh.fsdp = -1
-    c.checkpoint.every = 0
-    c.checkpoint.async_save = False
-    c.checkpoint.export_hf = False
-    c.metrics.progress_bar = False
-    c.metrics.tensorboard = False
-    c.eval.every = 0
-    result = train.train(c, train_data=pairs, eval_data=pairs)
-
-    steps = [h for h in result.history if h["split"] == "train"]
+    run_dir = tmp_path / "run"
+    overrides = {
+        "run_dir": run_dir, "model.path": smollm2_gguf, "model.dtype": "float32", "reference.mode": "cached",
+        "loss.name": "dpo", "loss.hparams.beta": 0.1, "data.train_path": pairs, "data.eval_path": pairs,
+        "data.format": "implicit_preference",
+        # truncated dialogues keep the test to a few forward passes
+        "data.max_length": 48, "data.min_prompt_length": 16, "data.length_bucket": 16,
+        "data.batch_size": 16, "data.eval_batch_size": 16, "data.shuffle": False,
+        "optim.learning_rate": 2e-5, "optim.schedule": "constant", "optim.warmup_steps": 0,
+        "train.num_steps": 2,  # one pass over the 32 pairs
+        "checkpoint.every": 0, "checkpoint.async_save": False, "checkpoint.export_hf": False,
+        "metrics.progress_bar": False, "metrics.tensorboard": False, "eval.every": 0,
+    }
+    args = [sys.executable, "-m", "spo_jax.train", f"--config={os.path.join(REPO, 'experiments', 'default.py')}"]
+    args += [f"--config.{k}={v}" for k, v in overrides.items()]
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=REPO, env=one_device_env(), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(run_dir / "metrics.jsonl") as f:
+        history = [json.loads(line) for line in f]
+    steps = [h for h in history if h["split"] == "train"]
     assert [h["step"] for h in steps] == [1, 2]
     for h in steps:
         for k, v in h.items():
@@ -119,8 +121,7 @@ def test_dpo_steps_on_32_real_hh_rlhf_pairs_with_smollm2(shared_data_dir, smollm
                 assert math.isfinite(v), (k, v)
     # the first step starts at the reference: DPO loss log 2, zero margin
     np.testing.assert_allclose(steps[0]["loss"], math.log(2), atol=1e-4)
-    # after one pass the held-out evaluation on the same 32 pairs has a lower loss and a
-    # positive reward margin
-    ev = result.final_eval
+    # after one pass the evaluation on the same 32 pairs has a lower loss and a positive reward margin
+    ev = [h for h in history if h["split"] == "eval"][-1]
     assert ev["loss"] < math.log(2) - 0.01, ev
     assert ev["rewards/margins"] > 0, ev

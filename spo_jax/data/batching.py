@@ -163,6 +163,8 @@ class BatchIterator:
         default ``pack_length``. Sequences longer than this raise ``ValueError``.
       packing: padded (False) or packed (True) batches.
       length_bucket: padded ``T`` rounding: an int multiple, ``"pow2"`` or None.
+      pack_rows_multiple: the automatic ``pack_rows`` is rounded up to a multiple of this (the
+        number of this process's devices the batch is split over).
       pack_rows, pack_length: packed ``[R, T]`` per process; ``pack_rows`` defaults
         to ``ceil(1.1 * S * mean_seq_len / T)`` (at least ``K``).
       shuffle, seed: per-epoch permutation ``default_rng([seed, epoch])``.
@@ -174,7 +176,7 @@ class BatchIterator:
     """
 
     def __init__(self, dataset, *, batch_size: int, max_length: int, packing: bool = False,
-                 length_bucket: int | str | None = 64, pack_rows: int | None = None,
+                 length_bucket: int | str | None = 64, pack_rows: int | None = None, pack_rows_multiple: int = 1,
                  pack_length: int | None = None, shuffle: bool = True, seed: int = 0,
                  num_epochs: int | None = None, drop_remainder: bool = False,
                  process_index: int | None = None, process_count: int | None = None, pad_id: int = 0):
@@ -216,6 +218,8 @@ class BatchIterator:
             if pack_rows is None:
                 mean = float(self.data.seq_lengths.mean())
                 pack_rows = max(self.K, math.ceil(1.1 * self.num_seqs * mean / self.pack_length))
+                # rows split over the batch-sharded devices: round up to a multiple of them
+                pack_rows = -(-pack_rows // pack_rows_multiple) * pack_rows_multiple
             self.pack_rows = int(pack_rows)
             if self.pack_rows < 1:
                 raise ValueError(f"pack_rows={pack_rows} must be >= 1.")
