@@ -702,44 +702,23 @@ class _Loop:
 
     def _generation_accuracy(self, params) -> dict:
         """GSM8K-style accuracy of sampled / greedy answers on the first ``eval.num_prompts``
-        held-out prompts: ``models.generate`` (left-padded prompts), the new tokens decoded
-        up to EOS, ``spo_jax.data.gsm8k.accuracy`` against the reference response
-        (chosen response or SFT completion, which ends in ``#### N``)."""
-        from spo_jax import models
+        held-out prompts (``spo_jax.sampling.generate_texts``: left-padded fixed-shape batches,
+        stopping on the tokenizer's and the model config's EOS ids), scored with
+        ``spo_jax.data.gsm8k.accuracy`` against the reference response (chosen response or SFT
+        completion, which ends in ``#### N``)."""
+        from spo_jax import sampling
         from spo_jax.data import gsm8k
         c = self.config
-        ds = self.eval_ds
-        n = min(int(c.eval.num_prompts), len(ds))
-        rows = ds.select(range(n))
+        n = min(int(c.eval.num_prompts), len(self.eval_ds))
+        rows = self.eval_ds.select(range(n))
         ref_col = "chosen_ids" if "chosen_ids" in rows.column_names else "completion_ids"
-        prompts = [np.asarray(p, np.int32) for p in rows["prompt_ids"]]
         refs = [self.tokenizer.decode(r, skip_special_tokens=True) for r in rows[ref_col]]
-        model = nnx.merge(self.graphdef, params)
-        # stop on the tokenizer's EOS and on every EOS id of the model config (Llama 3.x has several)
-        eos_ids = {int(e) for e in (model.config.eos_token_ids or ())}
-        if getattr(self.tokenizer, "eos_token_id", None) is not None:
-            eos_ids.add(int(self.tokenizer.eos_token_id))
-        texts = []
-        bs = int(c.data.eval_batch_size)
-        key = jax.random.fold_in(jax.random.PRNGKey(int(c.seed)), 7)
-        for start in range(0, n, bs):
-            chunk = prompts[start:start + bs]
-            width = max(len(p) for p in chunk)
-            width = -(-width // 8) * 8  # a few fixed widths bound the compiles
-            ids = np.full((len(chunk), width), self.pad_id, np.int32)
-            mask = np.zeros((len(chunk), width), np.int32)
-            for i, p in enumerate(chunk):
-                ids[i, width - len(p):] = p
-                mask[i, width - len(p):] = 1
-            key, sub = jax.random.split(key)
-            toks, valid = models.generate(model, jnp.asarray(ids), jnp.asarray(mask),
-                                          max_new_tokens=int(c.eval.max_new_tokens), key=sub,
-                                          temperature=float(c.eval.temperature), eos_id=tuple(sorted(eos_ids)),
-                                          pad_id=self.pad_id)
-            toks, valid = np.asarray(jax.device_get(toks)), np.asarray(jax.device_get(valid)) > 0
-            for row, ok in zip(toks, valid):
-                row = [int(t) for t in row[ok] if int(t) not in eos_ids]  # the answer, without EOS
-                texts.append(self.tokenizer.decode(row, skip_special_tokens=True))
+        samples = sampling.generate_texts(
+            (self.graphdef, params), self.tokenizer, [list(p) for p in rows["prompt_ids"]],
+            max_new_tokens=int(c.eval.max_new_tokens), key=jax.random.fold_in(jax.random.PRNGKey(int(c.seed)), 7),
+            temperature=float(c.eval.temperature), batch_size=min(int(c.data.eval_batch_size), n),
+            pad_id=self.pad_id)
+        texts = [s[0] for s in samples]
         self.last_generations = list(zip(refs, texts))
         return {"gen/accuracy": gsm8k.accuracy(texts, refs), "gen/num_prompts": float(n)}
 
