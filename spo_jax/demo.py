@@ -265,6 +265,9 @@ def run_demo(out_dir: str, settings: DemoSettings | None = None, seeds=(0,), *, 
     if not seeds:
         raise ValueError("seeds is empty; pass at least one seed (--seeds 0)")
     out_dir = os.path.abspath(out_dir)
+    if os.path.exists(os.path.join(out_dir, "sft")) or os.path.exists(os.path.join(out_dir, "runs")):
+        raise FileExistsError(f"{out_dir} already holds a demo run (sft/, runs/); pass a new --out directory "
+                              "(or delete that one) -- the demo does not overwrite earlier results")
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}

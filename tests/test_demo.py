@@ -47,3 +47,13 @@ def test_quick_demo_end_to_end(tmp_path):
     for p in pairs[:20]:
         row = {"answer": f"#### {p['reference_answer']}"}
         assert synthetic.score(row, p["chosen"])["correct"] and not synthetic.score(row, p["rejected"])["correct"]
+
+
+def test_demo_refuses_to_overwrite_an_earlier_run(tmp_path):
+    import pytest
+
+    from spo_jax import demo
+
+    (tmp_path / "sft").mkdir()
+    with pytest.raises(FileExistsError, match="--out"):
+        demo.run_demo(str(tmp_path), demo.DemoSettings.quick())
