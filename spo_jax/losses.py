@@ -258,7 +258,7 @@ def rdpo(stats: PairStats, *, beta: float = 0.1, alpha: float = 0.01):
     ``L = −log σ(βΔ + α (n_w − n_l))``. The reward is regularised by −α|y|, so the
     Bradley–Terry margin of the true reward gains +α(|y_w| − |y_l|): a pair whose
     chosen response is longer gets a smaller gradient, which stops DPO from buying
-    margin with length. (docs/METHOD.md's table writes the opposite sign.)
+    margin with length (the sign docs/METHOD.md writes too).
     """
     _check_stats(stats, True, "rdpo")
     per = _nls(beta * _delta(stats) + alpha * (_f32(stats.chosen_len) - _f32(stats.rejected_len)))

@@ -174,6 +174,34 @@ def test_list_prints_the_grid(capsys):
     assert len(lines) == 24 and all(x.startswith("llama-3-8b,") and x.endswith(",preference,tpu") for x in lines)
 
 
+def test_paper_table2_is_whole_and_matches_the_readme():
+    """PAPER_TABLE2 holds all 13 methods x 3 models x (WR, LC, GSM8K) of the paper's Table 2, and the
+    README's copy of the table (parsed from its markdown) agrees cell by cell."""
+    methods = {"sft"} | {loss + s for loss in paper.LOSSES for s in ("", "+spo")}
+    assert set(paper.PAPER_TABLE2) == {(m, x) for m in paper.MODELS for x in methods}
+    for cells in paper.PAPER_TABLE2.values():
+        assert set(cells) == set(paper.PAPER_TABLE2_METRICS) and all(0 <= v <= 100 for v in cells.values())
+    # spot checks written out from the paper (not from the dict)
+    assert paper.PAPER_TABLE2[("qwen2.5-0.5b", "dpo")] == {"alpacaeval2_wr": 4.2, "alpacaeval2_lc": 4.6, "gsm8k": 35.2}
+    assert paper.PAPER_TABLE2[("llama-3-8b", "alphadpo+spo")]["alpacaeval2_lc"] == 26.6
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    head = "| Method | Qwen-2.5-0.5B | LLaMA-3.2-1B | LLaMA-3-8B |"
+    assert head in readme and "AlpacaEval 2" in readme and "length-controlled" in readme
+    rows = readme[readme.index(head):].split("\n")[2:]
+    rows = rows[:next(i for i, r in enumerate(rows) if not r.startswith("|"))]
+    spelled = {"rdpo": "RDPO", "simpo": "SimPO", "alphadpo": "AlphaDPO"}
+    name = {m: "+".join(spelled.get(p, p.upper()) for p in m.replace("+spo", "+SPO").split("+")) for m in methods}
+    parsed = {}
+    for r in rows:
+        label, *cols = [c.strip() for c in r.strip("|").split("|")]
+        for model, col in zip(paper.MODELS, cols):
+            parsed[(label, model)] = tuple(float(v) for v in col.split("/"))
+    assert len(parsed) == len(paper.PAPER_TABLE2)
+    for (model, method), cells in paper.PAPER_TABLE2.items():
+        assert parsed[(name[method], model)] == tuple(cells[k] for k in paper.PAPER_TABLE2_METRICS), (model, method)
+
+
 # --------------------------------------------------------------------------- #
 # Validation of every entry
 # --------------------------------------------------------------------------- #
