@@ -44,7 +44,8 @@ LossFn = Callable[["PairStats"], tuple[Array, dict]]
 __all__ = [
     "PairStats", "stats_from_sequences", "weighted_mean", "LOSSES", "REFERENCE_FREE", "get_loss",
     "uses_reference", "combine", "reference_gap", "spo_penalty",
-    "dpo", "cdpo", "robust", "ipo", "hinge", "dpop", "rdpo", "cpo", "simpo", "alphadpo", "orpo", "sft",
+    "dpo", "cdpo", "robust", "ipo", "hinge", "dpop", "rpo", "rdpo", "cpo", "simpo", "alphadpo", "orpo",
+    "sft",
 ]
 
 
@@ -251,6 +252,22 @@ def dpop(stats: PairStats, *, beta: float = 0.1, lam: float = 50.0):
     return _reference_loss(_nls(beta * (_delta(stats) - lam * pen)), stats, beta)
 
 
+def rpo(stats: PairStats, *, beta: float = 0.1, lam: float = 1.0):
+    """RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization", eq. 1; TRL's
+    ``rpo_alpha``): DPO plus a weighted NLL of the chosen response.
+
+    ``L = −log σ(β Δ) + λ · NLL(y_w)``, NLL(y_w) = −ā_w the token-mean negative
+    log-likelihood of the chosen response (the paper normalises by the response
+    length). The simplest fix for a falling chosen log-prob, and the baseline SPO
+    must beat. Rewards: β(s − r) as DPO. Extra metric ``nll_loss``.
+    """
+    _check_stats(stats, True, "rpo")
+    aw, _ = _token_means(stats)
+    loss, m = _reference_loss(_nls(beta * _delta(stats)) - lam * aw, stats, beta)
+    m["nll_loss"] = _mean(-aw, stats.weight)
+    return loss, m
+
+
 def rdpo(stats: PairStats, *, beta: float = 0.1, alpha: float = 0.01):
     """R-DPO (Park et al. 2024, "Disentangling Length from Quality in Direct Preference
     Optimization", length-regularised DPO; the form SimPO's Table 3 lists).
@@ -366,7 +383,7 @@ def sft(stats: PairStats):
 # ----------------------------------------------------------------------------- registry
 
 LOSSES: dict[str, Callable] = {
-    "dpo": dpo, "cdpo": cdpo, "robust": robust, "ipo": ipo, "hinge": hinge, "dpop": dpop,
+    "dpo": dpo, "cdpo": cdpo, "robust": robust, "ipo": ipo, "hinge": hinge, "dpop": dpop, "rpo": rpo,
     "rdpo": rdpo, "cpo": cpo, "simpo": simpo, "alphadpo": alphadpo, "orpo": orpo, "sft": sft,
 }
 REFERENCE_FREE = frozenset({"cpo", "simpo", "orpo", "sft"})

@@ -50,6 +50,8 @@ def np_loss(name, sw, sl, nw, nl, rw, rl, w=None, m_fixed=None, **hp):
     elif name == "dpop":  # Pal et al. 2024, eq. 3
         b, lam = hp["beta"], hp["lam"]
         per = -log_sigmoid(b * (sw - rw) - b * lam * np.maximum(0.0, rw - sw) - b * (sl - rl))
+    elif name == "rpo":  # Pang et al. 2024: DPO + lam * token-mean NLL(y_w)
+        per = -log_sigmoid(hp["beta"] * delta) + hp["lam"] * (-sw / nw)
     elif name == "rdpo":  # Park et al. 2024
         per = -log_sigmoid(hp["beta"] * delta + hp["alpha"] * nw - hp["alpha"] * nl)
     elif name == "cpo":  # Xu et al. 2024: preference term + lam * NLL(y_w)
@@ -81,7 +83,7 @@ def alpha_margin(sw, sl, nw, nl, rw, rl, w, normalize):
 HPARAMS = {
     "dpo": dict(beta=0.3), "cdpo": dict(beta=0.3, label_smoothing=0.2),
     "robust": dict(beta=0.3, label_smoothing=0.2), "ipo": dict(beta=0.3), "hinge": dict(beta=0.3),
-    "dpop": dict(beta=0.3, lam=5.0), "rdpo": dict(beta=0.3, alpha=0.05), "cpo": dict(beta=0.3, lam=0.7),
+    "dpop": dict(beta=0.3, lam=5.0), "rpo": dict(beta=0.3, lam=2.5), "rdpo": dict(beta=0.3, alpha=0.05), "cpo": dict(beta=0.3, lam=0.7),
     "simpo": dict(beta=2.0, gamma=0.8), "alphadpo": dict(beta=2.0, gamma=0.8, alpha=0.3, normalize=True),
     "orpo": dict(lam=0.4), "sft": {},
 }
@@ -267,8 +269,8 @@ def test_trl_metrics_for_reference_and_reference_free_losses():
 
 
 def test_registry_has_every_method_loss():
-    assert set(losses.LOSSES) == {"dpo", "cdpo", "robust", "ipo", "hinge", "dpop", "rdpo", "cpo", "simpo",
-                                  "alphadpo", "orpo", "sft"}
+    assert set(losses.LOSSES) == {"dpo", "cdpo", "robust", "ipo", "hinge", "dpop", "rpo", "rdpo", "cpo",
+                                  "simpo", "alphadpo", "orpo", "sft"}
     for name, fn in losses.LOSSES.items():
         # the published formula and its citation (author, year) are in the docstring
         assert "L = " in fn.__doc__ and (re.search(r"\w+ (et al\. )?20\d\d", fn.__doc__) or name == "sft"), name
@@ -367,6 +369,21 @@ def test_combine_is_a_weighted_sum_with_merged_metrics():
     assert "loss/dpo+sft" in m2 and "loss/dpo" in m2
     twice = losses.combine([(1.0, dpo_fn), (1.0, dpo_fn)])
     assert {"loss/dpo", "loss/dpo_1"} <= set(twice(to_stats(d))[1])
+
+
+def test_rpo_is_dpo_plus_lambda_sft_and_its_gradient_on_s_w():
+    """The named rpo loss equals combine([(1, dpo), (lam, sft)]) (= loss.sft_weight on dpo), and its
+    gradient w.r.t. s_w is DPO's closed form minus lam / (n_w P)."""
+    d = random_stats(21, weight=False)
+    stats = to_stats(d, jnp.float64) if jax.config.jax_enable_x64 else to_stats(d)
+    v, m = losses.get_loss("rpo", beta=0.3, lam=2.0)(stats)
+    c, _ = losses.combine([(1.0, losses.get_loss("dpo", beta=0.3)), (2.0, losses.get_loss("sft"))])(stats)
+    np.testing.assert_allclose(float(v), float(c), rtol=1e-6)
+    np.testing.assert_allclose(float(m["nll_loss"]), np.mean(-d["sw"] / d["nw"]), rtol=1e-5)
+    g = jax.grad(lambda sw: losses.rpo(stats._replace(chosen_logps=sw), beta=0.3, lam=2.0)[0])(stats.chosen_logps)
+    delta = (d["sw"] - d["rw"]) - (d["sl"] - d["rl"])
+    want = (-0.3 / (1 + np.exp(0.3 * delta)) - 2.0 / d["nw"]) / P
+    np.testing.assert_allclose(np.asarray(g), want, rtol=1e-4)
 
 
 def test_combine_rejects_bad_terms():
