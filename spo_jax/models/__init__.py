@@ -1,18 +1,18 @@
-"""Flax NNX decoders that load and save Hugging Face checkpoints (docs/DESIGN.md, Contract 2)."""
+"""Flax NNX decoders that load and save Hugging Face checkpoints (docs/DESIGN.md, Contract 2).
 
+``config`` (ModelConfig, HF config mapping) <- ``decoder`` (layers, Decoder, apply / unembedding)
+<- ``generation`` (KV-cache generation) and ``hf_io`` (HF name maps, safetensors / GGUF import, export,
+tokenizer); ``gguf`` reads llama.cpp files into HF names.
+"""
+
+from spo_jax.models.config import ACTIVATIONS, SUPPORTED_MODEL_TYPES, ModelConfig
+from spo_jax.models.decoder import Decoder, apply, create_model, set_remat, unembedding
+from spo_jax.models.generation import generate
 from spo_jax.models.gguf import SUPPORTED_GGUF_ARCHITECTURES, load_gguf, unpermute_rope_rows
-from spo_jax.models.llama import (
-    ACTIVATIONS,
-    SUPPORTED_MODEL_TYPES,
-    Decoder,
-    ModelConfig,
-    apply,
-    create_model,
-    from_pretrained,
-    generate,
-    load_tokenizer,
-    params_from_hf_state,
-    save_pretrained,
-    set_remat,
-    unembedding,
-)
+from spo_jax.models.hf_io import from_pretrained, load_tokenizer, params_from_hf_state, save_pretrained
+
+__all__ = [
+    "ACTIVATIONS", "SUPPORTED_MODEL_TYPES", "ModelConfig", "Decoder", "apply", "create_model", "set_remat",
+    "unembedding", "generate", "SUPPORTED_GGUF_ARCHITECTURES", "load_gguf", "unpermute_rope_rows",
+    "from_pretrained", "load_tokenizer", "params_from_hf_state", "save_pretrained",
+]

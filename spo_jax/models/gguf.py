@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from gguf import GGUFReader
+from gguf.quants import dequantize
 
 SUPPORTED_GGUF_ARCHITECTURES = ("llama",)
 
@@ -44,9 +46,6 @@ def _field(reader, key, default=None):
 def load_gguf(path: str) -> tuple[dict, dict[str, np.ndarray]]:
     """``(hf_config_dict, tensors)`` of a llama-architecture GGUF file; tensors are float32 NumPy arrays
     under HF LlamaForCausalLM names (Q/K un-permuted; no ``lm_head.weight`` when the output is tied)."""
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
-
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such GGUF file")
     reader = GGUFReader(path)
@@ -120,6 +119,6 @@ def load_gguf(path: str) -> tuple[dict, dict[str, np.ndarray]]:
 
 def load_tokenizer(path: str):
     """transformers' tokenizer rebuilt from the GGUF's vocabulary, merges and special tokens."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy (seconds to import); only the tokenizer needs it
     return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
                                          gguf_file=os.path.basename(path))

@@ -1,0 +1,170 @@
+"""Architecture hyperparameters of the supported families and their mapping from / to an HF ``config.json``.
+
+Llama 2/3/3.1/3.2 (llama3 RoPE scaling), Mistral, Qwen2/2.5, Qwen3 and GPT-2 are one ``ModelConfig``: GPT-2
+differs from Llama only in fields (LayerNorm with bias, learned absolute positions instead of RoPE, a
+non-gated MLP with a GELU, biases everywhere).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
+
+# HF activation names -> functions. The "gelu_new" family is GELU's tanh approximation.
+ACTIVATIONS = {
+    "silu": jax.nn.silu, "swish": jax.nn.silu, "relu": jax.nn.relu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_fast": functools.partial(jax.nn.gelu, approximate=True),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture hyperparameters; ``from_hf`` / ``to_hf`` convert from / to an HF ``config.json`` dict.
+
+    ``rms_norm_eps`` is the epsilon of every norm (GPT-2's ``layer_norm_epsilon`` too).
+    ``eos_token_id`` is an int, a tuple of ints (Llama 3.x lists several) or None.
+    """
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: tuple | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    qk_norm: bool = False
+    max_position_embeddings: int = 2048
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+    sliding_window: int | None = None
+    norm_type: str = "rms"  # "rms" (RMSNorm, scale only) or "layer" (LayerNorm with bias)
+    position_embedding: str = "rope"  # "rope" or "learned" (absolute, indexed by ``positions``)
+    hidden_act: str = "silu"  # a key of ACTIVATIONS
+    gated_mlp: bool = True  # down(act(gate(x)) * up(x)); False: down(act(up(x)))
+    mlp_bias: bool = False
+    attention_out_bias: bool = False  # o_proj bias (attention_bias covers q/k/v)
+
+    @property
+    def eos_token_ids(self) -> tuple:
+        """All EOS ids as a tuple (empty when there is none)."""
+        e = self.eos_token_id
+        return () if e is None else tuple(e) if isinstance(e, (tuple, list)) else (int(e),)
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "ModelConfig":
+        d = dict(d)
+        mt = d.get("model_type", "llama")
+        if mt not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"unsupported model_type {mt!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        if mt == "gpt2":
+            return cls._from_gpt2(d)
+        for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            if k not in d:
+                raise ValueError(f"model config is missing {k!r}")
+        heads = int(d["num_attention_heads"])
+        rope = d.get("rope_scaling") or d.get("rope_parameters")
+        theta = d.get("rope_theta") or (rope or {}).get("rope_theta", 10000.0)
+        if rope and rope.get("rope_type", rope.get("type", "default")) == "default":
+            rope = None
+        attention_bias = bool(d.get("attention_bias", mt == "qwen2"))
+        return cls(
+            model_type=mt, vocab_size=int(d["vocab_size"]), hidden_size=int(d["hidden_size"]),
+            intermediate_size=int(d["intermediate_size"]), num_hidden_layers=int(d["num_hidden_layers"]),
+            num_attention_heads=heads, num_key_value_heads=int(d.get("num_key_value_heads") or heads),
+            head_dim=int(d.get("head_dim") or int(d["hidden_size"]) // heads),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
+            rope_scaling=tuple(sorted(rope.items())) if rope else None,
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            attention_bias=attention_bias, qk_norm=mt == "qwen3",
+            max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+            bos_token_id=d.get("bos_token_id"), eos_token_id=_eos(d.get("eos_token_id")),
+            pad_token_id=d.get("pad_token_id"),
+            sliding_window=_sliding_window(mt, d),
+            hidden_act=_act(d.get("hidden_act", "silu"), "hidden_act"),
+            mlp_bias=bool(d.get("mlp_bias", False)),
+            attention_out_bias=attention_bias and mt != "qwen2")  # Qwen2: q/k/v biases only
+
+    @classmethod
+    def _from_gpt2(cls, d: dict) -> "ModelConfig":
+        """GPT-2 names (n_embd, n_layer, n_head, n_positions, n_inner, ...) -> ModelConfig."""
+        for k in ("vocab_size", "n_embd", "n_layer", "n_head"):
+            if k not in d:
+                raise ValueError(f"gpt2 config is missing {k!r}")
+        if d.get("scale_attn_by_inverse_layer_idx", False):
+            raise ValueError("gpt2 config: scale_attn_by_inverse_layer_idx=True is not supported "
+                             "(set it to false or use another implementation)")
+        if not d.get("scale_attn_weights", True):
+            raise ValueError("gpt2 config: scale_attn_weights=False is not supported (only 1/sqrt(head_dim))")
+        if d.get("add_cross_attention", False):
+            raise ValueError("gpt2 config: add_cross_attention=True (encoder-decoder) is not supported")
+        # reorder_and_upcast_attn only changes the order/precision of the same product: accepted.
+        D, H = int(d["n_embd"]), int(d["n_head"])
+        if D % H:
+            raise ValueError(f"gpt2 config: n_embd={D} is not divisible by n_head={H}")
+        return cls(
+            model_type="gpt2", vocab_size=int(d["vocab_size"]), hidden_size=D,
+            intermediate_size=int(d.get("n_inner") or 4 * D), num_hidden_layers=int(d["n_layer"]),
+            num_attention_heads=H, num_key_value_heads=H, head_dim=D // H,
+            rms_norm_eps=float(d.get("layer_norm_epsilon", 1e-5)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
+            attention_bias=True, attention_out_bias=True, mlp_bias=True,
+            max_position_embeddings=int(d.get("n_positions", 1024)),
+            bos_token_id=d.get("bos_token_id"), eos_token_id=_eos(d.get("eos_token_id")),
+            pad_token_id=d.get("pad_token_id"),
+            norm_type="layer", position_embedding="learned", gated_mlp=False,
+            hidden_act=_act(d.get("activation_function", "gelu_new"), "activation_function"))
+
+    def to_hf(self) -> dict:
+        """An HF config.json dict (without ``architectures``) that the family's config class loads."""
+        eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
+        if self.model_type == "gpt2":
+            return dict(model_type="gpt2", vocab_size=self.vocab_size, n_embd=self.hidden_size,
+                        n_layer=self.num_hidden_layers, n_head=self.num_attention_heads,
+                        n_positions=self.max_position_embeddings, n_inner=self.intermediate_size,
+                        layer_norm_epsilon=self.rms_norm_eps, activation_function=self.hidden_act,
+                        tie_word_embeddings=self.tie_word_embeddings, scale_attn_weights=True,
+                        bos_token_id=self.bos_token_id, eos_token_id=eos, pad_token_id=self.pad_token_id)
+        d = dataclasses.asdict(self)
+        for k in ("qk_norm", "norm_type", "position_embedding", "gated_mlp", "attention_out_bias"):
+            d.pop(k)
+        if self.model_type != "llama" and not self.mlp_bias:
+            d.pop("mlp_bias")  # a LlamaConfig field only
+        if d["sliding_window"] is None:
+            d.pop("sliding_window")
+        d["rope_scaling"] = dict(self.rope_scaling) if self.rope_scaling else None
+        d["eos_token_id"] = eos
+        return d
+
+
+def _eos(e):
+    """HF eos_token_id (int, list or None) -> int, tuple or None (hashable)."""
+    if isinstance(e, (list, tuple)):
+        return tuple(int(x) for x in e) if len(e) != 1 else int(e[0])
+    return None if e is None else int(e)
+
+
+def _act(name: str, field: str) -> str:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported {field} {name!r}; supported: {', '.join(ACTIVATIONS)}")
+    return name
+
+
+def _sliding_window(model_type: str, d: dict) -> int | None:
+    """Mistral's window, or Qwen2's when ``use_sliding_window`` is on; None = full attention."""
+    w = d.get("sliding_window")
+    if not w or (model_type in ("qwen2", "qwen3") and not d.get("use_sliding_window", False)):
+        return None
+    return int(w)

@@ -1,0 +1,232 @@
+"""The config-driven Flax NNX decoder (``Decoder``) and its layers, and the pure ``apply`` / ``unembedding``
+functions the trainer uses (docs/DESIGN.md, Contract 2).
+
+Parameter paths (for sharding rules): ``embed/embedding [V, D]``, ``pos_embed/embedding [P, D]``
+(GPT-2 only), ``layers/<i>/attn/{q,k,v,o}_proj/{kernel,bias}``, ``layers/<i>/mlp/{gate,up,down}_proj/
+{kernel,bias}`` (no ``gate_proj`` in GPT-2), ``layers/<i>/{input,post_attention}_norm/{scale,bias}``,
+``norm/{scale,bias}``, ``lm_head/kernel [D, V]`` (absent when tied). Biases exist only where the
+family has them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from spo_jax.models.config import ACTIVATIONS, ModelConfig
+
+
+def window_mask(cfg, q_pos, k_pos):
+    """True where a query may see a key under the sliding window (all True without one)."""
+    if cfg.sliding_window is None:
+        return True
+    return (q_pos[..., :, None] - k_pos[..., None, :]) < cfg.sliding_window
+
+
+def at_least_f32(dtype):
+    """fp32 for bf16/fp16/fp32 compute; fp64 kept under jax x64 (exact finite-difference tests)."""
+    return jnp.promote_types(dtype, jnp.float32) if jnp.issubdtype(dtype, jnp.floating) else jnp.float32
+
+
+def rope_inv_freq(cfg: ModelConfig):
+    hd = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+    rs = dict(cfg.rope_scaling or ())
+    if rs.get("rope_type", rs.get("type")) == "llama3":
+        factor, lo, hi = rs["factor"], rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
+        old = rs["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        smooth = (old / wavelen - lo) / (hi - lo)
+        scaled = jnp.where(wavelen > old / lo, inv / factor, inv)
+        mid = (1 - smooth) * inv / factor + smooth * inv
+        inv = jnp.where((wavelen <= old / lo) & (wavelen >= old / hi), mid, scaled)
+    elif rs:
+        raise ValueError(f"unsupported rope_scaling {rs}")
+    return inv
+
+
+def apply_rope(x_BTHK, positions_BT, inv_freq):
+    ang = positions_BT[..., None].astype(inv_freq.dtype) * inv_freq  # [B, T, K/2]
+    cos, sin = jnp.cos(ang)[:, :, None, :], jnp.sin(ang)[:, :, None, :]
+    x1, x2 = jnp.split(x_BTHK.astype(at_least_f32(x_BTHK.dtype)), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BTHK.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim, eps, param_dtype):
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.eps = eps
+
+    def __call__(self, x):
+        xf = x.astype(at_least_f32(x.dtype))
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(xf.dtype)).astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, dim, eps, param_dtype):
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype))
+        self.eps = eps
+
+    def __call__(self, x):
+        xf = x.astype(at_least_f32(x.dtype))
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...].astype(xf.dtype) + self.bias[...].astype(xf.dtype)).astype(x.dtype)
+
+
+def _norm(cfg: ModelConfig, param_dtype):
+    cls = {"rms": RMSNorm, "layer": LayerNorm}[cfg.norm_type]
+    return cls(cfg.hidden_size, cfg.rms_norm_eps, param_dtype)
+
+
+def _linear(i, o, bias, rngs, dtype, param_dtype):
+    return nnx.Linear(i, o, use_bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                      kernel_init=nnx.initializers.normal(0.02))
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs, dtype, param_dtype):
+        D, H, KV, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        b = cfg.attention_bias
+        self.q_proj = _linear(D, H * hd, b, rngs, dtype, param_dtype)
+        self.k_proj = _linear(D, KV * hd, b, rngs, dtype, param_dtype)
+        self.v_proj = _linear(D, KV * hd, b, rngs, dtype, param_dtype)
+        self.o_proj = _linear(H * hd, D, cfg.attention_out_bias, rngs, dtype, param_dtype)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, param_dtype)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, param_dtype)
+        self.cfg = cfg
+
+    def qkv(self, x, positions, inv_freq):
+        """Projected q, k, v [B, T, heads, hd]; RoPE applied when ``inv_freq`` is not None."""
+        cfg = self.cfg
+        B, T, _ = x.shape
+        q = self.q_proj(x).reshape(B, T, cfg.num_attention_heads, cfg.head_dim)
+        k = self.k_proj(x).reshape(B, T, cfg.num_key_value_heads, cfg.head_dim)
+        v = self.v_proj(x).reshape(B, T, cfg.num_key_value_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if inv_freq is None:
+            return q, k, v
+        return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+
+    def attend(self, q, k, v, mask_BTS):
+        cfg = self.cfg
+        B, T, H, hd = q.shape
+        G = H // cfg.num_key_value_heads
+        q = q.reshape(B, T, cfg.num_key_value_heads, G, hd)
+        s = jnp.einsum("btkgh,bskh->bkgts", q, k).astype(at_least_f32(q.dtype)) / math.sqrt(hd)
+        s = jnp.where(mask_BTS[:, None, None], s, -1e30)
+        p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+        o = jnp.einsum("bkgts,bskh->btkgh", p, v).reshape(B, T, H * hd)
+        return self.o_proj(o)
+
+    def __call__(self, x, positions, mask_BTS, inv_freq):
+        q, k, v = self.qkv(x, positions, inv_freq)
+        return self.attend(q, k, v, mask_BTS)
+
+
+class MLP(nnx.Module):
+    """Gated ``down(act(gate(x)) * up(x))`` (Llama) or plain ``down(act(up(x)))`` (GPT-2's c_fc/c_proj)."""
+
+    def __init__(self, cfg, rngs, dtype, param_dtype):
+        D, F, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        if cfg.gated_mlp:
+            self.gate_proj = _linear(D, F, b, rngs, dtype, param_dtype)
+        self.up_proj = _linear(D, F, b, rngs, dtype, param_dtype)
+        self.down_proj = _linear(F, D, b, rngs, dtype, param_dtype)
+        self.act = cfg.hidden_act
+        self.gated = cfg.gated_mlp
+
+    def __call__(self, x):
+        act = ACTIVATIONS[self.act]
+        h = act(self.gate_proj(x)) * self.up_proj(x) if self.gated else act(self.up_proj(x))
+        return self.down_proj(h)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg, rngs, dtype, param_dtype):
+        self.input_norm = _norm(cfg, param_dtype)
+        self.attn = Attention(cfg, rngs, dtype, param_dtype)
+        self.post_attention_norm = _norm(cfg, param_dtype)
+        self.mlp = MLP(cfg, rngs, dtype, param_dtype)
+
+    def __call__(self, x, positions, mask, inv_freq):
+        x = x + self.attn(self.input_norm(x), positions, mask, inv_freq)
+        return x + self.mlp(self.post_attention_norm(x))
+
+
+class Decoder(nnx.Module):
+    """Pre-norm decoder: ``model(input_ids, positions, segment_ids) -> hidden [B, T, D]``."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        self.config = cfg
+        self.dtype = dtype
+        self.embed = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                               embedding_init=nnx.initializers.normal(0.02))
+        if cfg.position_embedding == "learned":
+            self.pos_embed = nnx.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=dtype,
+                                       param_dtype=param_dtype, rngs=rngs,
+                                       embedding_init=nnx.initializers.normal(0.01))
+        self.layers = nnx.List([Block(cfg, rngs, dtype, param_dtype) for _ in range(cfg.num_hidden_layers)])
+        self.norm = _norm(cfg, param_dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, False, rngs, dtype, param_dtype)
+        self.remat = False
+
+    def embed_inputs(self, input_ids, positions):
+        """Token embeddings (+ learned position embeddings at ``positions``) and RoPE's inv_freq (or None)."""
+        x = self.embed(input_ids)
+        if self.config.position_embedding == "learned":
+            return x + self.pos_embed(positions), None
+        return x, rope_inv_freq(self.config)
+
+    def __call__(self, input_ids, positions=None, segment_ids=None):
+        B, T = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        if segment_ids is None:
+            segment_ids = jnp.ones((B, T), jnp.int32)
+        causal = jnp.tril(jnp.ones((T, T), bool))
+        mask = causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        mask = mask & window_mask(self.config, positions, positions)
+        x, inv_freq = self.embed_inputs(input_ids, positions)
+        for layer in self.layers:
+            if self.remat:
+                x = nnx.remat(lambda m, *a: m(*a))(layer, x, positions, mask, inv_freq)
+            else:
+                x = layer(x, positions, mask, inv_freq)
+        return self.norm(x)
+
+    def unembedding(self):
+        if self.config.tie_word_embeddings:
+            return self.embed.embedding[...].T, None
+        return self.lm_head.kernel[...], None
+
+    def logits(self, hidden):
+        w, _ = self.unembedding()
+        return jnp.einsum("btd,dv->btv", hidden, w.astype(hidden.dtype)).astype(at_least_f32(hidden.dtype))
+
+
+def create_model(config: ModelConfig, *, rngs: nnx.Rngs | None = None, dtype=jnp.float32,
+                 param_dtype=jnp.float32) -> Decoder:
+    return Decoder(config, rngs=rngs or nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
+
+
+def set_remat(model: Decoder, on: bool = True) -> None:
+    model.remat = bool(on)
+
+
+def apply(graphdef, params, input_ids, positions=None, segment_ids=None):
+    return nnx.merge(graphdef, params)(input_ids, positions, segment_ids)
+
+
+def unembedding(graphdef, params):
+    return nnx.merge(graphdef, params).unembedding()
