@@ -330,7 +330,12 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pairs", default=None, help="train on this pairs.jsonl (from an earlier run) instead of sampling")
     p.add_argument("--methods", default="", help="comma-separated subset of " + ",".join(m[0] for m in METHODS))
+    p.add_argument("--compile-cache", default=None,
+                   help="JAX compilation cache directory, or 'off' (default: $SPO_JAX_COMPILE_CACHE, else "
+                        "~/.cache/spo_jax/jax_cache; see spo_jax.compile_cache)")
     a = p.parse_args(argv)
+    from spo_jax.compile_cache import enable_compile_cache  # (spo_jax is importable once __main__ set sys.path)
+    enable_compile_cache(a.compile_cache)
     methods = tuple(m for m in a.methods.split(",") if m) or None
     run(a.size, a.out, model_path=a.model, data_dir=a.data, seed=a.seed, pairs_file=a.pairs, methods=methods)
 

@@ -3,6 +3,7 @@
 ::
 
     python -m spo_jax.demo [--quick] [--out DIR] [--seeds 0 1 ...] [--task-seed 0] [--methods DPO DPO+SPO ...]
+                           [--compile-cache DIR|off]
 
 On the synthetic multi-step arithmetic task (``spo_jax.data.synthetic``), on a CPU:
 
@@ -54,6 +55,8 @@ import time
 from typing import Any
 
 import numpy as np
+
+from spo_jax.compile_cache import CompileStats, enable_compile_cache
 
 logger = logging.getLogger("spo_jax.demo")
 
@@ -536,7 +539,11 @@ def main(argv=None) -> None:
     p.add_argument("--task-seed", type=int, default=0,
                    help="seed of the task splits, the SFT initialisation/data order and the pair sampling")
     p.add_argument("--methods", nargs="+", default=None, help=f"subset of {list(METHOD_SPECS)}")
+    p.add_argument("--compile-cache", default=None,
+                   help="JAX compilation cache directory, or 'off' (default: $SPO_JAX_COMPILE_CACHE, else "
+                        "~/.cache/spo_jax/jax_cache; see spo_jax.compile_cache)")
     args = p.parse_args(argv)
+    enable_compile_cache(args.compile_cache)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("absl", "orbax", "jax", "spo_jax.train", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -544,8 +551,10 @@ def main(argv=None) -> None:
     if args.methods:
         s.methods = tuple(args.methods)
     out = args.out or os.path.join("runs", "demo-" + time.strftime("%Y%m%d-%H%M%S"))  # runs/ is git-ignored
-    res = run_demo(out, s, seeds=tuple(args.seeds), task_seed=args.task_seed)
-    print(f"report: {os.path.join(os.path.abspath(out), 'report.md')}  (wall {res['timings_s']['total']:.0f} s)")
+    with CompileStats() as compiles:
+        res = run_demo(out, s, seeds=tuple(args.seeds), task_seed=args.task_seed)
+    print(f"report: {os.path.join(os.path.abspath(out), 'report.md')}  (wall {res['timings_s']['total']:.0f} s; "
+          f"{compiles.summary()})")
 
 
 if __name__ == "__main__":

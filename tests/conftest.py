@@ -7,6 +7,11 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# The entry points (CLI, demo, experiments) turn JAX's persistent compilation cache on by default, in the
+# user's cache directory; the tests (and the subprocesses they start, which inherit this) must neither
+# write there nor depend on what an earlier run left there. tests/test_compile_cache.py uses tmp dirs.
+os.environ["SPO_JAX_COMPILE_CACHE"] = "off"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

@@ -1,0 +1,82 @@
+"""spo_jax.compile_cache: where the cache goes, 'off', and a second identical process compiles nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from spo_jax import compile_cache
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_resolve_precedence(monkeypatch, tmp_path):
+    monkeypatch.delenv(compile_cache.ENV_VAR, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert compile_cache.resolve_cache_dir() == str(tmp_path / "xdg" / "spo_jax" / "jax_cache")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert compile_cache.resolve_cache_dir("") == str(tmp_path / "home" / ".cache" / "spo_jax" / "jax_cache")
+    monkeypatch.setenv(compile_cache.ENV_VAR, str(tmp_path / "env"))
+    assert compile_cache.resolve_cache_dir(None) == str(tmp_path / "env")
+    # an explicit setting wins over the environment; relative paths and ~ are resolved
+    assert compile_cache.resolve_cache_dir("~/cc") == str(tmp_path / "home" / "cc")
+    monkeypatch.chdir(tmp_path)
+    assert compile_cache.resolve_cache_dir("rel") == str(tmp_path / "rel")
+    for off in ("off", "OFF", "none", "false", "0"):
+        assert compile_cache.resolve_cache_dir(off) is None
+    monkeypatch.setenv(compile_cache.ENV_VAR, "off")
+    assert compile_cache.resolve_cache_dir() is None
+    assert compile_cache.resolve_cache_dir(str(tmp_path / "x")) == str(tmp_path / "x")
+
+
+def test_unwritable_dir_names_the_fix(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ValueError, match=r"cannot create the directory .*file/cache.*'off'"):
+        compile_cache.enable_compile_cache(str(blocker / "cache"))
+
+
+# A fresh process: the cache set up as the entry points do, then a small jitted train-like step
+# (forward, grad, update) on two shapes; prints its CompileStats as JSON.
+_CHILD = """
+import json, sys
+from spo_jax.compile_cache import CompileStats, enable_compile_cache
+import jax, jax.numpy as jnp
+enable_compile_cache(sys.argv[1])
+def loss(w, x):
+    return jnp.mean(jnp.tanh(x @ w) ** 2)
+step = jax.jit(lambda w, x: w - 0.1 * jax.grad(loss)(w, x))
+with CompileStats() as s:
+    w = jnp.ones((8, 8))
+    for n in (4, 6):
+        w = step(w, jnp.ones((n, 8)))
+    float(w.sum())
+print(json.dumps(dict(programs=s.programs, compiled=s.compiled, hits=s.cache_hits, writes=s.cache_writes)))
+"""
+
+
+def _child(setting: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop(compile_cache.ENV_VAR, None)
+    out = subprocess.run([sys.executable, "-c", _CHILD, setting], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_second_identical_process_compiles_nothing(tmp_path):
+    cache = str(tmp_path / "cache")
+    first = _child(cache)
+    assert first["programs"] >= 2 and first["compiled"] == first["programs"] and first["writes"] >= 2
+    assert len(os.listdir(cache)) == first["writes"]  # small programs are cached too (no thresholds)
+    second = _child(cache)
+    assert second["programs"] == first["programs"]
+    assert second["compiled"] == 0 and second["hits"] == second["programs"] and second["writes"] == 0
+    off = _child("off")
+    assert off["compiled"] == off["programs"] and off["hits"] == off["writes"] == 0
+    assert len(os.listdir(cache)) == first["writes"]
