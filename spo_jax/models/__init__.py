@@ -2,7 +2,8 @@
 
 ``config`` (ModelConfig, HF config mapping) <- ``decoder`` (layers, Decoder, apply / unembedding)
 <- ``generation`` (KV-cache generation) and ``hf_io`` (HF name maps, safetensors / GGUF import, export,
-tokenizer); ``gguf`` reads llama.cpp files into HF names.
+tokenizer); ``gguf`` reads llama.cpp files into HF names; ``lora`` (imported as
+``spo_jax.models.lora``) adds PEFT-compatible LoRA adapters.
 """
 
 from spo_jax.models.config import ACTIVATIONS, SUPPORTED_MODEL_TYPES, ModelConfig
