@@ -37,8 +37,13 @@ BATCH_AXES = ("data", "fsdp")
 # [D, F] kernels split D over fsdp and F over tensor; row-parallel (F -> D):
 # [F, D] split F over tensor and D over fsdp. Embeddings [V, D]: V over tensor,
 # D over fsdp; an untied output head [D, V]: D over fsdp, V over tensor.
-# Norm scales and biases are replicated (they are tiny).
+# Norm scales and biases are replicated (they are tiny). LoRA adapters (spo_jax.models.lora:
+# <proj>/lora/lora_a [in, r], lora_b [r, out]) follow their projection's tensor split and are
+# replicated over fsdp (a few MB: sharding them would only add gathers).
 LLAMA_RULES: tuple[tuple[str, P], ...] = (
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/lora/lora_b$", P(None, "tensor")),
+    (r"(o_proj|down_proj)/lora/lora_a$", P("tensor", None)),
+    (r"/lora/lora_[ab]$", P()),
     (r"(pos_embed|wpe)", P(None, "fsdp")),  # GPT-2's learned positions [P, D]
     (r"(embed|embed_tokens|wte|tok_embeddings)/(embedding|weight|value)?$", P("tensor", "fsdp")),
     (r"(embed|embed_tokens|wte|tok_embeddings)", P("tensor", "fsdp")),

@@ -18,7 +18,9 @@ import pytest
 import torch
 import transformers
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
+from spo_jax import sharding as sharding_lib
 from spo_jax.models import from_pretrained, save_pretrained
 from spo_jax.models import lora
 
@@ -177,15 +179,21 @@ def test_import_peft_adapter_logits_and_adapter_gradients(kind, checkpoint, tmp_
 # ----------------------------------------------------------------------------- behaviour and errors
 
 
-def test_dropout_only_in_training_and_base_frozen_by_split(checkpoint):
+def test_dropout_keyed_only_in_training_and_base_frozen_by_split(checkpoint):
     model = from_pretrained(checkpoint("llama"))
     ids = _ids()
     base_logits = _our_logits(model, ids)
     lora.apply_lora(model, lora.LoRAConfig(rank=2, dropout=0.5, targets=("q_proj", "up_proj")),
                     rngs=nnx.Rngs(0))
     _randomize_adapters(model, seed=1)
-    train_a, train_b = _our_logits(model, ids), _our_logits(model, ids)
-    assert np.abs(train_a - train_b).max() > 1e-4  # a fresh dropout mask per call
+    key_a = _our_logits(model, ids)
+    np.testing.assert_array_equal(_our_logits(model, ids), key_a)  # one key: one mask, one function
+    graphdef, adapters, base = lora.split_adapters(model)
+    new_base = lora.set_dropout_key(base, jax.random.PRNGKey(7))
+    key_b = _our_logits(nnx.merge(graphdef, adapters, new_base), ids)
+    assert np.abs(key_a - key_b).max() > 1e-4  # another key: another mask
+    lora.set_dropout_key(model, jax.random.PRNGKey(7))
+    np.testing.assert_array_equal(_our_logits(model, ids), key_b)
     model.eval()
     eval_logits = _our_logits(model, ids)
     no_dropout = from_pretrained(checkpoint("llama"))
@@ -193,7 +201,6 @@ def test_dropout_only_in_training_and_base_frozen_by_split(checkpoint):
     nnx.update(no_dropout, nnx.state(model, nnx.LoRAParam))
     np.testing.assert_allclose(eval_logits, _our_logits(no_dropout, ids), atol=1e-6, rtol=0)
     assert np.abs(eval_logits - base_logits).max() > 1e-2
-    _, adapters, base = lora.split_adapters(model)
     assert all(isinstance(v, nnx.LoRAParam) for _, v in nnx.to_flat_state(adapters))
     assert not any(isinstance(v, nnx.LoRAParam) for _, v in nnx.to_flat_state(base))
     assert len(nnx.to_flat_state(adapters)) == 2 * 2 * 2  # (A, B) x (q_proj, up_proj) x 2 layers
@@ -229,3 +236,13 @@ def test_import_refuses_unsupported_peft_options(checkpoint, tmp_path):
         lora.load_peft_adapter(model, str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="already has LoRA adapters"):
         lora.apply_lora(model, lora.LoRAConfig())
+
+
+def test_adapter_sharding_follows_the_tensor_split():
+    mesh = sharding_lib.make_mesh((1, 4, 2))
+    spec = lambda path, shape: sharding_lib.spec_for(path, shape, sharding_lib.DEFAULT_RULES, mesh)  # noqa: E731
+    assert spec("layers/0/attn/q_proj/lora/lora_a", (64, 8)) == P(None, None)
+    assert spec("layers/0/attn/q_proj/lora/lora_b", (8, 64)) == P(None, "tensor")
+    assert spec("layers/0/mlp/down_proj/lora/lora_a", (96, 8)) == P("tensor", None)
+    assert spec("layers/0/mlp/down_proj/lora/lora_b", (8, 64)) == P(None, None)
+    assert spec("layers/0/mlp/down_proj/kernel", (96, 64)) == P("tensor", "fsdp")  # the base as before

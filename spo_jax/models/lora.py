@@ -10,7 +10,8 @@ kernel instead of wrapping the loaded one. The forward is PEFT's::
     y = x @ W + b + (dropout(x) @ A @ B) * scaling,    scaling = alpha / r  (alpha / sqrt(r) with rsLoRA)
 
 with A drawn like PEFT's ``kaiming_uniform(a=sqrt(5))`` (uniform in +-1/sqrt(in)) and B = 0, so the adapted
-model equals the base at step 0. The adapter branch runs in the adapters' dtype (fp32) and is cast back
+model equals the base at step 0. Dropout masks come from one ``LoRADropoutKey`` per model
+(``set_dropout_key``; the trainer derives it from the step) and are off after ``model.eval()``. The adapter branch runs in the adapters' dtype (fp32) and is cast back
 to the projection's output dtype, as PEFT does.
 
 Targets use PEFT's names and matching rules: a list of names, each matching a module whose HF name is
@@ -142,14 +143,24 @@ def _lora_a_init():
     return nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
+class LoRADropoutKey(nnx.Variable):
+    """The PRNG key of the adapters' input dropout: one Variable shared by every ``LoRALinear`` of a
+    model (not a parameter: it sits in the frozen part of ``split_adapters``). ``set_dropout_key``
+    replaces it, e.g. once per training step; each projection folds in its own index."""
+
+
 class LoRALinear(nnx.Linear):
     """An ``nnx.Linear`` plus Flax's ``nnx.LoRA`` branch, scaled and with input dropout (PEFT's forward).
 
     Built from an existing ``nnx.Linear``: its Variables and settings are taken over as they are (no
-    new kernel), so the base parameters keep their paths and values.
+    new kernel), so the base parameters keep their paths and values. Dropout (``nnx.Dropout``, off
+    after ``model.eval()``) draws its mask from ``fold_in(dropout_key, index)``: the same mask for
+    every call under one key, so an objective evaluated several times in one step (SPO's solvers) sees
+    one function.
     """
 
-    def __init__(self, base: nnx.Linear, config: LoRAConfig, *, rngs: nnx.Rngs):
+    def __init__(self, base: nnx.Linear, config: LoRAConfig, *, index: int, dropout_key: LoRADropoutKey,
+                 rngs: nnx.Rngs):
         for k, v in vars(base).items():
             if not k.startswith("_"):  # nnx bookkeeping (_pytree__*) is set up by the metaclass
                 setattr(self, k, v)
@@ -157,14 +168,18 @@ class LoRALinear(nnx.Linear):
                              a_initializer=_lora_a_init(), rngs=rngs)
         self.config = config
         self.scaling = float(config.scaling)
-        self.dropout = nnx.Dropout(config.dropout, rngs=rngs) if config.dropout > 0 else None
+        self.dropout = nnx.Dropout(config.dropout) if config.dropout > 0 else None
+        self.dropout_key = dropout_key
+        self.index = int(index)
         self.adapter_enabled = True
 
     def __call__(self, x, out_sharding=None):
         y = super().__call__(x, out_sharding=out_sharding)
         if not self.adapter_enabled:
             return y
-        h = x if self.dropout is None else self.dropout(x)
+        h = x
+        if self.dropout is not None:
+            h = self.dropout(x, rngs=jax.random.fold_in(self.dropout_key[...], self.index))
         return (y + self.lora(h) * self.scaling).astype(y.dtype)
 
 
@@ -189,10 +204,13 @@ def apply_lora(model: Decoder, config: LoRAConfig, *, rngs: nnx.Rngs | None = No
     rngs = rngs if rngs is not None else nnx.Rngs(0)
     chosen = select_modules(model.config, config.targets)
     mods = hf_modules(model.config)
+    key = LoRADropoutKey(jax.random.PRNGKey(0))
+    index = 0
     for name in chosen:
         adapted = []
         for path in mods[name]:
-            adapted.append(LoRALinear(_get(model, path), config, rngs=rngs))
+            adapted.append(LoRALinear(_get(model, path), config, index=index, dropout_key=key, rngs=rngs))
+            index += 1
             _set(model, path, adapted[-1])
         for other in adapted[1:]:  # a fused HF projection: one A shared by its parts (PEFT's one lora_A)
             other.lora.lora_a = adapted[0].lora.lora_a
@@ -228,6 +246,19 @@ def adapters_enabled(model: Decoder, on: bool) -> None:
     for _, m in nnx.iter_graph(model):
         if isinstance(m, LoRALinear):
             m.adapter_enabled = bool(on)
+
+
+def set_dropout_key(model_or_state, key):
+    """Set the adapters' dropout key: in a model (in place) or in a state (returns the new state)."""
+    if isinstance(model_or_state, nnx.Module):
+        for _, m in nnx.iter_graph(model_or_state):
+            if isinstance(m, LoRALinear):
+                m.dropout_key[...] = key
+                return None
+        raise ValueError("the model has no LoRA adapters")
+    flat = [(p, v.replace(key) if isinstance(v, LoRADropoutKey) else v)
+            for p, v in nnx.to_flat_state(model_or_state)]
+    return nnx.from_flat_state(flat)
 
 
 def base_graphdef(model: Decoder):
