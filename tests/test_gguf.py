@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spo_jax.models import from_pretrained, generate, load_gguf, load_tokenizer, unpermute_rope_rows
+from spo_jax.models import ModelPathError, from_pretrained, generate, load_gguf, load_tokenizer, unpermute_rope_rows
 
 LOGIT_ATOL = 1e-3
 NEW_TOKENS = 24
@@ -146,7 +146,7 @@ def _finish(writer):
 
 
 def test_errors(tmp_path):
-    with pytest.raises(ValueError, match="no such GGUF"):
+    with pytest.raises(ModelPathError, match="no such directory or file: .*absent.gguf"):
         load_gguf(str(tmp_path / "absent.gguf"))
     gguf = pytest.importorskip("gguf")
     # an architecture we do not support

@@ -7,6 +7,7 @@ are compared with the PyTorch classes in float32.
 
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -18,13 +19,17 @@ import transformers
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
+from spo_jax.models import hf_io
 from spo_jax.models import (
     SUPPORTED_MODEL_TYPES,
     ModelConfig,
+    ModelPathError,
     apply,
     create_model,
     from_pretrained,
     generate,
+    load_tokenizer,
+    looks_like_path,
     save_pretrained,
     set_remat,
     unembedding,
@@ -238,7 +243,7 @@ def _perturbed_model(cfg: ModelConfig, seed: int):
     return model
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3", "gpt2"])
 def test_save_pretrained_loads_in_transformers(kind, checkpoints, tmp_path):
     tm, _ = checkpoints(kind)
     cfg = ModelConfig.from_hf(tm.config.to_dict())
@@ -523,3 +528,118 @@ def test_shape_mismatch(checkpoints, tmp_path):
 def test_missing_config_json(tmp_path):
     with pytest.raises(ValueError, match="config.json"):
         from_pretrained(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- sliding-window attention
+
+
+def _windowed_torch(kind: str, **window):
+    """A tiny Qwen2 / Qwen3 torch model with the given window settings (2 layers, so a window on layer 1
+    only differs from a window on both)."""
+    cfg_cls, model_cls, extra = KINDS[kind]
+    torch.manual_seed(7)
+    cfg = cfg_cls(**COMMON, **extra, **window)
+    cfg._attn_implementation = "eager"
+    tm = model_cls(cfg).eval()
+    _randomize(tm, 8)
+    return tm
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
+def test_qwen_sliding_window_layers_match_transformers(kind, tmp_path):
+    """transformers windows only the layers at or above ``max_window_layers`` when ``use_sliding_window``;
+    import, generation and export must keep exactly that (the export keeps ``use_sliding_window``)."""
+    tm = _windowed_torch(kind, use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    assert tm.config.layer_types == ["full_attention", "sliding_attention"]
+    tm.save_pretrained(str(tmp_path / "hf"))
+    ours = from_pretrained(str(tmp_path / "hf"))
+    ids = _ids(2, 12, seed=5)
+    ref = _torch_logits(tm, ids)
+    full = _torch_logits(_windowed_torch(kind), ids)  # same weights, no window: the window must matter
+    assert np.abs(full - ref).max() > 10 * ATOL
+    np.testing.assert_allclose(_our_logits(ours, ids), ref, atol=ATOL, rtol=0,
+                               err_msg=f"{kind}: windowed layers differ from transformers'")
+
+    lengths = np.array([5, 8])
+    pmask = (np.arange(8)[None] >= 8 - lengths[:, None]).astype(np.int64)
+    pids = np.where(pmask == 1, ids[:, :8], 0)
+    toks, _ = generate(ours, pids, pmask, max_new_tokens=10, eos_id=())
+    np.testing.assert_array_equal(np.asarray(toks), _hf_greedy(tm, pids, pmask, 10),
+                                  err_msg=f"{kind}: windowed greedy generation differs from transformers'")
+
+    save_pretrained(ours, str(tmp_path / "ours"))
+    exported = json.load(open(tmp_path / "ours" / "config.json"))
+    assert exported["use_sliding_window"] is True and exported["sliding_window"] == 4
+    _, model_cls, _ = KINDS[kind]
+    back = model_cls.from_pretrained(str(tmp_path / "ours"), attn_implementation="eager", dtype=torch.float32)
+    assert back.config.layer_types == tm.config.layer_types
+    np.testing.assert_allclose(_torch_logits(back.eval(), ids), ref, atol=ATOL, rtol=0,
+                               err_msg=f"{kind}: our export reloads in transformers with other attention")
+
+
+def test_mistral_full_attention_export_reloads_without_window(tmp_path):
+    """Mistral with ``sliding_window=None`` is full attention; transformers fills a missing field with 4096,
+    so the export must write null. Checked on a sequence longer than 4096 (a 1-layer model, cheap)."""
+    cfg = ModelConfig.from_hf(dict(model_type="mistral", vocab_size=VOCAB, hidden_size=16, intermediate_size=24,
+                                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                   max_position_embeddings=8192, sliding_window=None))
+    assert cfg.sliding_window is None
+    ours = _perturbed_model(cfg, seed=2)
+    save_pretrained(ours, str(tmp_path))
+    assert json.load(open(tmp_path / "config.json"))["sliding_window"] is None
+    back = transformers.MistralForCausalLM.from_pretrained(str(tmp_path), attn_implementation="eager",
+                                                           dtype=torch.float32).eval()
+    assert back.config.sliding_window is None
+    # with the 4096 window transformers would fill in, positions >= 4096 differ by ~1e-3 here (> ATOL)
+    ids = _ids(1, 4100, seed=9)
+    np.testing.assert_allclose(_our_logits(ours, ids)[:, 4090:], _torch_logits(back, ids)[:, 4090:], atol=ATOL,
+                               rtol=0, err_msg="mistral: logits past position 4096 differ after the export")
+
+
+def test_window_config_defaults_follow_transformers():
+    """A Mistral config without ``sliding_window`` gets transformers' default window; Qwen without
+    ``use_sliding_window`` has none; a Llama config has no window whatever it carries."""
+    small = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=3, num_attention_heads=2)
+    for mt, cls, extra in (("mistral", transformers.MistralConfig, {}),
+                           ("qwen2", transformers.Qwen2Config, dict(sliding_window=8)),
+                           ("qwen2", transformers.Qwen2Config, dict(use_sliding_window=True, max_window_layers=2))):
+        hf = cls(**small, **extra)
+        ours = ModelConfig.from_hf({"model_type": mt, **small, **extra})
+        want = getattr(hf, "layer_types", None) or ["sliding_attention" if getattr(hf, "sliding_window", None)
+                                                    else "full_attention"] * 3
+        windows = [hf.sliding_window if t == "sliding_attention" else None for t in want]
+        assert list(ours.layer_windows) == windows, (mt, extra, ours.layer_windows, windows)
+    # LlamaConfig keeps an unknown sliding_window attribute, but LlamaAttention never applies it
+    assert ModelConfig.from_hf({"model_type": "llama", **small, "sliding_window": 8}).layer_windows == (None,) * 3
+    with pytest.raises(ValueError, match="layer_types"):
+        ModelConfig.from_hf({"model_type": "mistral", **small, "layer_types": ["full_attention"] * 3})
+
+
+# ----------------------------------------------------------------------------- model names: path or Hub id
+
+
+@pytest.mark.parametrize("name", ["./no/such/model", "../nope", "no_such_dir/sub/model", "~/no-such-model-dir",
+                                  "absent.gguf", "runs/absent", "a model"])
+def test_missing_local_path_is_named_not_sent_to_the_hub(name, tmp_path, monkeypatch):
+    """A path-like name that does not exist gets "no such directory or file: <name>", never a Hub request."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()  # "runs/absent": its first component is a local directory, so it is a path
+    monkeypatch.setattr(hf_io, "snapshot_download", lambda *a, **k: pytest.fail(f"{name!r} went to the Hub"))
+    for load in (from_pretrained, load_tokenizer):
+        with pytest.raises(ModelPathError, match="no such directory or file: " + re.escape(name)):
+            load(name)
+    assert issubclass(ModelPathError, ValueError)  # the CLI's config-error handling catches it
+
+
+def test_hub_ids_still_go_to_the_hub(checkpoints, monkeypatch):
+    """``org/name`` and ``name`` that do not exist locally are Hub ids: the download is asked for them."""
+    asked = []
+
+    def fake_download(repo_id, **kw):
+        asked.append(repo_id)
+        return checkpoints("llama")[1]
+    monkeypatch.setattr(hf_io, "snapshot_download", fake_download)
+    for hub_id in ("HuggingFaceTB/SmolLM2-135M-Instruct", "gpt2", "Qwen/Qwen2.5-0.5B"):
+        assert not looks_like_path(hub_id)
+        from_pretrained(hub_id)
+    assert asked == ["HuggingFaceTB/SmolLM2-135M-Instruct", "gpt2", "Qwen/Qwen2.5-0.5B"]

@@ -13,6 +13,8 @@ import functools
 import jax
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
+_LAYER_TYPES = ("full_attention", "sliding_attention")
+_HF_DEFAULT_WINDOW = 4096  # MistralConfig / Qwen2Config / Qwen3Config fill a missing sliding_window with it
 
 # HF activation names -> functions. The "gelu_new" family is GELU's tanh approximation.
 ACTIVATIONS = {
@@ -49,13 +51,36 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
-    sliding_window: int | None = None
+    sliding_window: int | None = None  # the window of the "sliding_attention" layers; None = no window
+    # per layer "full_attention" | "sliding_attention" (transformers' Qwen2/Qwen3 layer_types);
+    # None = every layer windowed when sliding_window is set (Mistral), else full attention
+    layer_types: tuple | None = None
     norm_type: str = "rms"  # "rms" (RMSNorm, scale only) or "layer" (LayerNorm with bias)
     position_embedding: str = "rope"  # "rope" or "learned" (absolute, indexed by ``positions``)
     hidden_act: str = "silu"  # a key of ACTIVATIONS
     gated_mlp: bool = True  # down(act(gate(x)) * up(x)); False: down(act(up(x)))
     mlp_bias: bool = False
     attention_out_bias: bool = False  # o_proj bias (attention_bias covers q/k/v)
+
+    def __post_init__(self):
+        if self.sliding_window is not None and self.model_type not in ("mistral", "qwen2", "qwen3"):
+            raise ValueError(f"{self.model_type} config: sliding_window is not a field of this family in "
+                             f"transformers (set it to None)")
+        if self.layer_types is not None:
+            if self.model_type not in ("qwen2", "qwen3"):
+                raise ValueError(f"{self.model_type} config: per-layer layer_types are supported for qwen2 / qwen3 "
+                                 f"only (a Mistral with alternating attention is a Ministral model)")
+            bad = [t for t in self.layer_types if t not in _LAYER_TYPES]
+            if bad or len(self.layer_types) != self.num_hidden_layers:
+                raise ValueError(f"{self.model_type} config: layer_types must list one of {_LAYER_TYPES} for each "
+                                 f"of the {self.num_hidden_layers} layers; got {list(self.layer_types)}")
+
+    @property
+    def layer_windows(self) -> tuple:
+        """Each layer's attention window (None = full causal attention), as transformers applies it."""
+        if self.layer_types is None:
+            return (self.sliding_window,) * self.num_hidden_layers
+        return tuple(self.sliding_window if t == "sliding_attention" else None for t in self.layer_types)
 
     @property
     def eos_token_ids(self) -> tuple:
@@ -92,7 +117,7 @@ class ModelConfig:
             max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
             bos_token_id=d.get("bos_token_id"), eos_token_id=_eos(d.get("eos_token_id")),
             pad_token_id=d.get("pad_token_id"),
-            sliding_window=_sliding_window(mt, d),
+            **_window_fields(mt, d),
             hidden_act=_act(d.get("hidden_act", "silu"), "hidden_act"),
             mlp_bias=bool(d.get("mlp_bias", False)),
             attention_out_bias=attention_bias and mt != "qwen2")  # Qwen2: q/k/v biases only
@@ -142,11 +167,28 @@ class ModelConfig:
             d.pop(k)
         if self.model_type != "llama" and not self.mlp_bias:
             d.pop("mlp_bias")  # a LlamaConfig field only
-        if d["sliding_window"] is None:
-            d.pop("sliding_window")
+        d.pop("layer_types")
+        d.pop("sliding_window")
+        d.update(self._window_to_hf())
         d["rope_scaling"] = dict(self.rope_scaling) if self.rope_scaling else None
         d["eos_token_id"] = eos
         return d
+
+    def _window_to_hf(self) -> dict:
+        """The window fields so that transformers reloads the same attention: written explicitly (a missing
+        ``sliding_window`` means 4096 to MistralConfig), Qwen's ``use_sliding_window`` kept."""
+        if self.model_type == "mistral":
+            return dict(sliding_window=self.sliding_window)
+        if self.model_type not in ("qwen2", "qwen3"):
+            return {}
+        if self.sliding_window is None:
+            return dict(use_sliding_window=False, sliding_window=None)
+        types = list(self.layer_types or ("sliding_attention",) * self.num_hidden_layers)
+        out = dict(use_sliding_window=True, sliding_window=self.sliding_window, layer_types=types)
+        first = types.index("sliding_attention") if "sliding_attention" in types else len(types)
+        if types == ["full_attention"] * first + ["sliding_attention"] * (len(types) - first):
+            out["max_window_layers"] = first  # what older transformers versions read instead of layer_types
+        return out
 
 
 def _eos(e):
@@ -162,9 +204,30 @@ def _act(name: str, field: str) -> str:
     return name
 
 
-def _sliding_window(model_type: str, d: dict) -> int | None:
-    """Mistral's window, or Qwen2's when ``use_sliding_window`` is on; None = full attention."""
-    w = d.get("sliding_window")
-    if not w or (model_type in ("qwen2", "qwen3") and not d.get("use_sliding_window", False)):
-        return None
-    return int(w)
+def _window_fields(model_type: str, d: dict) -> dict:
+    """``sliding_window`` / ``layer_types`` as transformers reads the family's config.json.
+
+    Mistral: ``sliding_window`` on every layer, 4096 when the key is absent (MistralConfig's default), null =
+    full attention; ``layer_types`` is refused (alternating attention is Ministral's). Qwen2/Qwen3: a window
+    only when ``use_sliding_window``, then only on the layers in ``layer_types`` marked "sliding_attention"
+    (by default those at index >= ``max_window_layers``, 28 when absent). Llama has no window.
+    """
+    if model_type == "mistral":
+        if "layer_types" in d:
+            raise ValueError("mistral config: layer_types (alternating sliding / full attention) is not supported; "
+                             "remove it (transformers' MistralForCausalLM ignores it) or convert to qwen2 layout")
+        return dict(sliding_window=_window(d.get("sliding_window", _HF_DEFAULT_WINDOW)))
+    if model_type not in ("qwen2", "qwen3") or not d.get("use_sliding_window", False):
+        return dict(sliding_window=None)
+    window = _window(d.get("sliding_window", _HF_DEFAULT_WINDOW))
+    if window is None:
+        return dict(sliding_window=None)
+    types = d.get("layer_types")
+    if types is None:
+        first = int(d.get("max_window_layers", 28))
+        types = ["sliding_attention" if i >= first else "full_attention" for i in range(int(d["num_hidden_layers"]))]
+    return dict(sliding_window=window, layer_types=tuple(types))
+
+
+def _window(w) -> int | None:
+    return int(w) if w else None

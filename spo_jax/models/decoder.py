@@ -19,11 +19,13 @@ from flax import nnx
 from spo_jax.models.config import ACTIVATIONS, ModelConfig
 
 
-def window_mask(cfg, q_pos, k_pos):
-    """True where a query may see a key under the sliding window (all True without one)."""
-    if cfg.sliding_window is None:
-        return True
-    return (q_pos[..., :, None] - k_pos[..., None, :]) < cfg.sliding_window
+def layer_masks(cfg: ModelConfig, mask, q_pos, k_pos) -> list:
+    """Each layer's attention mask: ``mask`` (causal, padding, segments) and, on a windowed layer, also
+    ``q_pos - k_pos < window``; one array per distinct window (``cfg.layer_windows``)."""
+    by_window = {}
+    for w in set(cfg.layer_windows):
+        by_window[w] = mask if w is None else mask & ((q_pos[..., :, None] - k_pos[..., None, :]) < w)
+    return [by_window[w] for w in cfg.layer_windows]
 
 
 def at_least_f32(dtype):
@@ -196,9 +198,9 @@ class Decoder(nnx.Module):
             segment_ids = jnp.ones((B, T), jnp.int32)
         causal = jnp.tril(jnp.ones((T, T), bool))
         mask = causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
-        mask = mask & window_mask(self.config, positions, positions)
+        masks = layer_masks(self.config, mask, positions, positions)
         x, inv_freq = self.embed_inputs(input_ids, positions)
-        for layer in self.layers:
+        for layer, mask in zip(self.layers, masks):
             if self.remat:
                 x = nnx.remat(lambda m, *a: m(*a))(layer, x, positions, mask, inv_freq)
             else:

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from spo_jax.models.decoder import Decoder, window_mask
+from spo_jax.models.decoder import Decoder, layer_masks
 
 
 def forward_cached(model: Decoder, ids_BT, positions_BT, kv_valid_BS, cache, start):
@@ -21,7 +21,7 @@ def forward_cached(model: Decoder, ids_BT, positions_BT, kv_valid_BS, cache, sta
     S = cache[0].shape[2]
     slot_q = start + jnp.arange(T)
     mask = (jnp.arange(S)[None, :] <= slot_q[:, None])[None] & kv_valid_BS[:, None, :]  # [B, T, S]
-    mask = mask & jnp.asarray(window_mask(model.config, slot_q, jnp.arange(S)))[None]
+    masks = layer_masks(model.config, mask, slot_q[None], jnp.arange(S)[None])
     x, inv_freq = model.embed_inputs(ids_BT, positions_BT)
     ks, vs = cache
     for i, layer in enumerate(model.layers):
@@ -30,7 +30,7 @@ def forward_cached(model: Decoder, ids_BT, positions_BT, kv_valid_BS, cache, sta
         # update the stacked cache in place (a per-layer copy + stack would rewrite all of it every step)
         ks = jax.lax.dynamic_update_slice(ks, k.astype(ks.dtype)[None], (i, 0, start, 0, 0))
         vs = jax.lax.dynamic_update_slice(vs, v.astype(vs.dtype)[None], (i, 0, start, 0, 0))
-        x = x + layer.attn.attend(q, ks[i].astype(q.dtype), vs[i].astype(q.dtype), mask)
+        x = x + layer.attn.attend(q, ks[i].astype(q.dtype), vs[i].astype(q.dtype), masks[i])
         x = x + layer.mlp(layer.post_attention_norm(x))
     return model.norm(x), (ks, vs)
 

@@ -15,6 +15,8 @@ import numpy as np
 from gguf import GGUFReader
 from gguf.quants import dequantize
 
+from spo_jax.models.paths import ModelPathError
+
 SUPPORTED_GGUF_ARCHITECTURES = ("llama",)
 
 # GGUF per-block tensor -> HF name under model.layers.<i>.
@@ -47,7 +49,7 @@ def load_gguf(path: str) -> tuple[dict, dict[str, np.ndarray]]:
     """``(hf_config_dict, tensors)`` of a llama-architecture GGUF file; tensors are float32 NumPy arrays
     under HF LlamaForCausalLM names (Q/K un-permuted; no ``lm_head.weight`` when the output is tied)."""
     if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such GGUF file")
+        raise ModelPathError(f"no such directory or file: {path} (expected a GGUF file)")
     reader = GGUFReader(path)
     arch = _field(reader, "general.architecture")
     if arch not in SUPPORTED_GGUF_ARCHITECTURES:

@@ -19,6 +19,7 @@ from safetensors.numpy import save_file
 from spo_jax.models import gguf
 from spo_jax.models.config import ModelConfig
 from spo_jax.models.decoder import Decoder, create_model
+from spo_jax.models.paths import local_or_hub
 
 
 def _hf_names(cfg: ModelConfig) -> dict[tuple, tuple[str, bool, tuple | None]]:
@@ -73,11 +74,9 @@ def _gpt2_hf_names(cfg: ModelConfig) -> dict[tuple, tuple[str, bool, tuple | Non
     return m
 
 
-def _resolve(path_or_id: str) -> str:
-    if os.path.isdir(path_or_id) or os.path.isfile(path_or_id):
-        return path_or_id
-    return snapshot_download(  # a Hub id: needs network
-        path_or_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
+def _download(hub_id: str) -> str:
+    """A Hub id's snapshot directory (downloaded: needs network)."""
+    return snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
 
 
 def _open_tensors(path: str):
@@ -161,14 +160,17 @@ def params_from_hf_state(model: Decoder, names: set, get, source: str, shardings
 
 def from_pretrained(path_or_id: str, *, dtype=jnp.float32, param_dtype=jnp.float32, shardings=None) -> Decoder:
     """A decoder from a local HF directory (config.json + safetensors, sharded or not), a Hub id, or a
-    llama-architecture ``.gguf`` file (dequantized to float32, then cast to ``param_dtype``)."""
-    if str(path_or_id).endswith(".gguf"):
-        hf_cfg, tensors = gguf.load_gguf(str(path_or_id))
+    llama-architecture ``.gguf`` file (dequantized to float32, then cast to ``param_dtype``).
+
+    A path-like name that does not exist raises ``ModelPathError`` (see ``spo_jax.models.paths``)."""
+    name, local = local_or_hub(path_or_id)
+    if local and name.endswith(".gguf"):
+        hf_cfg, tensors = gguf.load_gguf(name)
         cfg = ModelConfig.from_hf(hf_cfg)
         model = nnx.eval_shape(lambda: create_model(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
-        params_from_hf_state(model, set(tensors), tensors.pop, str(path_or_id), shardings)
+        params_from_hf_state(model, set(tensors), tensors.pop, name, shardings)
         return model
-    path = _resolve(path_or_id)
+    path = name if local else _download(name)
     cfg_file = os.path.join(path, "config.json")
     if not os.path.exists(cfg_file):
         raise ValueError(f"{path_or_id}: no config.json (expected a Hugging Face checkpoint directory)")
@@ -205,7 +207,8 @@ def save_pretrained(model: Decoder, path: str) -> None:
 
 def load_tokenizer(path_or_id: str):
     """The tokenizer via transformers (a local directory, a Hub id, or a ``.gguf`` file)."""
-    if str(path_or_id).endswith(".gguf"):
-        return gguf.load_tokenizer(str(path_or_id))
+    name, local = local_or_hub(path_or_id)
+    if local and name.endswith(".gguf"):
+        return gguf.load_tokenizer(name)
     from transformers import AutoTokenizer  # heavy (seconds to import); only the tokenizer needs it
-    return AutoTokenizer.from_pretrained(path_or_id)
+    return AutoTokenizer.from_pretrained(name)

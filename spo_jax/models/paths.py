@@ -1,0 +1,43 @@
+"""Model names: a local path (directory or file) or a Hugging Face Hub id, told apart before any download."""
+
+from __future__ import annotations
+
+import os
+import re
+
+# What the Hub accepts as a repo id: "name" or "org/name", word characters, "-" and "." (not at the ends).
+_HUB_ID = re.compile(r"^(?:[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?/)?[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?$")
+_FILE_SUFFIXES = (".gguf", ".safetensors", ".json", ".bin", ".pt", ".pth")
+
+
+class ModelPathError(ValueError):
+    """A model or tokenizer name that is a local path (not a Hub id) names nothing on disk."""
+
+
+def looks_like_path(name: str) -> bool:
+    """True for names that can only mean a local path: starting with ``.``, ``/`` or ``~``, holding a
+    backslash or more than one ``/``, ending in a weights / config file suffix, not a valid Hub id, or
+    ``dir/name`` where ``dir`` is an existing local directory. ``org/name`` otherwise is a Hub id."""
+    name = str(name)
+    if name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1:
+        return True
+    if name.lower().endswith(_FILE_SUFFIXES) or not _HUB_ID.match(name):
+        return True
+    return "/" in name and os.path.isdir(name.split("/")[0])
+
+
+def local_or_hub(name: str) -> tuple[str, bool]:
+    """``(name, is_local)``: an existing local path (``~`` expanded), or a Hub id left to the caller.
+
+    Raises ``ModelPathError`` ("no such directory or file: <name>") for a path-like name that does not
+    exist, instead of letting it reach the Hub as an id (which fails with a network or validation error).
+    """
+    name = str(name)
+    expanded = os.path.expanduser(name)
+    if os.path.exists(expanded):
+        return expanded, True
+    if looks_like_path(name):
+        where = os.path.abspath(expanded)
+        raise ModelPathError(f"no such directory or file: {name}" + (f" (looked at {where})" if where != name else "")
+                             + "; fix the path, or give a Hugging Face Hub id like 'org/name'")
+    return name, False
