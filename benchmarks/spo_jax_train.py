@@ -24,9 +24,21 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import datasets  # noqa: E402
+import flax  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from spo_jax import models  # noqa: E402
+from spo_jax import sharding as sharding_lib  # noqa: E402
+from spo_jax.config import get_default_config  # noqa: E402
+from spo_jax.data import BatchIterator  # noqa: E402
+from spo_jax.inputs import batch_devices_per_process, model_dtypes  # noqa: E402
+from spo_jax.train import TrainState, make_optimizer, make_train_step  # noqa: E402
 
 from common import LLAMA_CONFIG, PAD_ID, make_pairs, peak_rss_mib  # noqa: E402
 
@@ -57,8 +69,6 @@ VARIANTS = {
 
 
 def versions() -> dict:
-    import flax
-    import optax
     return dict(jax=jax.__version__, jaxlib=getattr(jax.lib, "__version__", jax.__version__),
                 flax=flax.__version__, optax=optax.__version__, backend=jax.default_backend(),
                 device=str(jax.devices()[0].device_kind), num_devices=jax.device_count())
@@ -80,8 +90,6 @@ def make_config(variant: str, *, pairs: int, max_length: int, packing: bool = Fa
     """The trainer config for one benchmark variant (``VARIANTS[variant]`` + ``extra``).
 
     ``seq_chunk`` / ``vocab_chunk``: None keeps the trainer's defaults."""
-    import ml_collections
-    from spo_jax.config import get_default_config
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r}: must be one of {sorted(VARIANTS)}")
     c = get_default_config()
@@ -110,7 +118,6 @@ def make_config(variant: str, *, pairs: int, max_length: int, packing: bool = Fa
 
 def tokenized_dataset(rows: list[dict]):
     """``common.make_pairs`` rows as the tokenized columns BatchIterator reads."""
-    import datasets
     return datasets.Dataset.from_dict(dict(
         prompt_ids=[r["prompt"] for r in rows], chosen_ids=[r["chosen"] for r in rows],
         rejected_ids=[r["rejected"] for r in rows], example_index=list(range(len(rows)))))
@@ -125,24 +132,17 @@ class Bench:
     """
 
     def __init__(self, config, rows: list[dict], *, num_batches: int | None, seed: int = 0):
-        from flax import nnx
-        from spo_jax import models
-        from spo_jax import sharding as sharding_lib
-        from spo_jax.data import BatchIterator
-        from spo_jax.train import (TrainState, batch_devices_per_process, make_optimizer, make_train_step, state_shardings,
-                                   _DTYPES)
         c = self.config = config
         self.mesh = sharding_lib.make_mesh((-1, 1, 1))
         mcfg = models.ModelConfig.from_hf(dict(c.model.config))
-        model = models.create_model(mcfg, rngs=nnx.Rngs(seed), dtype=_DTYPES[c.model.dtype],
-                                    param_dtype=_DTYPES[c.model.param_dtype])
+        model = models.create_model(mcfg, rngs=nnx.Rngs(seed), **model_dtypes(c))
         self.graphdef, params = nnx.split(model)
         self.num_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
         tx, schedule = self.tx, self.schedule = make_optimizer(c)
         ref = jax.tree.map(jnp.copy, params) if c.reference.mode == "online" else None
         state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                            rng=jax.random.PRNGKey(seed), ref_params=ref)
-        self.shardings = state_shardings(jax.eval_shape(lambda: state), self.mesh)
+        self.shardings = sharding_lib.param_shardings(jax.eval_shape(lambda: state), self.mesh)
         self.state = jax.device_put(state, self.shardings)
         self.train_step = make_train_step(c, self.graphdef, tx, schedule, self.mesh, self.shardings)
         self.steps = {"main": self.train_step}
@@ -170,7 +170,6 @@ class Bench:
 
         ``config`` must keep the optimizer and the reference mode of the main one
         (the state is shared), which every solver-cost variant does."""
-        from spo_jax.train import make_train_step
         if config.reference.mode != self.config.reference.mode:
             raise ValueError(f"variant {name!r}: reference.mode={config.reference.mode!r} differs from the "
                              f"shared state's {self.config.reference.mode!r}")

@@ -3,14 +3,14 @@
 Measures XLA's compiled memory analysis (``jit(solver).lower(...).compile()
 .memory_analysis()``: temp bytes = activations, saved residuals and scan carries
 of the whole step; argument bytes = params + batch) of one unrolled solver step
-(``spo_jax.bilevel.make_solver`` with solver="unrolled", DPO upper loss, SGD
+(``spo_jax.objectives.make_spo_solver`` with solver="unrolled", DPO upper loss, SGD
 inner loop) for K = 1..8, with the inner step under ``jax.checkpoint``
 (remat=True, the default) and, for contrast, without it. The penalty solver
 (no inner loop) is the baseline row.
 
 Model: ``spo_jax.models``' Llama decoder (3 layers, width 128, 4 heads, MLP
 512, vocab 57, T = 84, 32 pairs = 64 sequences per batch, fp32) with the
-trainer's log-prob function (``spo_jax.train.make_logps_fn``).
+trainer's log-prob function (``spo_jax.objectives.make_logps_fn``).
 
 Run (CPU is fine; nothing is executed, only compiled)::
 
@@ -30,7 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spo_jax import bilevel, losses
+from flax import nnx
+
+from spo_jax import bilevel, losses, models, objectives
 
 LAYERS, WIDTH, HEADS, MLP, VOCAB, SEQ, PAIRS = 3, 128, 4, 512, 57, 84, 32
 MARK_OPEN, MARK_CLOSE = "<!-- unrolled_memory -->", "<!-- /unrolled_memory -->"
@@ -38,15 +40,11 @@ MARK_OPEN, MARK_CLOSE = "<!-- unrolled_memory -->", "<!-- /unrolled_memory -->"
 
 def build():
     """spo_jax.models' Llama decoder at the demo's size and the trainer's chunked log-prob function."""
-    from flax import nnx
-
-    from spo_jax import models, train
-
     cfg = models.ModelConfig.from_hf(dict(
         model_type="llama", vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=MLP, num_hidden_layers=LAYERS,
         num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=128))
     graphdef, params = nnx.split(models.create_model(cfg, rngs=nnx.Rngs(0)))
-    return params, train.make_logps_fn(graphdef, seq_chunk=128)
+    return params, objectives.make_logps_fn(graphdef, seq_chunk=128)
 
 
 def make_batch(seed=0):
@@ -64,7 +62,7 @@ def make_batch(seed=0):
 
 
 def compiled_memory(cfg, params, batch, logps_fn):
-    solver = bilevel.make_solver(logps_fn, losses.get_loss("dpo", beta=0.1), cfg)
+    solver = objectives.make_spo_solver(logps_fn, losses.get_loss("dpo", beta=0.1), cfg)
     stats = jax.jit(solver).lower(params, batch).compile().memory_analysis()
     return stats.temp_size_in_bytes, stats.argument_size_in_bytes
 

@@ -35,7 +35,17 @@ import os
 import sys
 import time
 
+import datasets
+import jax
+from flax import nnx
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if __name__ == "__main__":
+    sys.path.insert(0, REPO)  # run as a script from a checkout: import this checkout's spo_jax
+
+from spo_jax import models, objectives, sampling, train  # noqa: E402
+from spo_jax.config import get_default_config  # noqa: E402
+from spo_jax.data import BatchIterator, gsm8k, prepare_dataset  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,11 +109,6 @@ def onpolicy_pairs(model, tokenizer, rows, size: Size, seed: int, gen: dict) -> 
     sample when the model produced one, else GSM8K's reference solution (SmolLM2-135M solves only a
     few percent of GSM8K, so at the CPU size on-policy correct samples are rare; ``chosen_source``
     records which)."""
-    import jax
-
-    from spo_jax import sampling
-    from spo_jax.data import gsm8k
-
     prompts, samples = sampling.sample_responses(model, tokenizer, rows, num_samples=size.samples,
                                                  key=jax.random.PRNGKey(seed), temperature=0.7, **gen)
     correct = sampling.score_samples(rows, samples)
@@ -125,10 +130,6 @@ def onpolicy_pairs(model, tokenizer, rows, size: Size, seed: int, gen: dict) -> 
 
 def tokenized_solutions(tokenizer, rows, max_length: int):
     """GSM8K question/answer rows as SFT examples (chat template), tokenized like the trainer does."""
-    import datasets
-
-    from spo_jax.data import prepare_dataset
-
     ds, _ = prepare_dataset(datasets.Dataset.from_list([{"question": r["question"], "answer": r["answer"]}
                                                         for r in rows]),
                             tokenizer, max_length=max_length, format="question_answer", use_chat_template=True,
@@ -137,30 +138,24 @@ def tokenized_solutions(tokenizer, rows, max_length: int):
 
 
 def reference_nll(graphdef, params, dataset, max_length: int, pad_id: int) -> float:
-    """Mean token NLL of GSM8K's reference solutions (a tokenized SFT dataset) under the policy:
-    how much of the supervised ability survives, measured without generation."""
-    import jax
-    import numpy as np
-
-    from spo_jax import train
-    from spo_jax.data import BatchIterator
-
-    fn = jax.jit(train.make_logps_fn(graphdef))
+    """Token-weighted NLL of GSM8K's reference solutions (a tokenized SFT dataset) under the
+    policy, the SFT stage's ``sft/nll`` over the whole set (``objectives.sft_objective`` per
+    batch, weighted by its tokens): how much of the supervised ability survives, measured
+    without generation."""
+    fn = jax.jit(objectives.sft_objective(objectives.make_logps_fn(graphdef)))
     it = BatchIterator(dataset, batch_size=8, max_length=max_length, packing=False, length_bucket=64,
                        shuffle=False, num_epochs=1, pad_id=pad_id, process_index=0, process_count=1)
     total = count = 0.0
     for batch in it:
-        sums, counts = (np.asarray(x) for x in fn(params, batch))
-        valid = np.asarray(batch["seq_valid"]) > 0
-        total -= float(sums[valid].sum())
-        count += float(counts[valid].sum())
+        _, m = fn(params, batch)
+        tokens = float(m["sft/tokens"])
+        total += float(m["sft/nll"]) * tokens
+        count += tokens
     return total / max(count, 1.0)
 
 
 def preference_config(model_path: str, run_dir: str, size: Size, num_pairs: int, loss: str, hparams: dict,
                       spo: bool, seed: int):
-    from spo_jax.config import get_default_config
-
     c = get_default_config()
     c.stage = "preference"
     c.run_dir = run_dir
@@ -196,12 +191,6 @@ def preference_config(model_path: str, run_dir: str, size: Size, num_pairs: int,
 
 def run(size_name: str, out: str, model_path: str | None = None, data_dir: str | None = None, seed: int = 0,
         pairs_file: str | None = None, methods: tuple[str, ...] | None = None) -> dict:
-    import datasets
-    import jax
-    from flax import nnx
-
-    from spo_jax import models, sampling, train
-
     size = SIZES[size_name]
     data_dir = data_dir or os.environ.get("SPO_JAX_DATA", os.path.join(os.path.dirname(REPO), "shared", "data"))
     model_path = model_path or smollm2_path()
@@ -341,5 +330,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, REPO)
     main()

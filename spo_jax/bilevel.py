@@ -4,14 +4,15 @@ The bilevel problem (docs/METHOD.md)::
 
     min_θ f(θ)   s.t.   θ ∈ argmin g,      relaxed to   q(θ) = g(θ) − g* ≤ ε
 
-f is an upper (preference) objective, g the lower (SFT) objective: the token-mean
-NLL of the chosen responses, or of a separate SFT batch under ``batch["sft"]``.
+f is an upper objective, g the lower objective. This module holds the generic
+solvers and the settings (``SPOConfig``); ``spo_jax.objectives`` builds f, c and g
+for language models (the preference loss, the SPO constraint, the SFT NLL) and
+picks the solver for a config.
 
-The module has two layers, composed like optax:
-
-**Core solvers** take plain callables of ``(params, batch)`` and know nothing about
+The solvers take plain callables of ``(params, batch)`` and know nothing about
 language models, so they are tested on quadratics with closed-form answers:
 
+- ``gradient_solver(objective)``           d = ∇F (no bilevel structure: "no SPO")
 - ``penalty_solver(terms, gamma)``         d = ∇(f + γ·c)
 - ``barrier_solver(terms, alpha, delta)``  d = ∇f + λ∇c,  λ = relu((α c − ⟨∇f,∇c⟩)/(‖∇c‖² + δ))
 - ``unrolled_solver(objective, lower, …)`` d = ∇_φ F(θ_K(φ)), backprop through ``lax.scan``
@@ -29,12 +30,6 @@ a pytree shaped like ``params`` (a descent direction: hand it to optax as the
 gradient); metrics are fp32 scalars. ``inner_loop`` runs K optimiser steps on the
 lower objective in ``jax.lax.scan`` (inner optimiser state carried in the scan).
 
-**Builders** assemble f, c and g for language models from a statistics function
-``logps_fn(params, batch) -> (sums_S, counts_S)`` (summed response log-probs and
-response token counts per sequence, Contract 3), a registered Bradley-Terry loss
-(``spo_jax.losses.get_loss``) and an ``SPOConfig``: ``make_solver(logps_fn,
-upper_loss, cfg)`` (Contract 5).
-
 Everything returned is jit-able; there is no Python branching on traced values
 (branches are on config fields and on batch *keys*, which are static).
 """
@@ -49,6 +44,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+
+from spo_jax.numerics import at_least_f32, f32_metrics
 
 Params = Any
 Batch = Mapping[str, Any]
@@ -68,13 +65,9 @@ INNER_OPTIMIZERS = ("sgd", "momentum", "adam")
 # --------------------------------------------------------------------------- #
 
 
-def _acc(x: jax.Array) -> jax.Array:
-    return jnp.asarray(x, jnp.promote_types(jnp.asarray(x).dtype, jnp.float32))
-
-
 def tree_vdot(a: Params, b: Params) -> jax.Array:
     """⟨a, b⟩ = Σ over all leaves of Σ a·b, accumulated in (at least) fp32."""
-    parts = jax.tree.leaves(jax.tree.map(lambda x, y: jnp.sum(_acc(x) * _acc(y)), a, b))
+    parts = jax.tree.leaves(jax.tree.map(lambda x, y: jnp.sum(at_least_f32(x) * at_least_f32(y)), a, b))
     return sum(parts[1:], parts[0]) if parts else jnp.zeros((), jnp.float32)
 
 
@@ -85,10 +78,6 @@ def tree_add_scaled(a: Params, scale: jax.Array, b: Params) -> Params:
 
 def tree_scale(scale: jax.Array, a: Params) -> Params:
     return jax.tree.map(lambda x: (scale * x).astype(x.dtype), a)
-
-
-def _f32(metrics: Mapping[str, Any]) -> Metrics:
-    return {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
 
 
 # --------------------------------------------------------------------------- #
@@ -227,37 +216,46 @@ def conjugate_gradient(
 def penalized(terms: Terms, gamma: float) -> Objective:
     """The penalty objective L(θ) = f(θ) + γ·c(θ) of ``terms``, as an ``Objective``.
 
-    Adds metrics spo/upper_loss (f) and spo/penalty (c) to the metrics of ``terms``.
+    Adds metrics spo/objective (L), spo/upper_loss (f) and spo/penalty (c) to the
+    metrics of ``terms``.
     """
 
     def objective(params, batch):
         (f, c), metrics = terms(params, batch)
+        value = f + gamma * c
         out = dict(metrics)
-        out.update({"spo/upper_loss": f, "spo/penalty": c})
-        return f + gamma * c, out
+        out.update({"spo/objective": value, "spo/upper_loss": f, "spo/penalty": c})
+        return value, out
 
     return objective
 
 
 def gradient_solver(objective: Objective) -> Solver:
-    """d = ∇F(θ) of a scalar objective; metrics spo/objective, spo/grad_norm + F's."""
+    """d = ∇F(θ) of a scalar objective (plain gradient descent: no bilevel structure);
+    metrics: F's own, as fp32."""
 
     def solver(params, batch):
-        (value, metrics), grads = jax.value_and_grad(objective, has_aux=True)(params, batch)
-        out = dict(metrics)
-        out.update({"spo/objective": value, "spo/grad_norm": jnp.sqrt(tree_vdot(grads, grads))})
-        return grads, _f32(out)
+        (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(params, batch)
+        return grads, f32_metrics(metrics)
 
     return solver
 
 
 def penalty_solver(terms: Terms, gamma: float) -> Solver:
-    """``penalty``: d = ∇L,  L(θ) = f(θ) + γ·c(θ)  (one forward, one backward).
+    """``penalty``: d = ∇L,  L(θ) = f(θ) + γ·c(θ)  (one forward, one backward): the
+    ``gradient_solver`` of ``penalized(terms, gamma)``.
 
     Metrics: spo/objective (L), spo/upper_loss (f), spo/penalty (c), spo/grad_norm
     (‖d‖), plus the metrics of ``terms``.
     """
-    return gradient_solver(penalized(terms, gamma))
+    solve = gradient_solver(penalized(terms, gamma))
+
+    def solver(params, batch):
+        grads, metrics = solve(params, batch)
+        metrics["spo/grad_norm"] = jnp.sqrt(tree_vdot(grads, grads)).astype(jnp.float32)
+        return grads, metrics
+
+    return solver
 
 
 def barrier_solver(terms: Terms, alpha: float, delta: float) -> Solver:
@@ -290,7 +288,7 @@ def barrier_solver(terms: Terms, alpha: float, delta: float) -> Solver:
         out.update({"spo/lambda": lam, "spo/objective": f, "spo/upper_loss": f, "spo/penalty": c,
                     "spo/upper_grad_norm": jnp.sqrt(f_sq), "spo/constraint_grad_norm": jnp.sqrt(c_sq),
                     "spo/grad_cos": cos, "spo/grad_norm": jnp.sqrt(tree_vdot(direction, direction))})
-        return direction, _f32(out)
+        return direction, f32_metrics(out)
 
     return solver
 
@@ -328,7 +326,7 @@ def unrolled_solver(
         out = dict(metrics)
         out.update({"spo/objective": value, "spo/hypergrad_norm": norm, "spo/grad_norm": norm,
                     "spo/inner_loss_first": values[0], "spo/inner_loss_last": values[-1]})
-        return grads, _f32(out)
+        return grads, f32_metrics(out)
 
     return solver
 
@@ -380,7 +378,7 @@ def implicit_solver(
                     "spo/cg_residual": info.residual, "spo/cg_iters": info.iterations,
                     "spo/cg_negative_curvature": info.negative_curvature,
                     "spo/inner_loss_first": values[0], "spo/inner_loss_last": values[-1]})
-        return hyper, _f32(out)
+        return hyper, f32_metrics(out)
 
     return solver
 
@@ -392,7 +390,8 @@ def implicit_solver(
 
 @dataclasses.dataclass(frozen=True)
 class SPOConfig:
-    """SPO settings read by ``make_solver`` (trainer config keys ``spo.<field>``).
+    """SPO settings read by ``spo_jax.objectives.make_spo_solver`` (trainer config keys
+    ``spo.<field>``; ``spo_jax.config`` takes its defaults from this class).
 
     Fields (all validated in ``__post_init__``; a bad value raises ValueError
     naming the field, the value and the allowed range):
@@ -466,6 +465,17 @@ class SPOConfig:
             fail("value", f"solver={self.solver!r} uses its own inner loop as the lower level; "
                           "its optional penalty (gamma > 0) needs value='reference'")
 
+    @property
+    def constraint_used(self) -> bool:
+        """Whether the constraint value c enters the direction: the barrier always
+        uses it; the other solvers only with gamma > 0."""
+        return self.solver == "barrier" or self.gamma > 0
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the solver reads reference log-probs (value "reference" and a used constraint)."""
+        return self.value == "reference" and self.constraint_used
+
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "SPOConfig":
         """Build from a mapping (e.g. an ml_collections ConfigDict ``config.spo``);
@@ -476,157 +486,3 @@ class SPOConfig:
         if unknown:
             raise ValueError(f"SPOConfig: unknown key(s) {unknown}; valid keys are {sorted(known)}")
         return cls(**values)
-
-
-# --------------------------------------------------------------------------- #
-# Builders for language models
-# --------------------------------------------------------------------------- #
-
-LogpsFn = Callable[[Params, Batch], tuple[jax.Array, jax.Array]]
-
-
-def pair_stats(sums_S: jax.Array, counts_S: jax.Array, batch: Batch):
-    """Per-sequence sums/counts [S] of an interleaved preference batch -> PairStats [P].
-
-    Sequence 2i is the chosen and 2i+1 the rejected response of pair i (Contract 1).
-    ``batch["ref_logps"]`` [S] (if present) gives the reference sums, and
-    ``batch["seq_valid"]`` [S] (if present) the pair weights (chosen's validity).
-    Counts are clamped to ≥ 1 so that filler pairs (weight 0) stay finite.
-    """
-    from spo_jax import losses
-
-    if sums_S.ndim != 1 or sums_S.shape[0] % 2:
-        raise ValueError(f"pair_stats: sums_S has shape {sums_S.shape}; expected [S] with S = 2P "
-                         "(chosen and rejected interleaved)")
-    sums = _acc(sums_S)
-    counts = jnp.maximum(counts_S.astype(sums.dtype), 1.0)
-    ref = batch.get("ref_logps")
-    valid = batch.get("seq_valid")
-    return losses.PairStats(
-        chosen_logps=sums[0::2], rejected_logps=sums[1::2],
-        chosen_len=counts[0::2], rejected_len=counts[1::2],
-        ref_chosen_logps=None if ref is None else _acc(ref)[0::2],
-        ref_rejected_logps=None if ref is None else _acc(ref)[1::2],
-        weight=None if valid is None else _acc(valid)[0::2],
-    )
-
-
-def sequence_nll(logps_fn: LogpsFn, params: Params, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """Token-mean NLL ℓ_n = −sums_n / counts_n of the lower-level sequences, and weights.
-
-    The lower level is ``batch["sft"]`` (an SFT batch, every sequence an example)
-    when that key is present, else the chosen responses (sequences 0, 2, 4, ...)
-    of the preference batch. Weights are ``seq_valid`` (ones if absent) times
-    [counts > 0]. Shapes: [N] and [N].
-    """
-    if "sft" in batch:
-        sub = batch["sft"]
-        sums, counts = logps_fn(params, sub)
-        valid = sub.get("seq_valid")
-    else:
-        sums, counts = logps_fn(params, batch)
-        sums, counts = sums[0::2], counts[0::2]
-        valid = batch.get("seq_valid")
-        valid = None if valid is None else jnp.asarray(valid)[0::2]
-    sums = _acc(sums)
-    counts = counts.astype(sums.dtype)
-    weight = (counts > 0).astype(sums.dtype)
-    if valid is not None:
-        weight = weight * jnp.asarray(valid, sums.dtype)
-    return -sums / jnp.maximum(counts, 1.0), weight
-
-
-def _weighted_mean(x: jax.Array, weight: jax.Array) -> jax.Array:
-    return jnp.sum(weight * x) / jnp.maximum(jnp.sum(weight), 1e-8)
-
-
-def make_lower(logps_fn: LogpsFn) -> Lower:
-    """g(θ, batch) = weighted mean of ``sequence_nll`` (the SFT objective, scalar fp32)."""
-
-    def lower(params, batch):
-        nll, weight = sequence_nll(logps_fn, params, batch)
-        return _weighted_mean(nll, weight)
-
-    return lower
-
-
-def make_terms(logps_fn: LogpsFn, upper_loss: Callable, cfg: SPOConfig) -> Terms:
-    """terms(θ, batch) -> ((f, c), metrics) for a BT loss and the SPO constraint.
-
-    f = upper_loss(PairStats(θ)); q per ``cfg.value`` (see SPOConfig);
-    c, metrics = losses.spo_penalty(q, epsilon, per_sample, squared, weight).
-    One model forward for f and c (``inner_sft`` adds K inner steps and one
-    forward at θ_K, both without gradient, plus one forward on ``batch["sft"]``
-    when present). Metrics: the loss's, spo_penalty's, spo/q_mean (weighted
-    mean of q), and for inner_sft spo/g_star (weighted mean ℓ at θ_K),
-    spo/inner_loss_first, spo/inner_loss_last.
-
-    With value="reference" the batch must carry ``ref_logps``, except when the
-    constraint is unused (gamma = 0 and solver != "barrier"): c is then 0.
-    """
-    from spo_jax import losses
-
-    lower = make_lower(logps_fn)
-    optimizer = make_inner_optimizer(cfg.inner_optimizer, cfg.inner_lr)
-    constraint_needed = cfg.solver == "barrier" or cfg.gamma > 0
-
-    def terms(params, batch):
-        sums, counts = logps_fn(params, batch)
-        stats = pair_stats(sums, counts, batch)
-        f, metrics = upper_loss(stats)
-        metrics = dict(metrics)
-        if cfg.value == "reference":
-            if stats.ref_chosen_logps is None:
-                if constraint_needed:
-                    raise ValueError(
-                        f"SPO value='reference' (solver={cfg.solver!r}, gamma={cfg.gamma}) needs "
-                        "batch['ref_logps'] [S] (reference log-prob sums per sequence); have the "
-                        "trainer add reference log-probs, or use value='inner_sft'")
-                return (f, jnp.zeros((), jnp.float32)), metrics
-            q = losses.reference_gap(stats)
-            weight = stats.weight
-        else:
-            theta_k, values = inner_loop(lower, jax.lax.stop_gradient(params), batch,
-                                         steps=cfg.inner_steps, optimizer=optimizer, remat=False)
-            theta_k = jax.lax.stop_gradient(theta_k)
-            nll_k, weight = sequence_nll(logps_fn, theta_k, batch)
-            if "sft" in batch:
-                nll, weight = sequence_nll(logps_fn, params, batch)
-            else:  # the chosen responses: reuse this forward pass
-                nll = -stats.chosen_logps / stats.chosen_len
-            q = nll - nll_k
-            metrics.update({"spo/g_star": _weighted_mean(nll_k, weight),
-                            "spo/inner_loss_first": values[0], "spo/inner_loss_last": values[-1]})
-        penalty, penalty_metrics = losses.spo_penalty(
-            q, epsilon=cfg.epsilon, per_sample=cfg.per_sample, squared=cfg.squared, weight=weight)
-        metrics.update(penalty_metrics)
-        w = jnp.ones_like(q) if weight is None else weight
-        metrics["spo/q_mean"] = _weighted_mean(q, w)
-        return (f, penalty), metrics
-
-    return terms
-
-
-def make_solver(logps_fn: LogpsFn, upper_loss: Callable, cfg: SPOConfig | Mapping[str, Any]) -> Solver:
-    """``solver(params, batch) -> (direction, metrics)`` for the trainer (Contract 5).
-
-    ``logps_fn(params, batch) -> (sums_S, counts_S)``; ``upper_loss(PairStats) ->
-    (scalar, metrics)`` (e.g. ``losses.get_loss("dpo", beta=0.1)``); ``cfg`` an
-    SPOConfig or a mapping of its fields. The direction goes to optax as the
-    gradient; metrics are fp32 scalars (see the core solvers for the names).
-    """
-    if not isinstance(cfg, SPOConfig):
-        cfg = SPOConfig.from_dict(cfg)
-    terms = make_terms(logps_fn, upper_loss, cfg)
-    if cfg.solver == "penalty":
-        return penalty_solver(terms, cfg.gamma)
-    if cfg.solver == "barrier":
-        return barrier_solver(terms, cfg.barrier_alpha, cfg.barrier_delta)
-    lower = make_lower(logps_fn)
-    optimizer = make_inner_optimizer(cfg.inner_optimizer, cfg.inner_lr)
-    objective = penalized(terms, cfg.gamma)
-    if cfg.solver == "unrolled":
-        return unrolled_solver(objective, lower, steps=cfg.inner_steps, optimizer=optimizer,
-                               remat=cfg.remat)
-    return implicit_solver(objective, lower, mu=cfg.mu, steps=cfg.inner_steps, optimizer=optimizer,
-                           cg_iters=cfg.cg_iters, cg_tol=cfg.cg_tol)

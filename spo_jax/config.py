@@ -45,7 +45,7 @@ loss.name                  a registered loss (spo_jax.losses.get_loss); stage "s
 loss.hparams               its hyperparameters (unlocked dict, validated by get_loss)
 loss.sft_weight            > 0 adds sft_weight * token-mean NLL of the chosen response ("DPO + λ·NLL")
 
-spo.enabled                wrap the preference loss in SPO (spo_jax.bilevel.make_solver)
+spo.enabled                wrap the preference loss in SPO (spo_jax.objectives.make_spo_solver)
 spo.<field>                spo_jax.bilevel.SPOConfig fields: solver, gamma, epsilon, value, per_sample,
                            squared, inner_steps, inner_lr, inner_optimizer, mu, cg_iters, cg_tol,
                            barrier_alpha, barrier_delta, remat
@@ -95,14 +95,19 @@ metrics.peak_tflops        peak FLOP/s per device in TFLOP/s for MFU (0 = measur
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from typing import Any
 
+import jax
 import ml_collections
 
+from spo_jax import bilevel, losses, objectives
+from spo_jax import reference as reference_lib
+from spo_jax.data.loading import FORMATS
+
 STAGES = ("sft", "preference", "eval")
-REFERENCE_MODES = ("online", "cached", "none")
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
 PARAM_DTYPES = ("float32", "bfloat16")
@@ -150,23 +155,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.loss.hparams = ml_collections.ConfigDict({"beta": 0.1})
     c.loss.sft_weight = 0.0
 
-    c.spo = ml_collections.ConfigDict()
-    c.spo.enabled = False
-    c.spo.solver = "penalty"
-    c.spo.gamma = 10.0
-    c.spo.epsilon = 0.0
-    c.spo.value = "reference"
-    c.spo.per_sample = True
-    c.spo.squared = False
-    c.spo.inner_steps = 4
-    c.spo.inner_lr = 1e-2
-    c.spo.inner_optimizer = "sgd"
-    c.spo.mu = 1.0
-    c.spo.cg_iters = 20
-    c.spo.cg_tol = 1e-4
-    c.spo.barrier_alpha = 1.0
-    c.spo.barrier_delta = 1e-8
-    c.spo.remat = True
+    c.spo = ml_collections.ConfigDict({"enabled": False, **dataclasses.asdict(bilevel.SPOConfig())})
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-5
@@ -332,17 +321,12 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
         _fail("model.remat", c.model.remat, "must be True or False")
 
     # reference
-    if c.reference.mode not in REFERENCE_MODES:
-        _fail("reference.mode", c.reference.mode, f"must be one of {REFERENCE_MODES}")
+    if c.reference.mode not in reference_lib.MODES:
+        _fail("reference.mode", c.reference.mode, f"must be one of {reference_lib.MODES}")
     if c.reference.path:
         _check_source("reference.path", c.reference.path)
     if c.stage == "sft" and c.reference.mode != "none":
         _fail("reference.mode", c.reference.mode, "stage 'sft' uses no reference model; set reference.mode='none'")
-    needs_ref = c.stage != "sft" and _needs_reference(c)
-    if c.stage in ("preference", "eval") and needs_ref and c.reference.mode == "none":
-        _fail("reference.mode", c.reference.mode, f"loss {c.loss.name!r}"
-              f"{' with spo.value=reference' if c.spo.enabled else ''} needs reference log-probs; "
-              "use 'online' or 'cached'")
 
     # data
     d = c.data
@@ -356,7 +340,6 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
         _check_source("data.eval_path", d.eval_path)
     if c.stage == "eval" and not d.eval_path:
         _fail("data.eval_path", d.eval_path, "stage 'eval' needs a held-out set")
-    from spo_jax.data.loading import FORMATS
     if d.format != "auto" and d.format not in FORMATS:
         _fail("data.format", d.format, f"must be 'auto' or one of {FORMATS}")
     for name in ("max_length", "batch_size", "eval_batch_size"):
@@ -374,7 +357,6 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
 
     # loss / spo
     if c.stage != "sft":
-        from spo_jax import losses
         try:
             losses.get_loss(c.loss.name, **dict(c.loss.hparams))
         except (ValueError, TypeError, KeyError) as e:
@@ -386,11 +368,14 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
     if c.spo.enabled:
         if c.stage == "sft":
             _fail("spo.enabled", True, "SPO wraps a preference loss; use stage='preference'")
-        from spo_jax import bilevel
         try:
-            bilevel.SPOConfig.from_dict(spo_fields(c))
+            objectives.spo_config(c)
         except ValueError as e:
             raise ConfigError(f"config.spo: {e}") from None
+    if objectives.needs_reference(c) and c.reference.mode == "none":
+        _fail("reference.mode", c.reference.mode, f"loss {c.loss.name!r}"
+              f"{' with spo.value=reference' if c.spo.enabled else ''} needs reference log-probs; "
+              "use 'online' or 'cached'")
 
     # optim
     o = c.optim
@@ -453,7 +438,6 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
 
     # devices: mesh and batch divisibility
     if num_devices is None or process_count is None:
-        import jax
         num_devices = jax.device_count() if num_devices is None else num_devices
         process_count = jax.process_count() if process_count is None else process_count
     data_n, fsdp_n, _ = mesh_shape(c, num_devices)
@@ -480,25 +464,6 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
         if d.eval_batch_size % process_count or (k * d.eval_batch_size) % shards:
             _fail("data.eval_batch_size", d.eval_batch_size, f"must split over {process_count} process(es) and "
                   f"({'2x ' if k == 2 else ''}) over mesh.data*mesh.fsdp = {shards} devices")
-
-
-def _needs_reference(c) -> bool:
-    """Whether the preference objective reads reference log-probs."""
-    from spo_jax import losses
-    uses = getattr(losses, "uses_reference", None)
-    if uses is not None:
-        need = bool(uses(c.loss.name))
-    else:
-        need = c.loss.name not in ("cpo", "simpo", "orpo", "sft")
-    if c.spo.enabled and c.spo.value == "reference" and (c.spo.gamma > 0 or c.spo.solver == "barrier"):
-        need = True
-    return need
-
-
-def spo_fields(c) -> dict[str, Any]:
-    """The ``spo.*`` block minus ``enabled``: keyword arguments of ``bilevel.SPOConfig``."""
-    out = {k: v for k, v in c.spo.items() if k != "enabled"}
-    return out
 
 
 def _looks_local(value: str) -> bool:

@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from spo_jax.data import gsm8k
+from spo_jax import objectives, sampling
+from spo_jax.data import BatchIterator, gsm8k
 
 __all__ = [
     "batch_logps",
@@ -60,14 +61,16 @@ def _check_padded(batch: Mapping[str, np.ndarray], need_pairs: bool = True) -> N
 
 
 def _row_logp_fn(graphdef) -> Callable:
-    """``f(params, ids[T], targets[T], mask[T], positions[T], segments[T]) -> s`` (fp32 scalar)."""
-    from spo_jax import logprobs, models
+    """``f(params, ids[T], targets[T], mask[T], positions[T], segments[T]) -> s`` (fp32 scalar):
+    ``objectives.make_logps_fn`` on a one-row batch (vmapped over rows by the callers)."""
+    logps_fn = objectives.make_logps_fn(graphdef)
 
     def f(params, ids, tgt, mask, pos, seg):
-        hidden = models.apply(graphdef, params, ids[None], pos[None], seg[None])
-        w, b = models.unembedding(graphdef, params)
-        lp = logprobs.token_logps(hidden, w, tgt[None], b_V=b)[0]
-        return jnp.sum(jnp.where(mask > 0, lp, 0.0)).astype(jnp.float32)
+        row = {"input_ids": ids[None], "targets": tgt[None], "loss_mask": mask[None], "positions": pos[None],
+               "segment_ids": seg[None], "seq_ids": jnp.zeros_like(ids)[None],
+               "seq_valid": jnp.ones((1,), jnp.float32)}
+        sums, _ = logps_fn(params, row)
+        return sums[0].astype(jnp.float32)
 
     return f
 
@@ -152,7 +155,6 @@ def pair_logps(graphdef, params, dataset, *, batch_size: int = 64, max_length: i
     """Summed log-probs and token counts of every pair of a tokenized preference dataset
     (``spo_jax.data.prepare_dataset``), in dataset order: ``{"example_index", "chosen",
     "rejected", "chosen_len", "rejected_len"}`` (``[P]`` arrays)."""
-    from spo_jax.data import BatchIterator
     it = BatchIterator(dataset, batch_size=batch_size, max_length=max_length, packing=False,
                        length_bucket=length_bucket, shuffle=False, num_epochs=1, pad_id=pad_id,
                        process_index=0, process_count=1)
@@ -200,7 +202,6 @@ def sampled_mass_split(model, tokenizer, pairs: Sequence[Mapping], *, num_sample
     """:func:`mass_split` of ``num_samples`` responses sampled from ``model`` for the prompts of
     preference rows (``{"prompt", "chosen_answer", "rejected_answer"}``, as built by
     ``spo_jax.sampling.sample_pairs``)."""
-    from spo_jax import sampling
     ids = sampling.encode_prompts(tokenizer, [p["prompt"] for p in pairs])
     texts = sampling.generate_texts(model, tokenizer, ids, max_new_tokens=max_new_tokens, key=key,
                                     temperature=temperature, num_samples=num_samples, batch_size=batch_size,

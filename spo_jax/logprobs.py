@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spo_jax.numerics import accumulation_dtype
+
 __all__ = ["token_logps", "naive_token_logps", "sequence_logps", "sequence_mean_logps"]
 
 
@@ -83,14 +85,9 @@ def _check_chunk(name: str, value) -> None:
 # ----------------------------------------------------------------------------- kernels
 
 
-def _acc(dtype):
-    """Accumulation dtype: fp32 for bf16/fp16/fp32 inputs; fp64 kept under jax x64 (exact FD tests)."""
-    return jnp.promote_types(dtype, jnp.float32)
-
-
 def _logits(h_BCD, w_DK, b_K):
     """fp32 logits of one chunk: matmul in the hidden dtype, fp32 accumulation."""
-    acc = _acc(h_BCD.dtype)
+    acc = accumulation_dtype(h_BCD.dtype)
     z = jnp.einsum("bcd,dk->bck", h_BCD, w_DK.astype(h_BCD.dtype), preferred_element_type=acc)
     return z if b_K is None else z + b_K.astype(acc)
 
@@ -133,7 +130,7 @@ def _chunk_vocab_scan(h_BCD, t_BC, w_DV, b_V, vocab_chunk: int):
         tgt = jnp.where(inside, _pick(z, jnp.clip(t_BC - start, 0, K - 1)), tgt)
         return (m_new, s, tgt), None
 
-    acc = _acc(h_BCD.dtype)
+    acc = accumulation_dtype(h_BCD.dtype)
     init = (jnp.full((B, C), -jnp.inf, acc), jnp.zeros((B, C), acc), jnp.full((B, C), jnp.nan, acc))
     (m, s, tgt), _ = jax.lax.scan(body, init, jnp.arange(n))
     return tgt - (m + jnp.log(s))
@@ -220,7 +217,7 @@ def sequence_logps(logps_BT, loss_mask_BT, seq_ids_BT, num_seqs: int):
         if bad.any():
             raise ValueError(f"seq_ids_BT must lie in [0, num_seqs = {num_seqs}); got "
                              f"{ids[bad][:5].tolist()}")
-    acc = _acc(jnp.result_type(logps_BT))
+    acc = accumulation_dtype(jnp.result_type(logps_BT))
     mask = loss_mask_BT.astype(acc)
     masked = jnp.where(mask != 0, logps_BT.astype(acc), 0.0) * mask
     ids = seq_ids_BT.reshape(-1).astype(jnp.int32)

@@ -38,12 +38,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spo_jax.numerics import at_least_f32
+
 Array = jax.Array
 LossFn = Callable[["PairStats"], tuple[Array, dict]]
 
 __all__ = [
-    "PairStats", "stats_from_sequences", "weighted_mean", "LOSSES", "REFERENCE_FREE", "get_loss",
-    "uses_reference", "combine", "reference_gap", "spo_penalty",
+    "PairStats", "pair_stats", "weighted_mean", "LOSSES", "REFERENCE_FREE", "get_loss",
+    "uses_reference", "combine", "reference_gap", "constraint_metrics", "spo_penalty",
     "dpo", "cdpo", "robust", "ipo", "hinge", "dpop", "rpo", "rdpo", "cpo", "simpo", "alphadpo", "orpo",
     "sft",
 ]
@@ -67,31 +69,38 @@ class PairStats(NamedTuple):
     weight: Array | None = None
 
 
-def stats_from_sequences(sums_S, counts_S, ref_sums_S=None, seq_valid_S=None) -> PairStats:
-    """Split interleaved per-sequence sums (2i chosen, 2i+1 rejected; Contract 1) into :class:`PairStats`."""
+def pair_stats(sums_S, counts_S, ref_sums_S=None, seq_valid_S=None) -> PairStats:
+    """Interleaved per-sequence sums and counts [S] (sequence 2i the chosen, 2i+1 the rejected
+    response of pair i; Contract 1) -> :class:`PairStats` [P], at least fp32.
+
+    ``ref_sums_S``: the reference model's sums (None for reference-free losses);
+    ``seq_valid_S``: 1 for a real sequence, 0 for a filler (the pair weight is the
+    chosen sequence's). Counts are clamped to >= 1 so that filler pairs stay finite.
+    """
     if jnp.ndim(sums_S) != 1 or jnp.shape(sums_S)[0] % 2:
-        raise ValueError(f"sums_S must be [S] with S = 2P (chosen, rejected interleaved); got shape "
-                         f"{jnp.shape(sums_S)}")
-    ref = (None, None) if ref_sums_S is None else (ref_sums_S[0::2], ref_sums_S[1::2])
-    weight = None if seq_valid_S is None else _f32(seq_valid_S[0::2])
-    return PairStats(sums_S[0::2], sums_S[1::2], counts_S[0::2], counts_S[1::2], *ref, weight)
+        raise ValueError(f"pair_stats: sums_S must be [S] with S = 2P (chosen, rejected interleaved); got "
+                         f"shape {jnp.shape(sums_S)}")
+    sums = at_least_f32(sums_S)
+    counts = jnp.maximum(jnp.asarray(counts_S).astype(sums.dtype), 1.0)
+    ref = None if ref_sums_S is None else at_least_f32(ref_sums_S)
+    return PairStats(
+        chosen_logps=sums[0::2], rejected_logps=sums[1::2],
+        chosen_len=counts[0::2], rejected_len=counts[1::2],
+        ref_chosen_logps=None if ref is None else ref[0::2],
+        ref_rejected_logps=None if ref is None else ref[1::2],
+        weight=None if seq_valid_S is None else at_least_f32(seq_valid_S)[0::2],
+    )
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
-def _f32(x):
-    """At least fp32 (bf16 inputs are promoted; fp64 under jax x64 is kept for exact tests)."""
-    x = jnp.asarray(x)
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-
 def weighted_mean(x, weight=None):
     """``Σ w_i x_i / Σ w_i`` (plain mean when ``weight`` is None); 0 when every weight is 0."""
-    x = _f32(x)
+    x = at_least_f32(x)
     if weight is None:
         return jnp.mean(x)
-    w = _f32(weight)
+    w = at_least_f32(weight)
     x = jnp.where(w != 0, x, 0.0)  # a filler's garbage (inf, NaN) must not poison the sum
     return jnp.sum(w * x) / jnp.maximum(jnp.sum(w), jnp.finfo(w.dtype).tiny)
 
@@ -132,7 +141,7 @@ def _check_stats(stats: PairStats, needs_reference: bool, name: str) -> None:
                                  "responses in the data, or give filler pairs weight 0")
     if needs_reference and (stats.ref_chosen_logps is None or stats.ref_rejected_logps is None):
         raise ValueError(f"{name} needs reference log-probs: set stats.ref_chosen_logps and "
-                         f"stats.ref_rejected_logps (reference.mode 'online' or 'cached'), or use a "
+                         f"stats.ref_rejected_logps (a reference model's log-prob sums), or use a "
                          f"reference-free loss ({', '.join(sorted(REFERENCE_FREE))})")
 
 
@@ -144,7 +153,7 @@ def _nls(u):
 def _metrics(loss, chosen_rewards, rejected_rewards, stats) -> dict:
     """TRL-named metrics; rewards under stop-gradient."""
     w, sg = stats.weight, jax.lax.stop_gradient
-    cr, rr = sg(_f32(chosen_rewards)), sg(_f32(rejected_rewards))
+    cr, rr = sg(at_least_f32(chosen_rewards)), sg(at_least_f32(rejected_rewards))
     return {
         "loss": loss,
         "rewards/chosen": _mean(cr, w),
@@ -158,21 +167,21 @@ def _metrics(loss, chosen_rewards, rejected_rewards, stats) -> dict:
 
 def _delta(stats):
     """Δ = (s_w − r_w) − (s_l − r_l)."""
-    s = _f32
+    s = at_least_f32
     return (s(stats.chosen_logps) - s(stats.ref_chosen_logps)) - (s(stats.rejected_logps)
                                                                    - s(stats.ref_rejected_logps))
 
 
 def _ref_rewards(stats, beta):
     """β(s_w − r_w), β(s_l − r_l)."""
-    s = _f32
+    s = at_least_f32
     return (beta * (s(stats.chosen_logps) - s(stats.ref_chosen_logps)),
             beta * (s(stats.rejected_logps) - s(stats.ref_rejected_logps)))
 
 
 def _safe_len(n):
     """Token counts with 0 (only legal for weight-0 fillers) replaced by 1, so no inf/NaN arises."""
-    n = _f32(n)
+    n = at_least_f32(n)
     return jnp.where(n > 0, n, 1.0)
 
 
@@ -180,7 +189,7 @@ def _token_means(stats, ref: bool = False):
     """(ā_w, ā_l) of the policy, or of the reference when ``ref``."""
     cw, cl = (stats.ref_chosen_logps, stats.ref_rejected_logps) if ref else (stats.chosen_logps,
                                                                                 stats.rejected_logps)
-    return _f32(cw) / _safe_len(stats.chosen_len), _f32(cl) / _safe_len(stats.rejected_len)
+    return at_least_f32(cw) / _safe_len(stats.chosen_len), at_least_f32(cl) / _safe_len(stats.rejected_len)
 
 
 def _reference_loss(per_pair, stats, beta):
@@ -248,7 +257,7 @@ def dpop(stats: PairStats, *, beta: float = 0.1, lam: float = 50.0):
     response is less likely than under the reference (paper: λ = 50).
     """
     _check_stats(stats, True, "dpop")
-    pen = jax.nn.relu(_f32(stats.ref_chosen_logps) - _f32(stats.chosen_logps))
+    pen = jax.nn.relu(at_least_f32(stats.ref_chosen_logps) - at_least_f32(stats.chosen_logps))
     return _reference_loss(_nls(beta * (_delta(stats) - lam * pen)), stats, beta)
 
 
@@ -278,7 +287,7 @@ def rdpo(stats: PairStats, *, beta: float = 0.1, alpha: float = 0.01):
     margin with length (the sign docs/METHOD.md writes too).
     """
     _check_stats(stats, True, "rdpo")
-    per = _nls(beta * _delta(stats) + alpha * (_f32(stats.chosen_len) - _f32(stats.rejected_len)))
+    per = _nls(beta * _delta(stats) + alpha * (at_least_f32(stats.chosen_len) - at_least_f32(stats.rejected_len)))
     return _reference_loss(per, stats, beta)
 
 
@@ -291,9 +300,9 @@ def cpo(stats: PairStats, *, beta: float = 0.1, lam: float = 1.0):
     """
     _check_stats(stats, False, "cpo")
     aw, _ = _token_means(stats)
-    per = _nls(beta * (_f32(stats.chosen_logps) - _f32(stats.rejected_logps))) - lam * aw
+    per = _nls(beta * (at_least_f32(stats.chosen_logps) - at_least_f32(stats.rejected_logps))) - lam * aw
     loss = _mean(per, stats.weight)
-    m = _metrics(loss, beta * _f32(stats.chosen_logps), beta * _f32(stats.rejected_logps), stats)
+    m = _metrics(loss, beta * at_least_f32(stats.chosen_logps), beta * at_least_f32(stats.rejected_logps), stats)
     m["nll_loss"] = _mean(-aw, stats.weight)
     return loss, m
 
@@ -371,13 +380,15 @@ def orpo(stats: PairStats, *, lam: float = 0.1):
 
 
 def sft(stats: PairStats):
-    """SFT: ``L = −ā_w``, the token-mean negative log-likelihood of the chosen response
-    (docs/METHOD.md's lower-level objective g), weighted mean over pairs."""
+    """SFT: ``L = −ā_w``, the token-mean negative log-likelihood of the chosen response,
+    weighted mean over pairs (a mean of per-sequence means, like docs/METHOD.md's
+    lower-level objective g). Its value is the metric ``loss`` (``loss/sft`` inside
+    :func:`combine`); ``sft/nll`` is the SFT stage's token-weighted NLL
+    (``spo_jax.objectives.sft_objective``), a different normalisation."""
     _check_stats(stats, False, "sft")
     aw, _ = _token_means(stats)
     loss = _mean(-aw, stats.weight)
-    return loss, {"loss": loss, "sft/nll": loss,
-                  "logps/chosen": _mean(jax.lax.stop_gradient(stats.chosen_logps), stats.weight)}
+    return loss, {"loss": loss, "logps/chosen": _mean(jax.lax.stop_gradient(stats.chosen_logps), stats.weight)}
 
 
 # ----------------------------------------------------------------------------- registry
@@ -494,7 +505,15 @@ def reference_gap(stats: PairStats) -> Array:
     than under the reference/SFT model (docs/METHOD.md, value estimate ``reference``).
     """
     _check_stats(stats, True, "reference_gap")
-    return (_f32(stats.ref_chosen_logps) - _f32(stats.chosen_logps)) / _safe_len(stats.chosen_len)
+    return (at_least_f32(stats.ref_chosen_logps) - at_least_f32(stats.chosen_logps)) / _safe_len(stats.chosen_len)
+
+
+def constraint_metrics(q: Array, weight: Array | None = None) -> dict:
+    """Metrics of the per-pair constraint values ``q`` [P]: ``spo/q_mean`` (weighted mean q)
+    and ``spo/violation_frac`` (weighted share of pairs with q_i > 0: chosen token-mean
+    log-prob below the reference's)."""
+    q = jax.lax.stop_gradient(at_least_f32(q))
+    return {"spo/q_mean": _mean(q, weight), "spo/violation_frac": _mean((q > 0).astype(q.dtype), weight)}
 
 
 def spo_penalty(q: Array, epsilon: float = 0.0, per_sample: bool = True, squared: bool = False,
@@ -506,14 +525,12 @@ def spo_penalty(q: Array, epsilon: float = 0.0, per_sample: bool = True, squared
         batch level: c = φ(Σ_i w_i q_i / Σ_i w_i − ε)
         φ = relu, or relu² when ``squared``
 
-    Metrics: ``spo/constraint`` (weighted mean q), ``spo/violation_frac`` (weighted
-    share of pairs with q_i > 0: chosen token-mean log-prob below the reference's)
-    and ``spo/penalty``. ``epsilon`` may be any finite number (a negative slack
-    demands a strict improvement).
+    Metrics: :func:`constraint_metrics` and ``spo/penalty``. ``epsilon`` may be any
+    finite number (a negative slack demands a strict improvement).
     """
     if not isinstance(epsilon, jax.core.Tracer) and not np.isfinite(epsilon):
         raise ValueError(f"spo_penalty: epsilon must be finite; got {epsilon}")
-    q = _f32(q)
+    q = at_least_f32(q)
     if q.ndim != 1:
         raise ValueError(f"spo_penalty: q must be [P]; got shape {q.shape}")
     if weight is not None and jnp.shape(weight) != q.shape:
@@ -525,9 +542,4 @@ def spo_penalty(q: Array, epsilon: float = 0.0, per_sample: bool = True, squared
         return jnp.square(jax.nn.relu(x)) if squared else jax.nn.relu(x)
 
     value = _mean(act(q - epsilon), weight) if per_sample else act(_mean(q, weight) - epsilon)
-    metrics = {
-        "spo/constraint": _mean(jax.lax.stop_gradient(q), weight),
-        "spo/violation_frac": _mean((q > 0).astype(q.dtype), weight),
-        "spo/penalty": value,
-    }
-    return value, metrics
+    return value, {**constraint_metrics(q, weight), "spo/penalty": value}

@@ -13,7 +13,9 @@ import numpy as np
 import optax
 import pytest
 
-from spo_jax import bilevel
+from flax import nnx
+
+from spo_jax import bilevel, logprobs, losses, models, objectives
 
 # --------------------------------------------------------------------------- #
 # Quadratic bilevel problems
@@ -334,8 +336,6 @@ def _pref_batch(seed=10, pairs=4, with_sft=False):
 
 
 def _oracle_stats(params, batch):
-    from spo_jax import losses
-
     s, n = _lm_logps(params, batch)
     r = batch["ref_logps"]
     return losses.PairStats(chosen_logps=s[0::2], rejected_logps=s[1::2], chosen_len=n[0::2],
@@ -379,13 +379,11 @@ SPO = dict(gamma=4.0, epsilon=0.01)
 
 @pytest.mark.parametrize("per_sample,squared", [(True, False), (False, True)])
 def test_penalty_reference_equals_f_plus_gamma_spo_penalty_on_tiny_lm(per_sample, squared):
-    from spo_jax import losses
-
     with jax.enable_x64(True):
         params, batch = _lm_params(0), _pref_batch()
         upper = losses.get_loss("dpo", beta=0.5)
         cfg = bilevel.SPOConfig(solver="penalty", value="reference", per_sample=per_sample, squared=squared, **SPO)
-        grads, metrics = jax.jit(bilevel.make_solver(_lm_logps, upper, cfg))(params, batch)
+        grads, metrics = jax.jit(objectives.make_spo_solver(_lm_logps, upper, cfg))(params, batch)
 
         def oracle(p):
             stats = _oracle_stats(p, batch)
@@ -405,14 +403,12 @@ def test_penalty_reference_equals_f_plus_gamma_spo_penalty_on_tiny_lm(per_sample
 
 @pytest.mark.parametrize("with_sft", [False, True])
 def test_penalty_inner_sft_matches_finite_differences_with_frozen_value(with_sft):
-    from spo_jax import losses
-
     with jax.enable_x64(True):
         params, batch = _lm_params(0), _pref_batch(with_sft=with_sft)
         upper = losses.get_loss("dpo", beta=0.5)
         cfg = bilevel.SPOConfig(solver="penalty", value="inner_sft", inner_steps=3, inner_lr=0.5,
                                 epsilon=-0.05, gamma=4.0)
-        grads, metrics = jax.jit(bilevel.make_solver(_lm_logps, upper, cfg))(params, batch)
+        grads, metrics = jax.jit(objectives.make_spo_solver(_lm_logps, upper, cfg))(params, batch)
 
         theta_k = _python_unroll(_oracle_lower, params, batch, 3, optax.sgd(0.5))
 
@@ -437,14 +433,12 @@ def test_penalty_inner_sft_matches_finite_differences_with_frozen_value(with_sft
 
 
 def test_barrier_direction_matches_finite_differences_on_tiny_lm():
-    from spo_jax import losses
-
     with jax.enable_x64(True):
         params, batch = _lm_params(0), _pref_batch()
         upper = losses.get_loss("dpo", beta=0.5)
         alpha, delta = 2.0, 1e-10
         cfg = bilevel.SPOConfig(solver="barrier", barrier_alpha=alpha, barrier_delta=delta, epsilon=SPO["epsilon"])
-        d, metrics = jax.jit(bilevel.make_solver(_lm_logps, upper, cfg))(params, batch)
+        d, metrics = jax.jit(objectives.make_spo_solver(_lm_logps, upper, cfg))(params, batch)
 
         def f(p):
             return upper(_oracle_stats(p, batch))[0]
@@ -469,13 +463,11 @@ def test_barrier_direction_matches_finite_differences_on_tiny_lm():
 
 
 def test_unrolled_hypergradient_matches_finite_differences_on_tiny_lm():
-    from spo_jax import losses
-
     with jax.enable_x64(True):
         params, batch = _lm_params(0), _pref_batch(with_sft=True)
         upper = losses.get_loss("dpo", beta=0.5)
         cfg = bilevel.SPOConfig(solver="unrolled", inner_steps=3, inner_lr=0.5, **SPO)
-        grads, metrics = jax.jit(bilevel.make_solver(_lm_logps, upper, cfg))(params, batch)
+        grads, metrics = jax.jit(objectives.make_spo_solver(_lm_logps, upper, cfg))(params, batch)
 
         def oracle(phi):  # F(θ_K(φ)) with a Python-loop inner SFT on batch["sft"]
             theta = _python_unroll(_oracle_lower, phi, batch, 3, optax.sgd(0.5))
@@ -488,15 +480,13 @@ def test_unrolled_hypergradient_matches_finite_differences_on_tiny_lm():
 
 
 def test_implicit_hypergradient_matches_finite_differences_of_converged_prox_loop():
-    from spo_jax import losses
-
     with jax.enable_x64(True):
         params, batch = _lm_params(0), _pref_batch()
         upper = losses.get_loss("dpo", beta=0.5)
         mu, lr, k = 2.0, 0.3, 150
         cfg = bilevel.SPOConfig(solver="implicit", mu=mu, inner_steps=k, inner_lr=lr, cg_iters=100,
                                 cg_tol=1e-10, gamma=0.0)
-        grads, metrics = jax.jit(bilevel.make_solver(_lm_logps, upper, cfg))(params, batch)
+        grads, metrics = jax.jit(objectives.make_spo_solver(_lm_logps, upper, cfg))(params, batch)
         assert float(metrics["spo/cg_residual"]) <= 1e-10
         assert float(metrics["spo/cg_negative_curvature"]) == 0.0
 
@@ -516,10 +506,6 @@ def test_implicit_hypergradient_matches_finite_differences_of_converged_prox_loo
 
 
 def _decoder_setup():
-    from flax import nnx
-
-    from spo_jax import models, train
-
     cfg = models.ModelConfig.from_hf(dict(
         model_type="llama", vocab_size=V, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16, rms_norm_eps=1e-6,
@@ -527,10 +513,9 @@ def _decoder_setup():
     model = models.create_model(cfg, rngs=nnx.Rngs(3), dtype=jnp.float64, param_dtype=jnp.float64)
     graphdef, params = nnx.split(model)
     params = jax.tree.map(lambda p: p * 5.0, params)  # N(0, 0.1²) weights: non-trivial log-probs
-    logps_fn = train.make_logps_fn(graphdef, seq_chunk=4, vocab_chunk=4)  # chunked on both axes
+    logps_fn = objectives.make_logps_fn(graphdef, seq_chunk=4, vocab_chunk=4)  # chunked on both axes
 
     def oracle_logps(p, batch):  # unchunked: [B, T, V] log-softmax, then segment sums
-        from spo_jax import logprobs
         hidden = models.apply(graphdef, p, batch["input_ids"], batch["positions"], batch["segment_ids"])
         w, b = models.unembedding(graphdef, p)
         tok = logprobs.naive_token_logps(hidden, w, batch["targets"], b)
@@ -547,14 +532,12 @@ def _decoder_setup():
 
 @pytest.mark.parametrize("solver", ["penalty", "barrier", "unrolled"])
 def test_solvers_on_llama_decoder_match_finite_differences_of_their_objective(solver):
-    from spo_jax import losses
-
     with jax.enable_x64(True):
         params, batch, logps_fn, oracle_logps = _decoder_setup()
         upper = losses.get_loss("simpo", beta=2.0, gamma=0.5)
         cfg = bilevel.SPOConfig(solver=solver, inner_steps=2, inner_lr=0.05, gamma=4.0, epsilon=-0.5,
                                 barrier_alpha=500.0)  # large enough that λ > 0 here
-        d, metrics = jax.jit(bilevel.make_solver(logps_fn, upper, cfg))(params, batch)
+        d, metrics = jax.jit(objectives.make_spo_solver(logps_fn, upper, cfg))(params, batch)
 
         def stats_of(p):
             s, n = oracle_logps(p, batch)

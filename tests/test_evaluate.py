@@ -10,9 +10,8 @@ import pytest
 from flax import nnx
 
 from spo_jax import evaluate, losses, models
-from spo_jax.bilevel import pair_stats
 from spo_jax.data import BatchIterator, prepare_dataset, synthetic
-from spo_jax.train import make_logps_fn
+from spo_jax.objectives import batch_pair_stats, make_logps_fn
 
 TINY = dict(model_type="llama", vocab_size=len(synthetic.vocabulary()), hidden_size=16, intermediate_size=32,
             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
@@ -77,7 +76,7 @@ def test_first_order_prediction_error_scales_as_eta_squared(setup):
 
     def loss_fn(p, b):
         s, c = logps_fn(p, b)
-        return dpo(pair_stats(s, c, b))[0]
+        return dpo(batch_pair_stats(s, c, b))[0]
 
     errs = []
     for eta in (4e-3, 1e-3):

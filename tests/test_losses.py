@@ -357,7 +357,7 @@ def test_combine_is_a_weighted_sum_with_merged_metrics():
     np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=1e-5)
     np.testing.assert_allclose(float(metrics["loss/dpo"]), np_loss("dpo", **d, beta=0.3), rtol=1e-5)
     np.testing.assert_allclose(float(metrics["loss/sft"]), np_loss("sft", **d), rtol=1e-5)
-    assert "rewards/margins" in metrics and "sft/nll" in metrics
+    assert "rewards/margins" in metrics and "loss/sft" in metrics
     g = jax.grad(lambda sw: rpo(to_stats(d)._replace(chosen_logps=sw))[0])(jnp.asarray(d["sw"], jnp.float32))
     g_parts = [jax.grad(lambda sw, f=f: f(to_stats(d)._replace(chosen_logps=sw))[0])(
         jnp.asarray(d["sw"], jnp.float32)) for f in (dpo_fn, sft_fn)]
@@ -423,7 +423,7 @@ def test_spo_penalty_matches_numpy(per_sample, squared, epsilon, weighted):
 
     value, metrics = jax.jit(f)(jnp.asarray(q, jnp.float32))
     np.testing.assert_allclose(float(value), f_np(q), rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(float(metrics["spo/constraint"]), wmean(q, w), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(float(metrics["spo/q_mean"]), wmean(q, w), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(float(metrics["spo/violation_frac"]), wmean((q > 0) * 1.0, w), rtol=1e-6)
     np.testing.assert_allclose(float(metrics["spo/penalty"]), float(value))
     with jax.enable_x64(True):
@@ -442,12 +442,15 @@ def test_spo_penalty_validation():
         losses.spo_penalty(jnp.zeros(3), weight=-jnp.ones(3))
 
 
-def test_stats_from_sequences_splits_interleaved_sums():
+def test_pair_stats_splits_interleaved_sums_and_clamps_counts():
     sums = jnp.arange(8.0)
-    stats = losses.stats_from_sequences(sums, sums + 1, sums * 2, jnp.array([1, 1, 1, 1, 0, 0, 1, 1.0]))
+    stats = losses.pair_stats(sums, sums + 1, sums * 2, jnp.array([1, 1, 1, 1, 0, 0, 1, 1.0]))
     np.testing.assert_array_equal(np.asarray(stats.chosen_logps), [0, 2, 4, 6])
     np.testing.assert_array_equal(np.asarray(stats.rejected_len), [2, 4, 6, 8])
     np.testing.assert_array_equal(np.asarray(stats.ref_rejected_logps), [2, 6, 10, 14])
     np.testing.assert_array_equal(np.asarray(stats.weight), [1, 1, 0, 1])
+    filler = losses.pair_stats(sums, jnp.zeros(8))  # fillers have 0 tokens: counts clamp to 1
+    np.testing.assert_array_equal(np.asarray(filler.chosen_len), [1, 1, 1, 1])
+    assert filler.ref_chosen_logps is None and filler.weight is None
     with pytest.raises(ValueError, match="S = 2P"):
-        losses.stats_from_sequences(jnp.zeros(3), jnp.ones(3))
+        losses.pair_stats(jnp.zeros(3), jnp.ones(3))

@@ -1,0 +1,105 @@
+"""A run's inputs, built from the trainer config: tokenizer, model, tokenized data, batches.
+
+``model.*`` -> ``load_tokenizer`` / ``build_model`` (``spo_jax.models``);
+``data.*`` -> ``load_split`` (``spo_jax.data.prepare_dataset``) and ``make_iterator``
+(``spo_jax.data.BatchIterator``, Contract-1 NumPy batches, each process its slice).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from spo_jax import models
+from spo_jax import sharding as sharding_lib
+from spo_jax.data import BatchIterator, prepare_dataset, synthetic
+
+JNP_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+__all__ = ["JNP_DTYPES", "model_dtypes", "load_tokenizer", "pad_id", "build_model", "load_split",
+           "make_iterator", "batch_devices_per_process", "stack_micro"]
+
+
+def model_dtypes(config) -> dict:
+    """``{"dtype", "param_dtype"}`` (jnp dtypes) of ``model.dtype`` / ``model.param_dtype``."""
+    return {"dtype": JNP_DTYPES[config.model.dtype], "param_dtype": JNP_DTYPES[config.model.param_dtype]}
+
+
+def load_tokenizer(config):
+    """``model.tokenizer``: "synthetic", a path / Hub id, or "" (= model.path)."""
+    name = config.model.tokenizer or config.model.path
+    if name == "synthetic":
+        return synthetic.build_tokenizer(model_max_length=int(config.data.max_length))
+    return models.load_tokenizer(name)
+
+
+def pad_id(tokenizer) -> int:
+    """The tokenizer's pad id, else its EOS id, else 0."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(tokenizer, "eos_token_id", None)
+    return int(pad or 0)
+
+
+def build_model(config, source: str | None = None):
+    """An ``nnx`` model from ``source`` (a path) or, if empty, the config's model source
+    (``model.path``, or ``model.config`` initialised from ``seed``)."""
+    kw = model_dtypes(config)
+    path = source or config.model.path
+    if path:
+        model = models.from_pretrained(path, **kw)
+    else:
+        mcfg = models.ModelConfig.from_hf(dict(config.model.config))
+        model = models.create_model(mcfg, rngs=nnx.Rngs(int(config.seed)), **kw)
+    if config.model.remat:
+        models.set_remat(model, True)
+    return model
+
+
+def load_split(config, tokenizer, path: str, split: str, data=None):
+    """Tokenized dataset (``spo_jax.data.prepare_dataset``) and its stats; ``data`` (an
+    in-memory dataset) replaces ``path``."""
+    d = config.data
+    return prepare_dataset(
+        data if data is not None else path, tokenizer, max_length=int(d.max_length), format=d.format,
+        split=split, min_prompt_length=int(d.min_prompt_length), use_chat_template=bool(d.use_chat_template))
+
+
+def make_iterator(config, dataset, *, batch_size: int, shuffle: bool, num_epochs: int | None, seed: int,
+                  pad_id: int, drop_remainder: bool = False) -> BatchIterator:
+    """This process's Contract-1 batches of ``dataset`` (padded or packed per ``data.*``)."""
+    d = config.data
+    kw = dict(batch_size=int(batch_size), max_length=int(d.max_length), packing=bool(d.packing),
+              length_bucket=int(d.length_bucket) if d.length_bucket else "pow2", shuffle=shuffle, seed=seed,
+              num_epochs=num_epochs, pad_id=pad_id)
+    if d.packing:
+        kw.update(pack_rows=int(d.pack_rows) or None, pack_length=int(d.pack_length) or None,
+                  pack_rows_multiple=batch_devices_per_process(config))
+    else:
+        kw.update(drop_remainder=drop_remainder)
+    return BatchIterator(dataset, **kw)
+
+
+def batch_devices_per_process(config) -> int:
+    """Devices of this process that the batch's row axis is split over (data x fsdp)."""
+    data, fsdp, _ = sharding_lib.resolve_axes((config.mesh.data, config.mesh.fsdp, config.mesh.tensor),
+                                              jax.device_count())
+    return max(1, data * fsdp // jax.process_count())
+
+
+def stack_micro(batches: list[dict]) -> dict:
+    """Stack A Contract-1 batches on a new leading (micro-batch) axis, padding [R, T]
+    arrays to the longest T (padding columns are valid padding: segment 0, mask 0)."""
+    t = max(b["input_ids"].shape[1] for b in batches)
+    out = {}
+    for k in batches[0]:
+        arrs = []
+        for b in batches:
+            x = b[k]
+            if x.ndim == 2 and x.shape[1] < t:
+                x = np.pad(x, ((0, 0), (0, t - x.shape[1])))
+            arrs.append(x)
+        out[k] = np.stack(arrs)
+    return out
