@@ -39,13 +39,15 @@ LLAMA_CONFIG = dict(
 
 
 def make_pairs(n_pairs: int, prompt_len: int, response_len: int, seed: int = 0,
-               skew: bool = False) -> list[dict]:
+               skew: bool = False, vocab: int | None = None) -> list[dict]:
     """Token-id preference pairs. Responses end with EOS (counted in response_len).
 
     skew=True draws lengths from a long-tailed distribution (most short, a few at
-    the maximum), the case where packing pays.
+    the maximum), the case where packing pays. Ids are drawn below ``vocab``
+    (default ``VOCAB``).
     """
     rng = np.random.default_rng(seed)
+    vocab = VOCAB if vocab is None else vocab
     rows = []
     for _ in range(n_pairs):
         if skew:
@@ -55,9 +57,9 @@ def make_pairs(n_pairs: int, prompt_len: int, response_len: int, seed: int = 0,
         else:
             pl, cl, rl = prompt_len, response_len, response_len
         rows.append(dict(
-            prompt=rng.integers(3, VOCAB, pl).tolist(),
-            chosen=rng.integers(3, VOCAB, cl - 1).tolist() + [EOS_ID],
-            rejected=rng.integers(3, VOCAB, rl - 1).tolist() + [EOS_ID],
+            prompt=rng.integers(3, vocab, pl).tolist(),
+            chosen=rng.integers(3, vocab, cl - 1).tolist() + [EOS_ID],
+            rejected=rng.integers(3, vocab, rl - 1).tolist() + [EOS_ID],
         ))
     return rows
 

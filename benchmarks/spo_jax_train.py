@@ -129,13 +129,18 @@ class Bench:
     ``step()`` runs one step on the next batch (cycling) and returns its wall
     time in seconds (dispatch -> ``block_until_ready``) and its real tokens.
     ``num_batches=None``: the batches of one pass over ``rows`` (in order).
+    ``attention``: the model's attention implementation (``spo_jax.models.set_attention``);
+    ``config.model.remat`` is honoured.
     """
 
-    def __init__(self, config, rows: list[dict], *, num_batches: int | None, seed: int = 0):
+    def __init__(self, config, rows: list[dict], *, num_batches: int | None, seed: int = 0,
+                 attention: str = "einsum"):
         c = self.config = config
         self.mesh = sharding_lib.make_mesh((-1, 1, 1))
         mcfg = models.ModelConfig.from_hf(dict(c.model.config))
         model = models.create_model(mcfg, rngs=nnx.Rngs(seed), **model_dtypes(c))
+        models.set_remat(model, bool(c.model.remat))
+        models.set_attention(model, attention)
         self.graphdef, params = nnx.split(model)
         self.num_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
         tx, schedule = self.tx, self.schedule = make_optimizer(c)
@@ -154,11 +159,13 @@ class Bench:
             it_kw.update(pack_rows=int(c.data.pack_rows) or None, pack_length=int(c.data.pack_length) or None,
                          pack_rows_multiple=batch_devices_per_process(c))
         it = BatchIterator(tokenized_dataset(rows), **it_kw)
-        self.batches, self.tokens = [], []
+        self.batches, self.tokens, self.seq_lengths = [], [], []  # seq_lengths: the sequences' lengths per batch
         for local in it:
             if c.reference.mode == "cached":  # not used by the variants above; kept for completeness
                 raise ValueError("reference.mode='cached' is not benchmarked here; use 'online' or 'none'")
             self.tokens.append(int(np.sum(local["segment_ids"] > 0)))
+            seg = np.asarray(local["segment_ids"])
+            self.seq_lengths.append([int(n) for row in seg for n in np.unique(row[row > 0], return_counts=True)[1]])
             self.batches.append(sharding_lib.make_global_batch(local, self.mesh))
             if num_batches is not None and len(self.batches) == num_batches:
                 break

@@ -12,6 +12,7 @@ import math
 import os
 import sys
 
+import jax.numpy as jnp
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
@@ -69,3 +70,71 @@ def test_mfu_measure_counts_flops():
     assert res["flops"]["trainer"] == 8 * n * tokens
     assert res["num_params_matmul"] == n - 64 * 16
     assert 0 < res["mfu"]["trainer"][0] < math.inf
+
+
+def test_accelerator_check_peak_table():
+    from accelerator_check import peak_tflops_for
+    assert peak_tflops_for("NVIDIA H200") == 989.0
+    assert peak_tflops_for("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_tflops_for("NVIDIA H100 PCIe") == 756.0  # the longer key wins
+    assert peak_tflops_for("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_tflops_for("some new chip") is None
+
+
+def test_accelerator_check_tiny(tmp_path):
+    """--tiny end to end on the CPU: counts checked against independent arithmetic, not timings."""
+    import json
+
+    import accelerator_check as ac
+    from common import make_pairs, real_tokens
+    out, md = tmp_path / "res.json", tmp_path / "RESULTS.md"
+    ac.main(["--tiny", "--attention", "xla", "--steps", "1", "--rounds", "1", "--sample-new", "3",
+             "--peak-tflops", "2.0", "--json", str(out), "--write", str(md)])
+    res = json.loads(out.read_text())
+    cfg = ac.TINY
+    # every sequence is seq/2 = 32 tokens, and 8 pairs fill 8 rows of 64 exactly
+    assert res["tokens_per_step"] == real_tokens(make_pairs(8, 8, 24, seed=0, vocab=cfg["vocab_size"])) == 8 * 64
+    assert res["batch_shape"][1] == 64
+    # N counted by hand for TINY: 2 x (q, o 64x64; k, v 64x32; q/k/v biases 128; MLP 3 x 64x128) + tied 64x512;
+    # the model's parameter count adds only the norms (2 per layer + the final one, 64 each)
+    assert ac.matmul_params(cfg) == 2 * (2 * 64 * 64 + 2 * 64 * 32 + 128 + 3 * 64 * 128) + 64 * 512
+    assert res["num_params"] == ac.matmul_params(cfg) + 5 * 64
+    attn = 16 * 4 * 2 * 4 * 16 * 32 * 33 / 2  # 16 sequences of 32: 4·L·H·hd·s(s+1)/2
+    assert math.isclose(res["step_tflop"] * 1e12, 4 * (2 * ac.matmul_params(cfg) * 512 + attn))
+    assert math.isclose(res["mfu"][0], res["step_tflop"] * 1e12 / res["dpo_step_s"][0] / 2e12)
+    assert res["attention"] == "xla" and isinstance(res["attention_trials"]["xla"], float)
+    assert res["spo_over_dpo"][0] > 0 and res["sample_tokens"] == 8 * 3
+    text = md.read_text()
+    assert "## Accelerator check" in text and "| DPO MFU" in text and "--tiny" in text
+
+
+def _with_ref(w, x):  # named as the trainer's reference forward, for profile_step.classify
+    return jnp.sin(x @ (w * 2.0))
+
+
+def _objective(w, x):
+    return jnp.sum(jnp.tanh(x @ w) ** 2)
+
+
+def test_profile_step_attributes_traced_instructions_to_code(tmp_path):
+    """The profiler's per-instruction events map onto the compiled HLO's instructions, whose stacks name the
+    Python functions they came from (the reference forward, the policy's forward and backward)."""
+    import jax
+    import profile_step
+
+    def step(w, x):
+        ref = _with_ref(w, x)
+        g = jax.grad(_objective)(w, x)
+        return w - 0.1 * g + ref.mean()
+    f = jax.jit(step)
+    w, x = jnp.ones((64, 64)), jnp.ones((32, 64))
+    f(w, x).block_until_ready()
+    info = profile_step.parse_hlo(f.lower(w, x).compile().as_text())
+    phases = {profile_step.classify(op, stack)[0] for op, stack in info.values()}
+    assert {"reference forward", "policy forward", "policy backward"} <= phases
+    assert any(fn.endswith("<locals>.step") and path == __file__ for _, stack in info.values() for path, fn, _ in stack)
+    jax.profiler.start_trace(str(tmp_path))
+    f(w, x).block_until_ready()
+    jax.profiler.stop_trace()
+    events = profile_step.trace_events(next(tmp_path.glob("**/*.xplane.pb")).as_posix())
+    assert events and set(events) <= set(info), set(events) - set(info)

@@ -31,6 +31,7 @@ from spo_jax.models import (
     load_tokenizer,
     looks_like_path,
     save_pretrained,
+    set_attention,
     set_remat,
     unembedding,
 )
@@ -384,6 +385,38 @@ def _hf_greedy(tm, ids, mask, max_new, eos=None, pad=0):
                           max_new_tokens=max_new, do_sample=False, eos_token_id=eos, pad_token_id=pad)
     new = out[:, ids.shape[1]:].numpy()
     return np.pad(new, ((0, 0), (0, max_new - new.shape[1])), constant_values=pad)
+
+
+def test_dot_product_attention_implementation(checkpoints, loaded, prompts, greedy):
+    """set_attention(model, "xla") (jax.nn.dot_product_attention): the same logits as transformers (GQA with
+    biases and tied embeddings: qwen2), the same packed-row segments, the same gradients as the einsum
+    default, and the same greedy tokens over a left-padded KV cache."""
+    tm, _ = checkpoints("qwen2")
+    graphdef, params = nnx.split(loaded("qwen2"))
+    m = nnx.merge(graphdef, params)  # new module objects: the shared fixture keeps its einsum attention
+    set_attention(m, "xla")
+    assert all(layer.attn.implementation == "xla" for layer in m.layers)
+    ids = _ids(2, T, seed=3)
+    np.testing.assert_allclose(_our_logits(m, ids), _torch_logits(tm, ids), atol=ATOL, rtol=0)
+    a, b = _ids(1, 7, seed=21)[0], _ids(1, 9, seed=22)[0]
+    packed_ids, seg, pos = np.zeros((1, 20), np.int64), np.zeros((1, 20), np.int64), np.zeros((1, 20), np.int64)
+    packed_ids[0, :7], packed_ids[0, 7:16], seg[0, :7], seg[0, 7:16] = a, b, 1, 2
+    pos[0, :7], pos[0, 7:16] = np.arange(7), np.arange(9)
+    packed = _our_logits(m, packed_ids, pos, seg)[0]
+    np.testing.assert_allclose(packed[:7], _torch_logits(tm, a[None])[0], atol=ATOL, rtol=0)
+    np.testing.assert_allclose(packed[7:16], _torch_logits(tm, b[None])[0], atol=ATOL, rtol=0)
+    graphdef_x, params_x = nnx.split(m)
+    grad = jax.jit(jax.value_and_grad(_scalar_loss, argnums=1), static_argnums=0)
+    pid, pseg = jnp.asarray(packed_ids, jnp.int32), jnp.asarray(seg, jnp.int32)
+    (v_e, g_e), (v_x, g_x) = grad(graphdef, params, pid, pseg), grad(graphdef_x, params_x, pid, pseg)
+    np.testing.assert_allclose(float(v_x), float(v_e), rtol=1e-6)
+    for x, e in zip(jax.tree.leaves(g_x), jax.tree.leaves(g_e)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(e), atol=1e-6, rtol=1e-5)
+    llama = nnx.merge(*nnx.split(loaded("llama")))
+    set_attention(llama, "xla")
+    np.testing.assert_array_equal(np.asarray(generate(llama, *prompts, max_new_tokens=20)[0]), greedy[0])
+    with pytest.raises(ValueError, match="must be one of"):
+        set_attention(llama, "flash")
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])

@@ -105,6 +105,7 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, param_dtype)
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, param_dtype)
         self.cfg = cfg
+        self.implementation = "einsum"  # see set_attention
 
     def qkv(self, x, positions, inv_freq):
         """Projected q, k, v [B, T, heads, hd]; RoPE applied when ``inv_freq`` is not None."""
@@ -119,9 +120,18 @@ class Attention(nnx.Module):
             return q, k, v
         return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
-    def attend(self, q, k, v, mask_BTS):
+    def attend(self, q, k, v, mask_BTS, is_causal=False):
+        """Attention of q [B, T, H, hd] over k, v [B, S, KV, hd] where ``mask_BTS`` is True; -> o_proj output.
+
+        ``is_causal``: the mask is causal over T == S (lets cuDNN skip the masked half)."""
         cfg = self.cfg
         B, T, H, hd = q.shape
+        if self.implementation != "einsum":
+            # cuDNN's fused kernel for whole sequences; XLA's for the one-token decode steps over a cache
+            impl = "xla" if self.implementation == "cudnn" and not is_causal else self.implementation
+            o = jax.nn.dot_product_attention(q, k, v, mask=mask_BTS[:, None], is_causal=is_causal and impl == "cudnn",
+                                             implementation=impl)
+            return self.o_proj(o.reshape(B, T, H * hd))
         G = H // cfg.num_key_value_heads
         q = q.reshape(B, T, cfg.num_key_value_heads, G, hd)
         s = jnp.einsum("btkgh,bskh->bkgts", q, k).astype(at_least_f32(q.dtype)) / math.sqrt(hd)
@@ -132,7 +142,7 @@ class Attention(nnx.Module):
 
     def __call__(self, x, positions, mask_BTS, inv_freq):
         q, k, v = self.qkv(x, positions, inv_freq)
-        return self.attend(q, k, v, mask_BTS)
+        return self.attend(q, k, v, mask_BTS, is_causal=True)
 
 
 class MLP(nnx.Module):
@@ -224,6 +234,25 @@ def create_model(config: ModelConfig, *, rngs: nnx.Rngs | None = None, dtype=jnp
 
 def set_remat(model: Decoder, on: bool = True) -> None:
     model.remat = bool(on)
+
+
+ATTENTION_IMPLEMENTATIONS = ("einsum", "xla", "cudnn")
+
+
+def set_attention(model: Decoder, implementation: str = "einsum") -> None:
+    """How every layer computes attention (the same function, another kernel):
+
+    * ``einsum``: explicit scores, fp32 softmax, einsums (the default; checked against transformers);
+    * ``xla``: ``jax.nn.dot_product_attention(implementation="xla")``;
+    * ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")``, cuDNN's fused (flash) kernel on
+      NVIDIA GPUs, for whole sequences (training, prefill; the packing segment ids go in as its mask); the
+      one-token decode steps over a KV cache use ``xla``. Fails at compile time on other devices and for
+      shapes or dtypes cuDNN does not support (e.g. float32).
+    """
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r}: must be one of {ATTENTION_IMPLEMENTATIONS}")
+    for layer in model.layers:
+        layer.attn.implementation = implementation
 
 
 def apply(graphdef, params, input_ids, positions=None, segment_ids=None):
