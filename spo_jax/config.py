@@ -7,11 +7,14 @@ sub-dicts are deliberately unlocked because their keys depend on a choice:
 **hparams)``, validated by the loss registry, which names the valid ones) and
 ``model.config`` (an inline Hugging Face ``config.json`` dict).
 
-Every field is read by ``spo_jax.train`` (no dead fields). The schema:
+Every field is read by ``spo_jax.train`` (no dead fields), except ``compile_cache``, read by the CLI. The schema:
 
 stage                      "sft" | "preference" | "eval"
 run_dir                    run directory: checkpoints/, metrics.jsonl, tb/, hf_final/, ref_cache/
 seed                       int: parameter init (from-scratch models), data order, PRNG state
+compile_cache              JAX persistent compilation cache directory, read by the CLI (spo_jax.cli):
+                           "" = $SPO_JAX_COMPILE_CACHE, else ~/.cache/spo_jax/jax_cache; "off" disables
+                           it (spo_jax.compile_cache; Python callers use enable_compile_cache)
 
 model.path                 local HF directory, Hub id or ``.gguf`` file ("" -> use model.config)
 model.config               inline HF-style config dict for a from-scratch model (None -> use model.path)
@@ -119,6 +122,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.stage = "preference"
     c.run_dir = ""
     c.seed = 0
+    c.compile_cache = ""
 
     c.model = ml_collections.ConfigDict()
     c.model.path = ""
@@ -294,6 +298,8 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
         _fail("stage", c.stage, f"must be one of {STAGES}")
     if not c.run_dir:
         _fail("run_dir", c.run_dir, "set a run directory (checkpoints, metrics and caches go there)")
+    if not isinstance(c.compile_cache, str):
+        _fail("compile_cache", c.compile_cache, "must be a directory, 'off', or '' (the default location)")
     if not _is_int(c.seed):
         _fail("seed", c.seed, "must be an int")
 

@@ -80,3 +80,32 @@ def test_second_identical_process_compiles_nothing(tmp_path):
     off = _child("off")
     assert off["compiled"] == off["programs"] and off["hits"] == off["writes"] == 0
     assert len(os.listdir(cache)) == first["writes"]
+
+
+def test_cli_second_identical_run_compiles_nothing(tmp_path):
+    """The training CLI with config.compile_cache: the second run (same config, a fresh run directory)
+    loads every XLA program from the cache and ends with the same loss."""
+    from tests.test_train import write_pairs
+    pairs = write_pairs(tmp_path / "pairs.jsonl", n=8)
+    cache = tmp_path / "cache"
+
+    def cli(run: str, setting: str) -> dict:
+        args = [sys.executable, "-m", "spo_jax.train", f"--config={os.path.join(ROOT, 'experiments', 'tiny_test.py')}",
+                f"--config.run_dir={tmp_path / run}", f"--config.data.train_path={pairs}",
+                "--config.train.num_steps=2", "--config.checkpoint.every=0", f"--config.compile_cache={setting}"]
+        out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=400,
+                             env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    first, second = cli("a", str(cache)), cli("b", str(cache))
+    assert first["compile"]["cache_dir"] == str(cache) and first["compile"]["compiled"] > 0
+    assert second["compile"]["programs"] == first["compile"]["programs"]
+    assert second["compile"]["compiled"] == 0 and second["compile"]["cache_hits"] == second["compile"]["programs"]
+    assert second["last_train"]["loss"] == first["last_train"]["loss"]
+    bad = subprocess.run([sys.executable, "-m", "spo_jax.train",
+                          f"--config={os.path.join(ROOT, 'experiments', 'tiny_test.py')}",
+                          f"--config.run_dir={tmp_path / 'c'}", f"--config.data.train_path={pairs}",
+                          f"--config.compile_cache={pairs}/cache"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert bad.returncode != 0 and "config.compile_cache=" in bad.stderr and "'off'" in bad.stderr
