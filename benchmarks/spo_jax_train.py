@@ -38,7 +38,8 @@ from spo_jax import sharding as sharding_lib  # noqa: E402
 from spo_jax.config import get_default_config  # noqa: E402
 from spo_jax.data import BatchIterator  # noqa: E402
 from spo_jax.inputs import batch_devices_per_process, model_dtypes  # noqa: E402
-from spo_jax.train import TrainState, make_optimizer, make_train_step  # noqa: E402
+from spo_jax.optim import make_optimizer  # noqa: E402
+from spo_jax.train import TrainState, make_train_step  # noqa: E402
 
 from common import LLAMA_CONFIG, PAD_ID, make_pairs, peak_rss_mib  # noqa: E402
 

@@ -56,6 +56,7 @@ of the SimPO training recipe, and the SPO weight that worked in our CPU prototyp
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import sys
@@ -63,6 +64,7 @@ from collections.abc import Iterator
 
 import ml_collections
 
+from spo_jax import objectives
 from spo_jax.config import get_default_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -289,9 +291,7 @@ def get_config(arg: str = "qwen2.5-0.5b,dpo,spo,gsm8k") -> ml_collections.Config
     if c.spo.enabled:
         for k, v in SPO.items():
             c.spo[k] = v
-    from spo_jax import losses
-    needs_ref = stage == "preference" and (losses.uses_reference(c.loss.name) or p["spo"])
-    c.reference.mode = "cached" if needs_ref else "none"  # cached: one reference pass before training
+    c.reference.mode = "cached" if objectives.needs_reference(c) else "none"  # cached: one reference pass before training
 
     # data
     c.data.format = "auto"
@@ -368,7 +368,6 @@ def get_config(arg: str = "qwen2.5-0.5b,dpo,spo,gsm8k") -> ml_collections.Config
 
 
 def main(argv=None) -> None:
-    import argparse
     ap = argparse.ArgumentParser(description="The SPO paper's grid: print its get_config arguments.")
     ap.add_argument("--list", action="store_true", help="print every grid entry, one per line")
     ap.add_argument("--stage", action="append", choices=("sft", "preference", "eval"),

@@ -44,6 +44,7 @@ if __name__ == "__main__":
     sys.path.insert(0, REPO)  # run as a script from a checkout: import this checkout's spo_jax
 
 from spo_jax import models, objectives, sampling, train  # noqa: E402
+from spo_jax.compile_cache import enable_compile_cache  # noqa: E402
 from spo_jax.config import get_default_config  # noqa: E402
 from spo_jax.data import BatchIterator, gsm8k, prepare_dataset  # noqa: E402
 
@@ -323,7 +324,6 @@ def main(argv=None) -> None:
                    help="JAX compilation cache directory, or 'off' (default: $SPO_JAX_COMPILE_CACHE, else "
                         "~/.cache/spo_jax/jax_cache; see spo_jax.compile_cache)")
     a = p.parse_args(argv)
-    from spo_jax.compile_cache import enable_compile_cache  # (spo_jax is importable once __main__ set sys.path)
     enable_compile_cache(a.compile_cache)
     methods = tuple(m for m in a.methods.split(",") if m) or None
     run(a.size, a.out, model_path=a.model, data_dir=a.data, seed=a.seed, pairs_file=a.pairs, methods=methods)

@@ -14,12 +14,62 @@ from flax import nnx
 
 from spo_jax import models
 from spo_jax import sharding as sharding_lib
-from spo_jax.data import BatchIterator, prepare_dataset, synthetic
+from spo_jax.data import FORMATS, BatchIterator, prepare_dataset, synthetic
+from spo_jax.validation import check_bool, check_choice, check_int, check_source, fail
 
 JNP_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+PARAM_DTYPES = ("float32", "bfloat16")
 
-__all__ = ["JNP_DTYPES", "model_dtypes", "load_tokenizer", "pad_id", "build_model", "load_split",
+__all__ = ["JNP_DTYPES", "PARAM_DTYPES", "validate_config", "model_dtypes", "load_tokenizer", "pad_id", "build_model", "load_split",
            "make_iterator", "batch_devices_per_process", "stack_micro"]
+
+
+def validate_config(config) -> None:
+    """The ``model.*`` and ``data.*`` fields (``spo_jax.validation.ConfigError`` naming the field)."""
+    _validate_model(config)
+    _validate_data(config)
+
+
+def _validate_model(c) -> None:
+    has_path, has_cfg = bool(c.model.path), c.model.config is not None
+    if has_path == has_cfg:
+        fail("model.path", c.model.path, "set exactly one of model.path (HF dir, Hub id or .gguf) and "
+             f"model.config (inline HF config dict; now {c.model.config!r})")
+    if has_path:
+        check_source("model.path", c.model.path)
+    else:
+        mc = dict(c.model.config)
+        if "model_type" not in mc:
+            fail("model.config", mc, "needs 'model_type' (e.g. 'llama') like an HF config.json")
+        if not c.model.tokenizer:
+            fail("model.tokenizer", c.model.tokenizer, "a from-scratch model (model.config) needs a tokenizer: "
+                 "'synthetic' or a tokenizer path")
+    if c.model.tokenizer and c.model.tokenizer != "synthetic":
+        check_source("model.tokenizer", c.model.tokenizer)
+    check_choice(c, "model.dtype", tuple(JNP_DTYPES))
+    check_choice(c, "model.param_dtype", PARAM_DTYPES)
+    check_bool(c, "model.remat")
+
+
+def _validate_data(c) -> None:
+    d = c.data
+    if c.stage in ("sft", "preference") and not d.train_path:
+        fail("data.train_path", d.train_path, f"stage {c.stage!r} needs a training set "
+             "(a file, a save_to_disk dir or a Hub id)")
+    if d.train_path:
+        check_source("data.train_path", d.train_path)
+    if d.eval_path:
+        check_source("data.eval_path", d.eval_path)
+    if c.stage == "eval" and not d.eval_path:
+        fail("data.eval_path", d.eval_path, "stage 'eval' needs a held-out set")
+    if d.format != "auto" and d.format not in FORMATS:
+        fail("data.format", d.format, f"must be 'auto' or one of {FORMATS}")
+    check_int(c, ("data.max_length",), 2)
+    check_int(c, ("data.batch_size", "data.eval_batch_size"), 1)
+    check_int(c, ("data.min_prompt_length", "data.length_bucket", "data.pack_rows", "data.pack_length"), 0)
+    if d.pack_length and d.pack_length < d.max_length:
+        fail("data.pack_length", d.pack_length, f"must be >= data.max_length={d.max_length} (or 0)")
+    check_bool(c, "data.packing", "data.shuffle", "data.use_chat_template")
 
 
 def model_dtypes(config) -> dict:

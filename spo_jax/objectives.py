@@ -38,13 +38,14 @@ import jax.numpy as jnp
 
 from spo_jax import bilevel, logprobs, losses, models
 from spo_jax.numerics import at_least_f32, f32_metrics
+from spo_jax.validation import ConfigError, check_bool, check_int, fail, is_num
 
 Params = Any
 Batch = Mapping[str, Any]
 LogpsFn = Callable[[Params, Batch], tuple[jax.Array, jax.Array]]
 
 __all__ = [
-    "make_logps_fn", "batch_pair_stats", "make_upper_loss", "spo_config", "needs_reference",
+    "validate_config", "make_logps_fn", "batch_pair_stats", "make_upper_loss", "spo_config", "needs_reference",
     "sft_objective", "sequence_nll", "make_lower", "make_terms", "make_spo_solver", "make_solver",
     "make_eval_metrics",
 ]
@@ -102,6 +103,27 @@ def spo_config(config) -> bilevel.SPOConfig | None:
     if config.stage == "sft" or not config.spo.enabled:
         return None
     return bilevel.SPOConfig.from_dict({k: v for k, v in config.spo.items() if k != "enabled"})
+
+
+def validate_config(config) -> None:
+    """The ``loss.*``, ``spo.*`` and ``logprobs.*`` fields: the loss registry checks the
+    name and hyperparameters, ``bilevel.SPOConfig`` the SPO fields."""
+    c = config
+    if c.stage != "sft":
+        try:
+            losses.get_loss(c.loss.name, **dict(c.loss.hparams))
+        except (ValueError, TypeError, KeyError) as e:
+            fail("loss", {"name": c.loss.name, "hparams": dict(c.loss.hparams)}, str(e))
+    if not is_num(c.loss.sft_weight) or c.loss.sft_weight < 0:
+        fail("loss.sft_weight", c.loss.sft_weight, "must be a finite number >= 0")
+    check_bool(c, "spo.enabled")
+    if c.spo.enabled and c.stage == "sft":
+        fail("spo.enabled", True, "SPO wraps a preference loss; use stage='preference'")
+    try:
+        spo_config(c)
+    except ValueError as e:
+        raise ConfigError(f"config.spo: {e}") from None
+    check_int(c, ("logprobs.seq_chunk", "logprobs.vocab_chunk"), 0, " (0 = no chunking)")
 
 
 def needs_reference(config) -> bool:

@@ -29,16 +29,31 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from spo_jax import inputs
+from spo_jax import inputs, objectives
 from spo_jax import sharding as sharding_lib
-from spo_jax.objectives import make_logps_fn
+from spo_jax.validation import check_choice, check_source, fail
 
 logger = logging.getLogger("spo_jax.reference")
 
 MODES = ("online", "cached", "none")
 
-__all__ = ["MODES", "reference_mode", "with_reference", "model_identity", "dataset_identity",
+__all__ = ["MODES", "validate_config", "reference_mode", "with_reference", "model_identity", "dataset_identity",
            "reference_cache_key", "RefLogpsTable", "compute_reference_table", "Reference"]
+
+
+def validate_config(config) -> None:
+    """The ``reference.*`` fields, and that the objective gets the reference it needs
+    (``objectives.needs_reference``); call after ``objectives.validate_config``."""
+    c = config
+    check_choice(c, "reference.mode", MODES)
+    if c.reference.path:
+        check_source("reference.path", c.reference.path)
+    if c.stage == "sft" and c.reference.mode != "none":
+        fail("reference.mode", c.reference.mode, "stage 'sft' uses no reference model; set reference.mode='none'")
+    if c.reference.mode == "none" and objectives.needs_reference(c):
+        fail("reference.mode", c.reference.mode, f"loss {c.loss.name!r}"
+             f"{' with spo.value=reference' if c.spo.enabled else ''} needs reference log-probs; "
+             "use 'online' or 'cached'")
 
 
 def reference_mode(config) -> str:
@@ -162,7 +177,7 @@ class RefLogpsTable:
 def compute_reference_table(config, graphdef, ref_params, dataset, mesh, pad_id: int,
                             batch_size: int) -> RefLogpsTable:
     """One pass over ``dataset`` (in order, padded batches) with the reference model."""
-    logps_fn = make_logps_fn(graphdef, seq_chunk=config.logprobs.seq_chunk, vocab_chunk=config.logprobs.vocab_chunk)
+    logps_fn = objectives.make_logps_fn(graphdef, seq_chunk=config.logprobs.seq_chunk, vocab_chunk=config.logprobs.vocab_chunk)
     fn = jax.jit(lambda p, b: logps_fn(p, b)[0], out_shardings=sharding_lib.replicated(mesh))
     it = inputs.make_iterator(config, dataset, batch_size=batch_size, shuffle=False, num_epochs=1, seed=0,
                               pad_id=pad_id)

@@ -221,7 +221,7 @@ def initialize_distributed(coordinator_address: str = "", num_processes: int = 1
     """
     if not coordinator_address:
         return False
-    if _distributed_initialized():
+    if jax.distributed.is_initialized():
         return True
     if coordinator_address == "auto":
         jax.distributed.initialize()
@@ -233,11 +233,3 @@ def initialize_distributed(coordinator_address: str = "", num_processes: int = 1
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=int(num_processes),
                                process_id=int(process_id))
     return True
-
-
-def _distributed_initialized() -> bool:
-    try:
-        from jax._src import distributed
-        return distributed.global_state.client is not None
-    except Exception:  # noqa: BLE001
-        return False

@@ -13,7 +13,6 @@ data-iterator position. The command line is ``spo_jax.cli``
 Public Python API (what the demo, the experiments and the benchmarks call):
 
 * ``train(config, *, train_data=None, eval_data=None, stop_at=None) -> TrainResult``
-* ``make_optimizer(config) -> (optax.GradientTransformation, schedule)``
 * ``make_step_fn(config, graphdef, tx, schedule) -> step(state, batch) -> (state, metrics)`` (pure)
 * ``make_train_step(config, graphdef, tx, schedule, mesh, state_shardings)`` -> the jitted step
 * ``make_eval_step(config, graphdef, mesh)`` -> jitted ``(params, ref_params, batch) -> metrics``
@@ -44,6 +43,7 @@ from spo_jax import sharding as sharding_lib
 from spo_jax.checkpoint import Checkpointer
 from spo_jax.data import gsm8k
 from spo_jax.metrics import MetricWriter, Progress, measure_peak_flops, mfu
+from spo_jax.optim import make_optimizer
 
 logger = logging.getLogger("spo_jax.train")
 
@@ -84,44 +84,6 @@ class TrainResult:
     run_dir: str
     export_dir: str | None
     start_step: int
-
-
-# --------------------------------------------------------------------------- #
-# Optimizer
-# --------------------------------------------------------------------------- #
-
-
-def make_schedule(optim, num_steps: int) -> optax.Schedule:
-    """Linear warm-up 0 -> lr over ``warmup_steps``, then cosine / linear decay to
-    ``lr·min_lr_ratio`` at ``num_steps`` (or constant)."""
-    lr, warm = float(optim.learning_rate), int(optim.warmup_steps)
-    end = lr * float(optim.min_lr_ratio)
-    decay_steps = max(num_steps - warm, 1)
-    if optim.schedule == "cosine":
-        decay = optax.cosine_decay_schedule(lr, decay_steps, alpha=float(optim.min_lr_ratio))
-    elif optim.schedule == "linear":
-        decay = optax.linear_schedule(lr, end, decay_steps)
-    else:
-        decay = optax.constant_schedule(lr)
-    if warm == 0:
-        return decay
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), decay], [warm])
-
-
-def _decay_mask(params):
-    return jax.tree.map(lambda x: jnp.ndim(x) >= 2, params)
-
-
-def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW (decay on matrices only) with global-norm clipping and the schedule."""
-    o = config.optim
-    schedule = make_schedule(o, int(config.train.num_steps))
-    parts = []
-    if o.grad_clip > 0:
-        parts.append(optax.clip_by_global_norm(float(o.grad_clip)))
-    parts.append(optax.adamw(schedule, b1=float(o.b1), b2=float(o.b2), eps=float(o.eps),
-                             weight_decay=float(o.weight_decay), mask=_decay_mask))
-    return optax.chain(*parts), schedule
 
 
 # --------------------------------------------------------------------------- #

@@ -9,6 +9,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -16,6 +17,7 @@ import pytest
 from flax import nnx
 
 from spo_jax import bilevel, logprobs, losses, models, objectives
+from spo_jax.config import get_default_config
 
 # --------------------------------------------------------------------------- #
 # Quadratic bilevel problems
@@ -372,6 +374,59 @@ def _assert_directional(direction, fn, params, seeds, rtol, atol=1e-7, h=1e-5):
         fd = _central_difference(fn, params, v, h)
         got = float(bilevel.tree_vdot(direction, v))
         assert abs(got - fd) <= rtol * abs(fd) + atol, (seed, got, fd)
+
+
+def _trainer_config(stage="preference", loss="dpo", hparams=None, spo=None):
+    c = get_default_config()
+    c.stage, c.loss.name = stage, loss
+    c.loss.hparams = ml_collections.ConfigDict(hparams if hparams is not None else {"beta": 0.5})
+    if spo is not None:
+        c.spo.enabled = True
+        for k, v in spo.items():
+            c.spo[k] = v
+    return c
+
+
+def test_make_solver_without_spo_is_the_gradient_of_the_loss_and_sft_of_the_token_nll():
+    """No SPO is the plain gradient of the same objective path (no spo/* metrics); SFT is the
+    gradient of the token-weighted NLL −Σ sums / Σ counts over real sequences."""
+    with jax.enable_x64(True):
+        params, batch = _lm_params(0), _pref_batch()
+        grads, metrics = jax.jit(objectives.make_solver(_trainer_config(), _lm_logps))(params, batch)
+        dpo = losses.get_loss("dpo", beta=0.5)
+        value, expected = jax.value_and_grad(lambda p: dpo(_oracle_stats(p, batch))[0])(params)
+        np.testing.assert_allclose(float(metrics["loss"]), float(value), rtol=1e-6)
+        assert not [k for k in metrics if k.startswith("spo/")]
+        for k in params:
+            np.testing.assert_allclose(np.asarray(grads[k]), np.asarray(expected[k]), rtol=1e-9, atol=1e-12)
+
+        sft_batch = _lm_batch(3, 5, filler=1)
+        grads, metrics = jax.jit(objectives.make_solver(_trainer_config("sft"), _lm_logps))(params, sft_batch)
+
+        def token_nll(p):
+            sums, counts = _lm_logps(p, sft_batch)
+            valid = sft_batch["seq_valid"]
+            return -jnp.sum(sums * valid) / jnp.sum(counts * valid)
+
+        value, expected = jax.value_and_grad(token_nll)(params)
+        np.testing.assert_allclose(float(metrics["sft/nll"]), float(value), rtol=1e-6)
+        for k in params:
+            np.testing.assert_allclose(np.asarray(grads[k]), np.asarray(expected[k]), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("stage,loss,spo,want", [
+    ("sft", "dpo", None, False),
+    ("preference", "dpo", None, True),
+    ("preference", "simpo", None, False),
+    ("preference", "simpo", dict(solver="penalty", value="reference", gamma=1.0), True),
+    ("preference", "simpo", dict(solver="penalty", value="reference", gamma=0.0), False),
+    ("preference", "simpo", dict(solver="barrier", value="reference", gamma=0.0), True),
+    ("preference", "simpo", dict(solver="penalty", value="inner_sft", gamma=1.0), False),
+    ("eval", "dpo", None, True),
+])
+def test_needs_reference_one_rule_for_loss_and_spo(stage, loss, spo, want):
+    hparams = {"beta": 2.0} if loss == "simpo" else {"beta": 0.1}
+    assert objectives.needs_reference(_trainer_config(stage, loss, hparams, spo)) is want
 
 
 SPO = dict(gamma=4.0, epsilon=0.01)
