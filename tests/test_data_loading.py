@@ -7,6 +7,7 @@ spo_jax's format handling.
 
 import gzip
 import json
+import logging
 
 import datasets
 import numpy as np
@@ -213,9 +214,15 @@ def _bad_rows():
     ]
 
 
-def test_bad_rows_dropped_with_counts_and_strict_raises(tok):
+def test_bad_rows_dropped_with_counts_and_strict_raises(tok, caplog):
     ds_raw = datasets.Dataset.from_list(_bad_rows())
-    ds, stats = prepare_dataset(ds_raw, tok, max_length=24)
+    with caplog.at_level(logging.WARNING, logger="spo_jax.data.tokenize"):
+        ds, stats = prepare_dataset(ds_raw, tok, max_length=24)
+    logged = [r.getMessage() for r in caplog.records]
+    # each reason counted and its first row numbers named
+    assert "dropped 2 row(s): empty_response (dataset rows 1, 4)" in logged
+    assert "dropped 1 row(s): identical_responses (dataset rows 2)" in logged
+    assert "dropped 1 row(s): prompt_too_long (dataset rows 3)" in logged
     assert stats["rows_in"] == 5 and stats["rows_out"] == 1
     assert stats["dropped_empty_response"] == 2
     assert stats["dropped_identical_responses"] == 1
@@ -225,6 +232,44 @@ def test_bad_rows_dropped_with_counts_and_strict_raises(tok):
         prepare_dataset(ds_raw, tok, max_length=24, strict=True)
     with pytest.raises(ValueError, match="no row survived"):
         prepare_dataset(datasets.Dataset.from_list(_bad_rows()[1:4]), tok, max_length=24)
+
+
+GOOD = {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."}
+
+
+def _lines(path, lines):
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_data_errors_name_file_line_and_key(tok, tmp_path):
+    good = json.dumps(GOOD)
+    # a line that is not JSON: file and line (a blank line counts as a line)
+    path = _lines(tmp_path / "bad.jsonl", [good, "", good, '{"prompt": "x", "chosen": "a" "rejected": "b"}', good])
+    with pytest.raises(ValueError, match=r"bad\.jsonl:4: not valid JSON: Expecting ',' delimiter \(column 31\)"):
+        prepare_dataset(path, tok, max_length=24)
+    # a torn last line (a writer killed mid-line)
+    path = _lines(tmp_path / "torn.jsonl", [good, good, '{"prompt": "x", "cho'])
+    with pytest.raises(ValueError, match=r"torn\.jsonl:3: not valid JSON: Unterminated string"):
+        prepare_dataset(path, tok, max_length=24)
+    # a JSON document (list of rows) with an error on line 3
+    (tmp_path / "bad.json").write_text("[\n" + good + ",\n{\"prompt\": oops}\n]")
+    with pytest.raises(ValueError, match=r"bad\.json:3: not valid JSON: Expecting value"):
+        prepare_dataset(str(tmp_path / "bad.json"), tok, max_length=24)
+    # a row without a required key (or with null) is an error naming file:line, row and key -- not a drop
+    for i, row in enumerate([{k: v for k, v in GOOD.items() if k != "rejected"}, dict(GOOD, rejected=None)]):
+        path = _lines(tmp_path / f"missing{i}.jsonl", [good, "", good, json.dumps(row)])
+        with pytest.raises(ValueError, match=rf"missing{i}\.jsonl:4: row 2 has no 'rejected' \(the key is missing "
+                                             r"or null\); every 'preference' row needs \['prompt', 'chosen', "):
+            prepare_dataset(path, tok, max_length=24)
+    # an empty file and bytes that are not UTF-8
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"empty\.jsonl: the file is empty"):
+        prepare_dataset(str(tmp_path / "empty.jsonl"), tok, max_length=24)
+    (tmp_path / "latin1.jsonl").write_bytes((good + "\n").encode() + b'{"prompt": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"latin1\.jsonl:2: not valid UTF-8"):
+        prepare_dataset(str(tmp_path / "latin1.jsonl"), tok, max_length=24)
 
 
 def test_truncation_prompt_left_then_response_right(tok):

@@ -31,6 +31,8 @@ and ``response_text = template(prompt + response)[len(prompt_text):]``.
 
 from __future__ import annotations
 
+import gzip
+import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -119,7 +121,15 @@ def load_rows(
             raise ValueError(
                 f"source={path!r}: unknown file type; use one of "
                 f"{[s for s, _ in _BUILDER_BY_SUFFIX]} (or convert the file).")
-        ds = datasets.load_dataset(builder, data_files=path, split="train", cache_dir=cache_dir)
+        if os.path.getsize(path) == 0:
+            raise ValueError(f"{path}: the file is empty (0 bytes); point the data path at a file with rows.")
+        try:
+            ds = datasets.load_dataset(builder, data_files=path, split="train", cache_dir=cache_dir)
+        except Exception as e:  # noqa: BLE001 - the Arrow JSON reader's error names neither file nor line
+            where = json_error_location(path) if builder == "json" else None
+            if where is None:
+                raise
+            raise ValueError(where) from e
     elif os.path.isdir(path):
         saved = any(os.path.exists(os.path.join(path, f))
                     for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
@@ -142,6 +152,70 @@ def load_rows(
         ds = ds[split]
     logger.info("loaded %d rows with columns %s from %s", len(ds), ds.column_names, path)
     return ds
+
+
+def _open_text(path: str):
+    return gzip.open(path, "rb") if path.lower().endswith(".gz") else open(path, "rb")
+
+
+def json_error_location(path: str) -> str | None:
+    """``"<path>:<line>: not valid JSON: <why>"`` for the first bad line of a JSON
+    Lines file (every non-blank line must be one JSON object), or the position of
+    the error in a single-document ``.json`` file; None when Python's ``json``
+    reads the file without error (the problem is elsewhere)."""
+    with _open_text(path) as f:
+        raw = f.read()
+    bad = utf8_error_location(path, raw)
+    if bad:
+        return bad
+    text = raw.decode("utf-8")
+    if text.lstrip().startswith("["):  # one JSON document (a list of rows)
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as e:
+            return f"{path}:{e.lineno}: not valid JSON: {e.msg} (column {e.colno})."
+        return None
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            return f"{path}:{lineno}: not valid JSON: {e.msg} (column {e.colno}); each line must be one JSON object."
+        if not isinstance(value, dict):
+            return f"{path}:{lineno}: not a JSON object (got {type(value).__name__}); each line must be one object."
+    return None
+
+
+def utf8_error_location(path: str, raw: bytes | None = None) -> str | None:
+    """``"<path>:<line>: not valid UTF-8 ..."`` for the first bad byte, else None."""
+    if raw is None:
+        with _open_text(path) as f:
+            raw = f.read()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        return f"{path}:{line}: not valid UTF-8 (byte {e.start} of the file); save the file as UTF-8."
+    return None
+
+
+def row_location(source: str | None, idx: int) -> str:
+    """Where row ``idx`` of a loaded dataset comes from: ``"<file>:<line>"`` for a
+    JSON Lines file (blank lines are skipped by the loader, counted here), else
+    ``"<source> row <idx>"`` (0-based), or ``"row <idx>"`` for in-memory data."""
+    if source and os.path.isfile(source) and _builder_for_file(source) == "json":
+        with _open_text(source) as f:
+            head = f.read(64).lstrip()
+        if not head.startswith(b"["):
+            seen = -1
+            with _open_text(source) as f:
+                for lineno, line in enumerate(f, 1):
+                    if line.strip():
+                        seen += 1
+                        if seen == idx:
+                            return f"{source}:{lineno}"
+    return f"{source} row {idx}" if source else f"row {idx}"
 
 
 # --------------------------------------------------------------------------- formats
@@ -268,7 +342,13 @@ def _as_messages(value: Any, role: str) -> list[dict[str, Any]]:
 
 def _standardize_row(row: dict[str, Any], idx: int, *, format: str, columns, tokenizer,
                      prompt_template: str, completion_template: str, use_chat_template: bool,
-                     marker: str | None) -> dict[str, Any]:
+                     marker: str | None, source: str | None = None) -> dict[str, Any]:
+    for c in REQUIRED_COLUMNS[format]:
+        if row.get(_actual(columns, c)) is None:
+            raise ValueError(
+                f"{row_location(source, idx)}: row {idx} has no {_actual(columns, c)!r} (the key is missing or "
+                f"null); every {format!r} row needs {[_actual(columns, k) for k in REQUIRED_COLUMNS[format]]}. "
+                "Fix or remove the row.")
     get = lambda c: row[_actual(columns, c)]  # noqa: E731
     if format == "question_answer":
         fields = {"question": _text(get("question")), "answer": _text(get("answer"))}
@@ -279,11 +359,11 @@ def _standardize_row(row: dict[str, Any], idx: int, *, format: str, columns, tok
     elif format == "messages":
         messages = get("messages")
         if not is_conversational(messages):
-            raise ValueError(f"row {idx}: column {_actual(columns, 'messages')!r} must be a list of "
+            raise ValueError(f"{row_location(source, idx)}: column {_actual(columns, 'messages')!r} must be a list of "
                              f"{{'role', 'content'}} messages, got {type(messages).__name__}.")
         messages = _clean_messages(messages)
         if messages[-1].get("role") != "assistant":
-            raise ValueError(f"row {idx}: the last message must have role 'assistant' (the trained "
+            raise ValueError(f"{row_location(source, idx)}: the last message must have role 'assistant' (the trained "
                              f"response), got role {messages[-1].get('role')!r}.")
         prompt, responses = messages[:-1], [messages[-1:]]
     elif format == "implicit_preference":
@@ -325,6 +405,7 @@ def standardize(
     marker: str | None = HH_ASSISTANT_MARKER,
     num_proc: int | None = None,
     load_from_cache_file: bool = True,
+    source: str | None = None,
 ) -> tuple[datasets.Dataset, str]:
     """Map rows of any supported format to canonical text columns.
 
@@ -340,6 +421,7 @@ def standardize(
         turn with the tokenizer's chat template.
       marker: dialogue marker for implicit prompts (see :func:`extract_prompt`).
       num_proc: ``datasets.map`` worker processes.
+      source: the file the rows came from, named (with the line) in row errors.
 
     Returns:
       ``(dataset, format)``: columns ``example_index, prompt, chosen, rejected``
@@ -365,15 +447,25 @@ def standardize(
         if any(is_conversational(first[c]) for c in ds.column_names if c in first):
             raise ValueError("the rows are conversational (lists of messages); pass tokenizer=... "
                              "so its chat template can render them.")
-    out = ds.map(
+    try:
+        out = _map_rows(ds, format, columns, tokenizer, prompt_template, completion_template, use_chat_template,
+                        marker, num_proc, load_from_cache_file, source)
+    except UnicodeDecodeError as e:  # Arrow keeps invalid bytes; they fail when a row is read
+        where = utf8_error_location(source) if source and os.path.isfile(source) else None
+        raise ValueError(where or f"{source or 'the dataset'}: text that is not valid UTF-8 ({e})") from e
+    return out, format
+
+
+def _map_rows(ds, format, columns, tokenizer, prompt_template, completion_template, use_chat_template, marker,
+              num_proc, load_from_cache_file, source):
+    return ds.map(
         _standardize_row,
         with_indices=True,
         remove_columns=ds.column_names,
         fn_kwargs=dict(format=format, columns=dict(columns or {}), tokenizer=tokenizer,
                        prompt_template=prompt_template, completion_template=completion_template,
-                       use_chat_template=use_chat_template, marker=marker),
+                       use_chat_template=use_chat_template, marker=marker, source=source),
         num_proc=num_proc if (num_proc or 0) > 1 and ds.num_rows > 1 else None,
         load_from_cache_file=load_from_cache_file,
         desc=f"standardizing {format} rows",
     )
-    return out, format

@@ -25,10 +25,13 @@ Conventions (TRL's DPO ``tokenize_row``, with the differences stated):
   least one token, so the first response token has a position that predicts it);
   then each response from the right (a truncated response loses its EOS, as in TRL).
   Both responses of a pair share the same truncated prompt.
-* Dropped rows (counted in the returned stats and logged; ``strict=True`` raises
-  instead, naming the row): an empty response (``empty_response``), chosen ==
-  rejected (``identical_responses``), a prompt of ``>= max_length`` tokens that
-  leaves no room for a response token (``prompt_too_long``).
+* Dropped rows, for these reasons only (each counted in the returned stats and
+  logged with the first five dataset row numbers; ``strict=True`` raises instead,
+  naming the row): an empty (or whitespace-only) response (``empty_response``),
+  chosen == rejected (``identical_responses``), a prompt of ``>= max_length``
+  tokens that leaves no room for a response token (``prompt_too_long``). A row
+  whose required key is missing or null is an error, not a drop
+  (:func:`~spo_jax.data.loading.standardize` names the file, line and key).
 """
 
 from __future__ import annotations
@@ -210,6 +213,12 @@ def tokenize_dataset(
         "truncated_response": int(rt[kept].sum()),
         "max_length": int(max_length),
     }
+    for reason in DROP_REASONS:
+        rows = np.flatnonzero(drop == reason)
+        if len(rows):
+            first = tok.select(rows[:5])["example_index"]
+            logger.warning("dropped %d row(s): %s (dataset rows %s%s)", len(rows), reason,
+                           ", ".join(map(str, first)), ", ..." if len(rows) > 5 else "")
     if len(kept) < len(drop):
         tok = tok.select(kept)
     tok = tok.remove_columns(["prompt", *response_columns, "_drop", "_prompt_truncated", "_response_truncated"])
@@ -259,7 +268,8 @@ def prepare_dataset(
     text, fmt = loading.standardize(raw, format=format, columns=columns, tokenizer=tokenizer,
                                     prompt_template=prompt_template, completion_template=completion_template,
                                     use_chat_template=use_chat_template, marker=marker, num_proc=num_proc,
-                                    load_from_cache_file=load_from_cache_file)
+                                    load_from_cache_file=load_from_cache_file,
+                                    source=None if isinstance(source, datasets.Dataset) else os.fspath(source))
     tok, stats = tokenize_dataset(text, tokenizer, max_length=max_length, min_prompt_length=min_prompt_length,
                                   strict=strict, num_proc=num_proc, load_from_cache_file=load_from_cache_file)
     stats = {"format": fmt, "kind": loading.kind_of(fmt), **stats}
