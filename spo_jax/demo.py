@@ -268,8 +268,10 @@ def run_demo(out_dir: str, settings: DemoSettings | None = None, seeds=(0,), *, 
     if not seeds:
         raise ValueError("seeds is empty; pass at least one seed (--seeds 0)")
     out_dir = os.path.abspath(out_dir)
-    if os.path.exists(os.path.join(out_dir, "sft")) or os.path.exists(os.path.join(out_dir, "runs")):
-        raise FileExistsError(f"{out_dir} already holds a demo run (sft/, runs/); pass a new --out directory "
+    taken = [n for n in sorted(os.listdir(out_dir)) if n in ("sft", "runs", "report.md", "results.json", "pairs.jsonl")
+             or (n.startswith("logps_") and n.endswith(".png"))] if os.path.isdir(out_dir) else []
+    if taken:
+        raise FileExistsError(f"{out_dir} already holds demo results ({', '.join(taken)}); pass a new --out directory "
                               "(or delete that one) -- the demo does not overwrite earlier results")
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
@@ -551,8 +553,11 @@ def main(argv=None) -> None:
     if args.methods:
         s.methods = tuple(args.methods)
     out = args.out or os.path.join("runs", "demo-" + time.strftime("%Y%m%d-%H%M%S"))  # runs/ is git-ignored
-    with CompileStats() as compiles:
-        res = run_demo(out, s, seeds=tuple(args.seeds), task_seed=args.task_seed)
+    try:
+        with CompileStats() as compiles:
+            res = run_demo(out, s, seeds=tuple(args.seeds), task_seed=args.task_seed)
+    except (FileExistsError, ValueError) as e:  # bad --out / --methods / --seeds: one line, exit code 2
+        p.exit(2, f"{p.prog}: error: {e}\n")
     print(f"report: {os.path.join(os.path.abspath(out), 'report.md')}  (wall {res['timings_s']['total']:.0f} s; "
           f"{compiles.summary()})")
 

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from spo_jax import demo
 
 
@@ -49,11 +51,20 @@ def test_quick_demo_end_to_end(tmp_path):
         assert synthetic.score(row, p["chosen"])["correct"] and not synthetic.score(row, p["rejected"])["correct"]
 
 
-def test_demo_refuses_to_overwrite_an_earlier_run(tmp_path):
-    import pytest
-
-    from spo_jax import demo
-
-    (tmp_path / "sft").mkdir()
-    with pytest.raises(FileExistsError, match="--out"):
+@pytest.mark.parametrize("earlier", ["sft/", "runs/", "report.md", "results.json"])
+def test_demo_refuses_to_overwrite_an_earlier_run(tmp_path, earlier):
+    if earlier.endswith("/"):
+        (tmp_path / earlier).mkdir()
+    else:
+        (tmp_path / earlier).write_text("earlier results")
+    with pytest.raises(FileExistsError, match=rf"{earlier.rstrip('/')}.*--out"):
         demo.run_demo(str(tmp_path), demo.DemoSettings.quick())
+    if not earlier.endswith("/"):
+        assert (tmp_path / earlier).read_text() == "earlier results"
+    if earlier != "report.md":
+        return
+    proc = subprocess.run([sys.executable, "-m", "spo_jax.demo", "--quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("python -m spo_jax.demo: error: ") and earlier.rstrip("/") in \
+        proc.stderr
