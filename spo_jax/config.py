@@ -82,6 +82,8 @@ checkpoint.every           save every N optimizer steps (0 = only at the end)
 checkpoint.keep            keep the last K checkpoints
 checkpoint.async_save      write checkpoints in the background (Orbax async)
 checkpoint.resume          resume from the latest complete checkpoint in run_dir
+checkpoint.strict_restore  a newest checkpoint that cannot be restored stops the run (True) instead of being
+                           moved to checkpoints.corrupt/ with a fall-back to the previous one (False)
 checkpoint.export_hf       export the final policy in HF format to <run_dir>/hf_final
 
 eval.every                 evaluate every N steps (0 = only at the end; needs data.eval_path)
@@ -137,7 +139,8 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.mesh = section({"data": -1, "fsdp": 1, "tensor": 1})
     c.distributed = section({"coordinator_address": "", "num_processes": 1, "process_id": 0,
                              "cpu_collectives": "gloo"})
-    c.checkpoint = section({"every": 100, "keep": 3, "async_save": True, "resume": True, "export_hf": True})
+    c.checkpoint = section({"every": 100, "keep": 3, "async_save": True, "resume": True, "strict_restore": False,
+                            "export_hf": True})
     c.eval = section({"every": 0, "num_batches": 0, "generation": False, "num_prompts": 64, "max_new_tokens": 256,
                       "temperature": 0.0})
     c.metrics = section({"log_every": 1, "jsonl": True, "tensorboard": True, "progress_bar": True,
@@ -223,8 +226,8 @@ def _validate_hooks(c) -> None:
     """checkpoint.*, eval.*, metrics.* (the loop's hooks)."""
     check_int(c, ("checkpoint.every", "eval.every", "eval.num_batches"), 0)
     check_int(c, ("checkpoint.keep", "eval.num_prompts", "eval.max_new_tokens", "metrics.log_every"), 1)
-    check_bool(c, "checkpoint.async_save", "checkpoint.resume", "checkpoint.export_hf", "eval.generation",
-               "metrics.jsonl", "metrics.tensorboard", "metrics.progress_bar")
+    check_bool(c, "checkpoint.async_save", "checkpoint.resume", "checkpoint.strict_restore", "checkpoint.export_hf",
+               "eval.generation", "metrics.jsonl", "metrics.tensorboard", "metrics.progress_bar")
     if not is_num(c.eval.temperature) or c.eval.temperature < 0:
         fail("eval.temperature", c.eval.temperature, "must be >= 0 (0 = greedy)")
     if not is_num(c.metrics.peak_tflops) or c.metrics.peak_tflops < 0:

@@ -17,6 +17,7 @@ embeddings), tokens = non-padding tokens in the step (forward + backward =
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -24,6 +25,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
+logger = logging.getLogger("spo_jax.metrics")
 
 
 def _scalar(v: Any) -> float:
@@ -34,23 +37,56 @@ class MetricWriter:
     """Writes scalar dicts to ``<run_dir>/metrics.jsonl`` and TensorBoard ``<run_dir>/tb``.
 
     Each JSONL line is ``{"step": int, "split": "train"|"eval", <name>: float, ...}``.
-    Appends (a resumed run continues the same file).
+
+    :meth:`start` opens the files for a run that starts at ``step`` (0, or the
+    step of the checkpoint it resumed from). Records of a step after ``step`` belong
+    to a trajectory that was interrupted after its last checkpoint and is now
+    recomputed, so they are removed: the JSONL file is rewritten without them (a
+    temporary file renamed over it, so a kill leaves either the old or the new
+    file), and TensorBoard gets ``purge_step = step + 1`` (TensorBoard then hides
+    every older event from that step on). After any number of resumes each step
+    has exactly one record of each split. :meth:`flush` (called before each
+    checkpoint) makes every record up to the checkpoint durable, so a resume also
+    leaves no gap.
     """
 
     def __init__(self, run_dir: str, *, jsonl: bool = True, tensorboard: bool = True, enabled: bool = True):
         self.enabled = enabled
+        self.run_dir = run_dir
+        self._want_jsonl, self._want_tb = bool(jsonl), bool(tensorboard)
         self._jsonl = None
         self._tb = None
-        if not enabled:
+        self._started = False
+
+    @property
+    def jsonl_path(self) -> str:
+        return os.path.join(self.run_dir, "metrics.jsonl")
+
+    def start(self, step: int | None) -> None:
+        """Open the writers for a run starting after optimizer step ``step``.
+
+        ``step=None`` appends without trimming (a stage that adds records to
+        another run's history, e.g. evaluating its checkpoint).
+        """
+        self._started = True
+        if not self.enabled:
             return
-        os.makedirs(run_dir, exist_ok=True)
-        if jsonl:
-            self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
-        if tensorboard:
-            from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(run_dir, "tb"))
+        os.makedirs(self.run_dir, exist_ok=True)
+        if self._want_jsonl:
+            if step is not None:
+                dropped = trim_jsonl(self.jsonl_path, int(step))
+                if dropped:
+                    logger.info("metrics.jsonl: removed %d record(s) after step %d (recomputed by this run)",
+                                dropped, step)
+            self._jsonl = open(self.jsonl_path, "a", buffering=1)
+        if self._want_tb:
+            from tensorboardX import SummaryWriter  # optional writer: imported only when asked for
+            purge = int(step) + 1 if step is not None and os.path.isdir(os.path.join(self.run_dir, "tb")) else None
+            self._tb = SummaryWriter(os.path.join(self.run_dir, "tb"), purge_step=purge)
 
     def write(self, step: int, metrics: Mapping[str, Any], split: str = "train") -> None:
+        if not self._started:
+            raise RuntimeError("MetricWriter.write before start(step): call start() with the run's first step")
         if not self.enabled:
             return
         values = {k: _scalar(v) for k, v in metrics.items()}
@@ -63,8 +99,10 @@ class MetricWriter:
                 self._tb.add_scalar(f"{split}/{k}", v, int(step))
 
     def flush(self) -> None:
+        """Push every record written so far to the files (JSONL fsynced)."""
         if self._jsonl is not None:
             self._jsonl.flush()
+            os.fsync(self._jsonl.fileno())
         if self._tb is not None:
             self._tb.flush()
 
@@ -75,6 +113,34 @@ class MetricWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def trim_jsonl(path: str, step: int) -> int:
+    """Remove the records of steps after ``step`` from a metrics JSONL file (and a
+    torn last line, which a kill in the middle of a write can leave); returns how
+    many lines were removed. Atomic: a temporary file renamed over ``path``."""
+    if not os.path.exists(path):
+        return 0
+    keep, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+                keep_it = line.endswith("\n") and int(record["step"]) <= step
+            except (ValueError, KeyError, TypeError):
+                keep_it = False
+            if keep_it:
+                keep.append(line)
+            else:
+                dropped += 1
+    if dropped:
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    return dropped
 
 
 class Progress:

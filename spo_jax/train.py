@@ -312,12 +312,12 @@ class _Loop:
         c = self.config
         if not c.checkpoint.resume:
             return 0
-        step = self.checkpointer.latest_step()
-        if step is None:
-            return 0
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                 self.state.saveable(), self.shardings.saveable())
-        restored, data_state, saved_cfg = self.checkpointer.restore(step, abstract)
+        found = self.checkpointer.restore_latest(abstract, strict=bool(c.checkpoint.strict_restore))
+        if found is None:
+            return 0
+        step, restored, data_state, saved_cfg = found
         self._check_resume_config(saved_cfg)
         self.state = self.state.replace(**restored)
         if data_state:
@@ -335,6 +335,7 @@ class _Loop:
                     "checkpoint.resume=False")
 
     def _save(self, step: int, it) -> None:
+        self.writer.flush()  # every record up to this checkpoint is on disk before it exists
         self.checkpointer.save(step, self.state.saveable(), it.get_state(), _config_dict(self.config))
 
     def run(self, stop_at: int | None = None) -> TrainResult:
@@ -345,6 +346,7 @@ class _Loop:
         it = inputs.make_iterator(c, self.train_ds, batch_size=micro_bs, shuffle=c.data.shuffle, num_epochs=None,
                            seed=int(c.seed), pad_id=self.pad_id)
         start = self.restore_if_any(it)
+        self.writer.start(start)  # drops records after the resumed step (recomputed now)
         train_step = make_train_step(c, self.graphdef, self.tx, self.schedule, self.mesh, self.shardings)
         peak = c.metrics.peak_tflops * 1e12 if c.metrics.peak_tflops else measure_peak_flops(
             "bfloat16" if jax.devices()[0].platform != "cpu" and c.model.dtype == "bfloat16" else "float32")
@@ -429,6 +431,7 @@ class _Loop:
                 def set_state(self, _):
                     pass
             start = self.restore_if_any(_NoIter())
+        self.writer.start(None)  # appends an evaluation record to the run's history
         try:
             out = self.evaluate(self.state.params, start)
         finally:

@@ -1,0 +1,296 @@
+"""Fault injection: what a run leaves behind and how it resumes after a SIGKILL, a
+corrupted newest checkpoint and a full disk.
+
+Oracles: the record a killed run wrote for a step equals the record the resumed run
+writes for it (resume is bitwise, so loss and gradient norm repeat exactly); the
+TensorBoard reader (``tensorboard``'s EventAccumulator, which applies the purge
+events) sees the same steps as the JSONL file; a restored checkpoint equals the
+state that was saved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from tensorboard.backend.event_processing import event_accumulator
+
+from spo_jax import sharding, train
+from spo_jax.checkpoint import (Checkpointer, CheckpointRestoreError, CheckpointSaveError, abstract_like)
+from tests.test_train import ROOT, tiny_config, write_pairs
+
+TINY = os.path.join(ROOT, "experiments", "tiny_test.py")
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    return write_pairs(tmp_path_factory.mktemp("faults") / "pairs.jsonl")
+
+
+def read_jsonl(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def train_records(path) -> dict[int, dict]:
+    """step -> record of the train split; fails on a duplicate step."""
+    out: dict[int, dict] = {}
+    for r in read_jsonl(path):
+        if r["split"] == "train":
+            assert r["step"] not in out, f"step {r['step']} recorded twice"
+            out[r["step"]] = r
+    return out
+
+
+def tensorboard_steps(tb_dir, tag: str = "train/loss") -> list[tuple[int, float]]:
+    acc = event_accumulator.EventAccumulator(str(tb_dir), size_guidance={event_accumulator.SCALARS: 0})
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def assert_continuous(run_dir, num_steps: int, before: dict[int, dict] | None = None) -> None:
+    """Exactly one train record per step 1..num_steps in metrics.jsonl (and in
+    TensorBoard when written); the records a killed run left for a step equal the
+    final ones (loss, gradient norm: deterministic)."""
+    final = train_records(os.path.join(run_dir, "metrics.jsonl"))
+    assert sorted(final) == list(range(1, num_steps + 1))
+    for step, rec in (before or {}).items():
+        for key in ("loss", "grad_norm"):
+            assert final[step][key] == rec[key], (step, key)
+    tb = os.path.join(run_dir, "tb")
+    if os.path.isdir(tb):
+        events = tensorboard_steps(tb)
+        assert [s for s, _ in events] == list(range(1, num_steps + 1))
+        np.testing.assert_allclose([v for _, v in events], [final[s]["loss"] for s, _ in events], rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- #
+# SIGKILL
+# --------------------------------------------------------------------------- #
+
+
+def test_sigkill_between_checkpoints_resume_has_one_record_per_step(pairs, tmp_path):
+    """Kill the CLI after a checkpoint with records past it; the rerun resumes from the
+    checkpoint and the metrics (JSONL and TensorBoard) hold each step once."""
+    run_dir = tmp_path / "killed"
+    num_steps, every = 200, 20
+    args = [sys.executable, "-m", "spo_jax.train", f"--config={TINY}", f"--config.run_dir={run_dir}",
+            f"--config.data.train_path={pairs}", f"--config.train.num_steps={num_steps}",
+            f"--config.checkpoint.every={every}", "--config.checkpoint.async_save=True",
+            "--config.checkpoint.keep=2", "--config.metrics.tensorboard=True"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ckdir, jsonl = run_dir / "checkpoints", run_dir / "metrics.jsonl"
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            steps = [int(p) for p in os.listdir(ckdir) if p.isdigit()] if ckdir.is_dir() else []
+            if steps and jsonl.exists():
+                lines = jsonl.read_text().splitlines()
+                last = json.loads(lines[-1])["step"] if lines else 0
+                if last % every >= 3:  # records past the newest checkpoint
+                    break
+            time.sleep(0.02)
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    before = train_records(jsonl)
+    latest = Checkpointer(str(ckdir)).latest_step()
+    assert latest is not None and max(before) > latest  # the kill left records the resume recomputes
+    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["start_step"] == latest and summary["last_train"]["step"] == num_steps
+    assert_continuous(run_dir, num_steps, before)
+
+
+# --------------------------------------------------------------------------- #
+# Corrupted checkpoints
+# --------------------------------------------------------------------------- #
+
+
+def _state(seed: int, scale: float = 1.0):
+    rng = np.random.default_rng(seed)
+    params = {"w": jnp.asarray(scale * rng.standard_normal((64, 48)), jnp.float32),
+              "b": jnp.asarray(rng.standard_normal((48,)), jnp.float32)}
+    return {"step": jnp.int32(seed), "params": params, "opt_state": optax.adam(1e-3).init(params)}
+
+
+def _abstract(state):
+    mesh = sharding.make_mesh((-1, 1, 1))
+    return abstract_like(state, jax.tree.map(lambda _: sharding.replicated(mesh), state))
+
+
+def _truncate_data_files(step_dir):
+    """Every data file of the array store (state/d/<hash>, state/ocdbt.process_<i>/d/<hash>) cut to half."""
+    for r, _, ns in os.walk(os.path.join(step_dir, "state")):
+        if os.path.basename(r) == "d":
+            for n in ns:
+                path = os.path.join(r, n)
+                with open(path, "r+b") as f:
+                    f.truncate(os.path.getsize(path) // 2)
+
+
+def _delete_metadata(step_dir):
+    os.remove(os.path.join(step_dir, "state", "_METADATA"))
+
+
+def _delete_data_files(step_dir):
+    for r, _, ns in os.walk(os.path.join(step_dir, "state")):
+        if os.path.basename(r) == "d":
+            for n in ns:
+                os.remove(os.path.join(r, n))
+
+
+CORRUPTIONS = {"truncated data files": _truncate_data_files, "deleted _METADATA": _delete_metadata,
+               "deleted data files": _delete_data_files}
+
+
+@pytest.mark.parametrize("how", sorted(CORRUPTIONS))
+def test_corrupted_newest_checkpoint_falls_back_and_is_moved_aside(tmp_path, how, caplog, capfd):
+    directory = tmp_path / "ck"
+    ck = Checkpointer(str(directory), keep=3, async_save=False)
+    states = {s: _state(s) for s in (1, 2)}
+    for s, st in states.items():
+        ck.save(s, st, {"cursor": s}, {"run": "x"})
+    ck.close()
+    CORRUPTIONS[how](str(directory / "2"))
+    listing = sorted(os.path.relpath(os.path.join(r, n), directory / "2") for r, _, ns in os.walk(directory / "2")
+                     for n in ns)
+
+    # strict: refuses, names the step, moves nothing
+    ck = Checkpointer(str(directory), keep=3, async_save=False)
+    with pytest.raises(CheckpointRestoreError, match=r"checkpoint step 2 .*cannot be restored: .*strict_restore"):
+        ck.restore_latest(_abstract(states[2]), strict=True)
+    assert ck.all_steps() == [1, 2]
+
+    # default: one line naming the step and the cause, the bad one moved aside, step 1 restored exactly
+    capfd.readouterr()
+    with caplog.at_level(logging.WARNING, logger="spo_jax.checkpoint"):
+        step, state, data_state, _ = ck.restore_latest(_abstract(states[2]))
+    assert step == 1 and data_state == {"cursor": 1}
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(states[1])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    lines = [r.getMessage() for r in caplog.records if r.name == "spo_jax.checkpoint"]
+    assert len(lines) == 1 and "checkpoint step 2 cannot be restored" in lines[0]
+    assert "falling back to step 1" in lines[0] and "\n" not in lines[0]
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Event loop is closed" not in err, err[-2000:]
+    assert ck.all_steps() == [1]
+    (moved,) = os.listdir(str(directory) + ".corrupt")
+    assert moved.startswith("2-")
+    kept = sorted(os.path.relpath(os.path.join(r, n), os.path.join(str(directory) + ".corrupt", moved))
+                  for r, _, ns in os.walk(os.path.join(str(directory) + ".corrupt", moved)) for n in ns)
+    assert kept == listing  # moved, never deleted
+    ck.close()
+
+
+def test_non_finite_checkpoint_is_bad_and_no_usable_checkpoint_refuses(tmp_path):
+    directory = tmp_path / "ck"
+    ck = Checkpointer(str(directory), keep=3, async_save=False)
+    good = _state(1)
+    ck.save(1, good, {}, {})
+    bad = _state(2)
+    bad["params"]["w"] = bad["params"]["w"].at[0, 0].set(jnp.inf)
+    ck.save(2, bad, {}, {})
+    step, _, _, _ = ck.restore_latest(_abstract(good))
+    assert step == 1
+    _truncate_data_files(str(directory / "1"))
+    with pytest.raises(CheckpointRestoreError, match=r"no checkpoint in .* can be restored"):
+        ck.restore_latest(_abstract(good))
+    assert len(os.listdir(str(directory) + ".corrupt")) == 2
+    ck.close()
+
+
+def run_cli(run_dir, pairs, *overrides, timeout=400) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "spo_jax.train", f"--config={TINY}", f"--config.run_dir={run_dir}",
+            f"--config.data.train_path={pairs}", *overrides]
+    return subprocess.run(args, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_trainer_resumes_from_previous_checkpoint_when_newest_is_corrupt(pairs, tmp_path):
+    run_dir = tmp_path / "run"
+    # constant learning rate: the resumed steps 6..10 repeat the first run's exactly though num_steps grows
+    same = dict(optim__schedule="constant", metrics__tensorboard=True)
+    train.train(tiny_config(run_dir, pairs, train__num_steps=10, **same))
+    before = train_records(run_dir / "metrics.jsonl")
+    _truncate_data_files(str(run_dir / "checkpoints" / "10"))
+    strict = tiny_config(run_dir, pairs, train__num_steps=12, checkpoint__strict_restore=True, **same)
+    with pytest.raises(CheckpointRestoreError, match="checkpoint step 10"):
+        train.train(strict)
+    resumed = train.train(tiny_config(run_dir, pairs, train__num_steps=12, **same))
+    assert resumed.start_step == 5
+    assert_continuous(run_dir, 12, {s: r for s, r in before.items() if s <= 10})
+
+
+# --------------------------------------------------------------------------- #
+# Full disk
+# --------------------------------------------------------------------------- #
+
+
+@contextlib.contextmanager
+def small_filesystem(path, size_kib: int):
+    """A tmpfs of ``size_kib`` at ``path`` (yields a remount function to grow it), or
+    None where this process may not mount (not root)."""
+    os.makedirs(path, exist_ok=True)
+    if os.geteuid() != 0 or shutil.which("mount") is None or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(path)], capture_output=True).returncode:
+        yield None
+        return
+    try:
+        yield lambda kib: subprocess.run(["mount", "-o", f"remount,size={kib}k", str(path)], check=True)
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def test_disk_full_while_checkpointing_keeps_last_checkpoint_and_resumes(pairs, tmp_path, monkeypatch, capfd):
+    """A real full disk (a small tmpfs, where the test may mount one) or a writer that
+    fails with ENOSPC: one message naming the step, the cause and the intact last
+    checkpoint; the rerun after freeing space resumes from it with continuous metrics."""
+    with small_filesystem(tmp_path / "small", 2400) as grow:
+        run_dir = tmp_path / "small" / "run"
+        if grow is None:  # inject: the second save fails as a full disk would
+            real_save = Checkpointer.save
+
+            def failing_save(self, step, *a, **k):
+                if step == 10:
+                    raise CheckpointSaveError(self._save_failure_message(
+                        step, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
+                return real_save(self, step, *a, **k)
+
+            monkeypatch.setattr(Checkpointer, "save", failing_save)
+        capfd.readouterr()
+        with pytest.raises(CheckpointSaveError) as err:
+            train.train(tiny_config(run_dir, pairs, train__num_steps=20, metrics__tensorboard=True))
+        msg = str(err.value)
+        complete = Checkpointer(str(run_dir / "checkpoints")).all_steps()
+        assert complete, msg  # the filesystem holds one checkpoint; a later one does not fit
+        failed, last = int(msg.split("checkpoint step ")[1].split()[0]), complete[-1]
+        assert failed > last and "no space left on device" in msg, msg
+        assert f"the last complete checkpoint, step {last} " in msg and "intact" in msg and "\n" not in msg
+        stderr = capfd.readouterr().err
+        assert "Event loop is closed" not in stderr and "Traceback" not in stderr, stderr[-2000:]
+        assert not [n for n in os.listdir(run_dir / "checkpoints") if "tmp" in n]  # partial files removed
+        before = train_records(run_dir / "metrics.jsonl")
+        if grow is None:
+            monkeypatch.undo()
+        else:
+            grow(8192)  # space freed
+        resumed = train.train(tiny_config(run_dir, pairs, train__num_steps=20, metrics__tensorboard=True))
+        assert resumed.start_step == last
+        assert_continuous(run_dir, 20, before)
