@@ -8,7 +8,7 @@ sub-dicts are deliberately unlocked because their keys depend on a choice:
 ``model.config`` (an inline Hugging Face ``config.json`` dict).
 
 Every field is read by the trainer (``spo_jax.train`` and the modules it builds
-from the config: ``inputs``, ``reference``, ``objectives``, ``optim``, ``sharding``; no
+from the config: ``inputs``, ``adapters``, ``reference``, ``objectives``, ``optim``, ``sharding``; no
 dead fields), except ``compile_cache``, read by the CLI. The schema:
 
 stage                      "sft" | "preference" | "eval"
@@ -24,6 +24,13 @@ model.tokenizer            "" (= model.path), "synthetic" (the synthetic task's 
 model.dtype                compute dtype: "float32" | "bfloat16" | "float16"
 model.param_dtype          master-weight dtype (the optimizer's): "float32" | "bfloat16"
 model.remat                rematerialise each decoder layer in the backward pass
+model.lora.enabled         train LoRA adapters on a frozen base (spo_jax.adapters; off by default)
+model.lora.rank, .alpha    adapter rank r and alpha (update scaled by alpha / r; / sqrt(r) with .use_rslora)
+model.lora.dropout         dropout on the adapters' input (training only)
+model.lora.targets         "all-linear" or comma-separated PEFT module names (q_proj,...,down_proj; GPT-2:
+                           c_attn, c_proj, c_fc)
+model.lora.base_dtype      the frozen base's dtype: "" (= model.param_dtype), "float32" or "bfloat16"
+model.lora.init_from       a PEFT adapter directory to continue training ("" = fresh adapters, B = 0)
 
 reference.mode             "online" (frozen reference forward inside the step), "cached" (one pass
                            before training, stored on disk) or "none" (reference-free losses, SFT)
@@ -107,7 +114,7 @@ import dataclasses
 import jax
 import ml_collections
 
-from spo_jax import bilevel, inputs, objectives, optim
+from spo_jax import adapters, bilevel, inputs, objectives, optim
 from spo_jax import reference as reference_lib
 from spo_jax import sharding as sharding_lib
 from spo_jax.validation import ConfigError, check_bool, check_choice, check_int, fail, is_int, is_num
@@ -122,7 +129,8 @@ def get_default_config() -> ml_collections.ConfigDict:
     section = ml_collections.ConfigDict
     c = section({"stage": "preference", "run_dir": "", "seed": 0, "compile_cache": ""})
     c.model = section({"path": "", "config": None,  # a ConfigDict of HF config.json fields when set
-                       "tokenizer": "", "dtype": "bfloat16", "param_dtype": "float32", "remat": False})
+                       "tokenizer": "", "dtype": "bfloat16", "param_dtype": "float32", "remat": False,
+                       "lora": adapters.default_config()})
     c.reference = section({"mode": "cached", "path": "", "cache_dir": ""})
     c.data = section({
         "train_path": "", "train_split": "train", "eval_path": "", "eval_split": "test", "format": "auto",
@@ -160,7 +168,8 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
     """Check every field before anything heavy starts.
 
     Keys and the run-level sections (stage, run_dir, seed, distributed, checkpoint,
-    eval, metrics) here; ``inputs.validate_config`` (model.*, data.*),
+    eval, metrics) here; ``inputs.validate_config`` (model.*, data.*), ``adapters.validate_config``
+    (model.lora.*),
     ``optim.validate_config`` (optim.*, train.num_steps),
     ``objectives.validate_config`` (loss.*, spo.*, logprobs.*) and
     ``reference.validate_config`` (reference.*) for theirs; last the mesh and the
@@ -177,6 +186,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
     if not is_int(c.seed):
         fail("seed", c.seed, "must be an int")
     inputs.validate_config(c)
+    adapters.validate_config(c)  # before reference's: LoRA decides which reference is allowed
     objectives.validate_config(c)
     reference_lib.validate_config(c)
     optim.validate_config(c)

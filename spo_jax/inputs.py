@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from spo_jax import models
+from spo_jax import adapters, models
 from spo_jax import sharding as sharding_lib
 from spo_jax.data import FORMATS, BatchIterator, prepare_dataset, synthetic
 from spo_jax.validation import check_bool, check_choice, check_int, check_source, fail
@@ -97,6 +97,8 @@ def build_model(config, source: str | None = None):
     """An ``nnx`` model from ``source`` (a path) or, if empty, the config's model source
     (``model.path``, or ``model.config`` initialised from ``seed``)."""
     kw = model_dtypes(config)
+    if not source:  # the policy: under LoRA its base may be stored in model.lora.base_dtype
+        kw["param_dtype"] = JNP_DTYPES[adapters.base_param_dtype(config)]
     path = source or config.model.path
     if path:
         model = models.from_pretrained(path, **kw)

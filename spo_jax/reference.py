@@ -77,6 +77,8 @@ def model_identity(config, source: str | None = None) -> dict:
     the inline config and seed; and the dtypes."""
     path = source or config.model.path
     ident: dict[str, Any] = {"dtype": config.model.dtype, "param_dtype": config.model.param_dtype}
+    if config.model.lora.enabled and not source:  # the LoRA reference: the base, in its own dtype
+        ident["param_dtype"] = config.model.lora.base_dtype or config.model.param_dtype
     if path:
         expanded = os.path.abspath(os.path.expanduser(path))
         ident["path"] = expanded if os.path.exists(expanded) else path
@@ -208,16 +210,22 @@ class Reference:
         self.tables = tables or {}
 
     @classmethod
-    def setup(cls, config, *, graphdef, policy_params, shard: Callable, mesh, pad_id: int,
+    def setup(cls, config, *, graphdef, policy_params, shard: Callable, mesh, pad_id: int, shares_policy: bool = False,
               datasets: Mapping[str, Any], batch_sizes: Mapping[str, int], run_dir: str,
               is_main: bool) -> "Reference":
         """The reference of ``config``: ``reference.path`` (loaded, ``shard`` applied) or a copy of
         ``policy_params``; for "cached", one table per dataset (``datasets[name]``, None = absent),
-        read from the cache or computed with ``batch_sizes[name]`` and saved by the main process."""
+        read from the cache or computed with ``batch_sizes[name]`` and saved by the main process.
+        ``shares_policy`` (LoRA): the reference is ``graphdef`` (the adapters-off graph) on the policy's own
+        state, so nothing is copied and "online" holds no parameters (the step uses the frozen base)."""
         mode = reference_mode(config)
         if mode == "none":
             return cls(mode)
-        if config.reference.path:
+        if shares_policy:
+            if mode == "online":
+                return cls(mode)
+            params = policy_params
+        elif config.reference.path:
             _, params = nnx.split(inputs.build_model(config, config.reference.path))
             params = shard(params)
         else:

@@ -16,7 +16,10 @@ Public Python API (what the demo, the experiments and the benchmarks call):
 * ``make_step_fn(config, graphdef, tx, schedule) -> step(state, batch) -> (state, metrics)`` (pure)
 * ``make_train_step(config, graphdef, tx, schedule, mesh, state_shardings)`` -> the jitted step
 * ``make_eval_step(config, graphdef, mesh)`` -> jitted ``(params, ref_params, batch) -> metrics``
-* ``TrainState`` (step, params, opt_state, rng, ref_params)
+* ``TrainState`` (step, params, opt_state, rng, ref_params, frozen)
+
+With ``model.lora.enabled`` (``spo_jax.adapters``) ``params`` are the LoRA adapters, ``frozen`` the base
+model, and the step functions take an ``adapters.Policy`` (its graphdefs) where they take a graphdef.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
+from spo_jax import adapters
 from spo_jax import config as config_lib
 from spo_jax import inputs, models, objectives, sampling
 from spo_jax import reference as reference_lib
@@ -58,7 +62,9 @@ class TrainState(struct.PyTreeNode):
     ``params``: the trainable parameters (``nnx.State``, master dtype);
     ``opt_state``: optax state; ``step``: int32 optimizer steps done; ``rng``: a raw
     uint32 PRNG key (sampling in evaluation); ``ref_params``: frozen reference
-    parameters for ``reference.mode="online"`` (None otherwise; never saved).
+    parameters for ``reference.mode="online"`` (None otherwise, and under LoRA, whose reference is
+    ``frozen`` with the adapters off; never saved); ``frozen``: the LoRA base (None without LoRA; never
+    saved, rebuilt from its source on resume).
     """
 
     step: jax.Array
@@ -66,6 +72,7 @@ class TrainState(struct.PyTreeNode):
     opt_state: Any
     rng: jax.Array
     ref_params: Any = None
+    frozen: Any = None
 
     def saveable(self) -> dict:
         return {"step": self.step, "params": self.params, "opt_state": self.opt_state, "rng": self.rng}
@@ -84,6 +91,8 @@ class TrainResult:
     run_dir: str
     export_dir: str | None
     start_step: int
+    policy: adapters.Policy | None = None  # the graphdefs (under LoRA: merge eval_graphdef with
+    #                                        adapters.full_state(state.params, state.frozen))
 
 
 # --------------------------------------------------------------------------- #
@@ -100,28 +109,31 @@ def make_step_fn(config, graphdef, tx: optax.GradientTransformation, schedule) -
     Metrics: the solver's (loss, rewards/*, logps/*, spo/*), ``grad_norm`` (of the
     averaged direction, before clipping), ``learning_rate`` (of this update).
     """
-    logps_fn = _logps_fn(config, graphdef)
-    solver = objectives.make_solver(config, logps_fn)
+    policy = adapters.as_policy(graphdef)
+    logps_fn = _logps_fn(config, policy.graphdef)
+    ref_logps_fn = _logps_fn(config, policy.base_graphdef) if policy.lora else logps_fn
     accum = int(config.optim.grad_accum_steps) if config.stage != "eval" else 1
     online = reference_lib.reference_mode(config) == "online"
 
-    def micro(params, ref_params, mb):
-        if online:
-            mb = reference_lib.with_reference(logps_fn, ref_params, mb)
-        return solver(params, mb)
+    def micro(params, frozen, ref_params, mb):
+        if online:  # under LoRA: the same base with the adapters off
+            ref = adapters.full_state(params, frozen) if policy.lora else ref_params
+            mb = reference_lib.with_reference(ref_logps_fn, ref, mb)
+        return objectives.make_solver(config, adapters.bind(logps_fn, frozen))(params, mb)
 
     def step(state: TrainState, batch):
+        frozen = adapters.with_dropout_key(state.frozen, state.rng, state.step)
         if accum == 1:
-            grads, metrics = micro(state.params, state.ref_params, batch)
+            grads, metrics = micro(state.params, frozen, state.ref_params, batch)
         else:
             zeros = jax.tree.map(jnp.zeros_like, state.params)
             first = jax.tree.map(lambda x: x[0], batch)
-            metric_shapes = jax.eval_shape(lambda b: micro(state.params, state.ref_params, b)[1], first)
+            metric_shapes = jax.eval_shape(lambda b: micro(state.params, frozen, state.ref_params, b)[1], first)
             mzeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
 
             def body(carry, mb):
                 g_acc, m_acc = carry
-                g, m = micro(state.params, state.ref_params, mb)
+                g, m = micro(state.params, frozen, state.ref_params, mb)
                 return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, m_acc, m)), None
 
             (gsum, msum), _ = jax.lax.scan(body, (zeros, mzeros), batch)
@@ -152,17 +164,21 @@ def make_train_step(config, graphdef, tx, schedule, mesh, shardings: TrainState)
 
 
 def make_eval_step(config, graphdef, mesh, *, sft_data: bool | None = None) -> Callable:
-    """Jitted ``(params, ref_params, batch) -> metrics`` on a held-out batch, no gradient
-    (``objectives.make_eval_metrics``; the online reference adds ``ref_logps`` first).
+    """Jitted ``(params, ref_params, batch, frozen=None) -> metrics`` on a held-out batch, no gradient
+    (``objectives.make_eval_metrics``; the online reference adds ``ref_logps`` first; ``frozen``: the
+    LoRA base, whose adapters-off forward is then the reference).
     ``sft_data`` (default: stage "sft") says whether the batch holds SFT data."""
-    logps_fn = _logps_fn(config, graphdef)
+    policy = adapters.as_policy(graphdef)
+    logps_fn = _logps_fn(config, policy.eval_graphdef)
+    ref_logps_fn = _logps_fn(config, policy.base_graphdef) if policy.lora else logps_fn
     sft_like = config.stage == "sft" if sft_data is None else bool(sft_data)
-    metrics_fn = objectives.make_eval_metrics(config, logps_fn, sft_data=sft_like)
     online = reference_lib.reference_mode(config) == "online" and not sft_like
 
-    def step(params, ref_params, batch):
+    def step(params, ref_params, batch, frozen=None):
         if online:
-            batch = reference_lib.with_reference(logps_fn, ref_params, batch)
+            ref = adapters.full_state(params, frozen) if policy.lora else ref_params
+            batch = reference_lib.with_reference(ref_logps_fn, ref, batch)
+        metrics_fn = objectives.make_eval_metrics(config, adapters.bind(logps_fn, frozen), sft_data=sft_like)
         return metrics_fn(params, batch)
 
     return jax.jit(step, out_shardings=sharding_lib.replicated(mesh))
@@ -218,17 +234,22 @@ class _Loop:
             self.eval_kind = stats["kind"]
 
         # model (policy), reference, state
-        self.graphdef, params = nnx.split(inputs.build_model(c))
+        # LoRA: params = the adapters, frozen = the base (spo_jax.adapters); else frozen is None
+        self.policy, params, frozen = adapters.split_policy(c, inputs.build_model(c))
+        self.graphdef = self.policy.graphdef
         self.tx, self.schedule = make_optimizer(c)
-        self.num_params = _count_params(params)
+        self.num_params = _count_params(params) + _count_params(frozen)
         params = self._shard(params)
+        frozen = None if frozen is None else self._shard(frozen)
         self.reference = reference_lib.Reference.setup(
-            c, graphdef=self.graphdef, policy_params=params, shard=self._shard, mesh=self.mesh, pad_id=self.pad_id,
+            c, graphdef=self.policy.base_graphdef if self.policy.lora else self.graphdef,
+            policy_params=adapters.full_state(params, frozen),
+            shares_policy=self.policy.lora, shard=self._shard, mesh=self.mesh, pad_id=self.pad_id,
             datasets={"train": self.train_ds, "eval": self.eval_ds},
             batch_sizes={"train": c.data.batch_size // self.accum, "eval": c.data.eval_batch_size},
             run_dir=self.run_dir, is_main=self.is_main)
         state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=jax.jit(self.tx.init)(params),
-                           rng=jax.random.PRNGKey(int(c.seed)), ref_params=self.reference.params)
+                           rng=jax.random.PRNGKey(int(c.seed)), ref_params=self.reference.params, frozen=frozen)
         self.shardings = sharding_lib.param_shardings(jax.eval_shape(lambda: state), self.mesh)
         self.state = jax.device_put(state, self.shardings)
         self.checkpointer = Checkpointer(os.path.join(self.run_dir, "checkpoints"), keep=c.checkpoint.keep,
@@ -262,7 +283,7 @@ class _Loop:
         if self.eval_ds is None:
             return {}
         if not hasattr(self, "_eval_step"):
-            self._eval_step = make_eval_step(c, self.graphdef, self.mesh, sft_data=self.eval_kind == "sft")
+            self._eval_step = make_eval_step(c, self.policy, self.mesh, sft_data=self.eval_kind == "sft")
         it = inputs.make_iterator(c, self.eval_ds, batch_size=c.data.eval_batch_size, shuffle=False, num_epochs=1, seed=0,
                            pad_id=self.pad_id)
         totals: dict[str, float] = {}
@@ -271,7 +292,7 @@ class _Loop:
             if c.eval.num_batches and i >= c.eval.num_batches:
                 break
             batch = sharding_lib.make_global_batch(self.reference.add_to(local, "eval"), self.mesh)
-            m = jax.device_get(self._eval_step(params, self.reference.params, batch))
+            m = jax.device_get(self._eval_step(params, self.reference.params, batch, self.state.frozen))
             w = float(m.get("num_pairs", m.get("num_seqs", 1.0)))
             for k, v in m.items():
                 if k in ("num_pairs", "num_seqs"):
@@ -298,7 +319,8 @@ class _Loop:
         ref_col = "chosen_ids" if "chosen_ids" in rows.column_names else "completion_ids"
         refs = [self.tokenizer.decode(r, skip_special_tokens=True) for r in rows[ref_col]]
         samples = sampling.generate_texts(
-            (self.graphdef, params), self.tokenizer, [list(p) for p in rows["prompt_ids"]],
+            (self.policy.eval_graphdef, adapters.full_state(params, self.state.frozen)), self.tokenizer,
+            [list(p) for p in rows["prompt_ids"]],
             max_new_tokens=int(c.eval.max_new_tokens), key=jax.random.fold_in(jax.random.PRNGKey(int(c.seed)), 7),
             temperature=float(c.eval.temperature), batch_size=min(int(c.data.eval_batch_size), n),
             pad_id=self.pad_id)
@@ -347,7 +369,7 @@ class _Loop:
                            seed=int(c.seed), pad_id=self.pad_id)
         start = self.restore_if_any(it)
         self.writer.start(start)  # drops records after the resumed step (recomputed now)
-        train_step = make_train_step(c, self.graphdef, self.tx, self.schedule, self.mesh, self.shardings)
+        train_step = make_train_step(c, self.policy, self.tx, self.schedule, self.mesh, self.shardings)
         peak = c.metrics.peak_tflops * 1e12 if c.metrics.peak_tflops else measure_peak_flops(
             "bfloat16" if jax.devices()[0].platform != "cpu" and c.model.dtype == "bfloat16" else "float32")
         ref_n = self.num_params if self.reference.mode == "online" else 0
@@ -409,11 +431,20 @@ class _Loop:
             self.writer.flush()
             self.checkpointer.close()
             self.writer.close()
-        return TrainResult(self.state, self.graphdef, self.history, final_eval, self.run_dir, export, start)
+        return TrainResult(self.state, self.graphdef, self.history, final_eval, self.run_dir, export, start,
+                           self.policy)
 
     def _export(self) -> str | None:
-        """The final policy in HF format (``models.save_pretrained``) under <run_dir>/hf_final."""
+        """The final policy in HF format (``models.save_pretrained``) under <run_dir>/hf_final; under LoRA
+        the adapters merged in, and the PEFT adapter in <run_dir>/adapter_final (``adapters.export``)."""
         params = jax.jit(lambda p: p, out_shardings=sharding_lib.replicated(self.mesh))(self.state.params)
+        if self.policy.lora:
+            frozen = jax.jit(lambda p: p, out_shardings=sharding_lib.replicated(self.mesh))(self.state.frozen)
+            base = self.config.model.path or None
+            if self.is_main:
+                return adapters.export(self.policy, jax.device_get(params), jax.device_get(frozen), self.run_dir,
+                                       base_source=base, tokenizer=self.tokenizer)
+            return os.path.join(self.run_dir, "hf_final")
         path = os.path.join(self.run_dir, "hf_final")
         if self.is_main:
             model = nnx.merge(self.graphdef, jax.device_get(params))
@@ -438,7 +469,7 @@ class _Loop:
             self.writer.flush()
             self.checkpointer.close()
             self.writer.close()
-        return TrainResult(self.state, self.graphdef, self.history, out, self.run_dir, None, start)
+        return TrainResult(self.state, self.graphdef, self.history, out, self.run_dir, None, start, self.policy)
 
 
 def train(config, *, train_data=None, eval_data=None, stop_at: int | None = None) -> TrainResult:

@@ -346,9 +346,13 @@ def read_peft_config(path: str) -> LoRAConfig:
                       use_rslora=bool(d.get("use_rslora", False)))
 
 
-def load_peft_adapter(model: Decoder, path: str, *, rngs: nnx.Rngs | None = None) -> LoRAConfig:
-    """Adapt ``model`` (a loaded base, in place) with the PEFT adapter in directory ``path``."""
+def load_peft_adapter(model: Decoder, path: str, *, dropout: float | None = None,
+                      rngs: nnx.Rngs | None = None) -> LoRAConfig:
+    """Adapt ``model`` (a loaded base, in place) with the PEFT adapter in directory ``path``;
+    ``dropout`` (a training choice) replaces the adapter's ``lora_dropout`` when given."""
     cfg = read_peft_config(path)
+    if dropout is not None:
+        cfg = dataclasses.replace(cfg, dropout=float(dropout))
     file = os.path.join(path, ADAPTER_WEIGHTS)
     if not os.path.isfile(file):
         raise ValueError(f"{path}: no {ADAPTER_WEIGHTS} (PEFT's safetensors adapter weights; re-save a .bin "
