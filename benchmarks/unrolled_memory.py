@@ -27,7 +27,6 @@ import pathlib
 import platform
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from flax import nnx

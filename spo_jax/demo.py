@@ -54,9 +54,17 @@ import platform
 import time
 from typing import Any
 
+import datasets
+import jax
+import ml_collections
 import numpy as np
+from flax import nnx
 
+from spo_jax import evaluate, sampling
 from spo_jax.compile_cache import CompileStats, enable_compile_cache
+from spo_jax.config import get_default_config
+from spo_jax.data import BatchIterator, prepare_dataset, synthetic
+from spo_jax.train import train
 
 logger = logging.getLogger("spo_jax.demo")
 
@@ -158,7 +166,6 @@ loss differs):
 
 
 def _model_config(s: DemoSettings) -> dict:
-    from spo_jax.data import synthetic
     vocab = len(synthetic.vocabulary())
     return dict(model_type="llama", vocab_size=vocab, hidden_size=s.hidden_size,
                 intermediate_size=s.intermediate_size, num_hidden_layers=s.num_layers,
@@ -168,7 +175,6 @@ def _model_config(s: DemoSettings) -> dict:
 
 
 def _base_config(s: DemoSettings, run_dir: str, seed: int):
-    from spo_jax.config import get_default_config
     c = get_default_config()
     c.run_dir = run_dir
     c.seed = int(seed)
@@ -193,7 +199,6 @@ def _base_config(s: DemoSettings, run_dir: str, seed: int):
 
 
 def sft_config(s: DemoSettings, run_dir: str, seed: int):
-    import ml_collections
     c = _base_config(s, run_dir, seed)
     c.stage = "sft"
     c.reference.mode = "none"
@@ -239,7 +244,6 @@ def preference_config(s: DemoSettings, method: str, run_dir: str, sft_path: str,
 
 
 def _dataset(rows):
-    import datasets
     return datasets.Dataset.from_list(list(rows))
 
 
@@ -248,19 +252,11 @@ def _pair_rows(pairs):
 
 
 def _params_of(result):
-    import jax
     return jax.device_get(result.state.params)
 
 
 def run_demo(out_dir: str, settings: DemoSettings | None = None, seeds=(0,), *, task_seed: int = 0) -> dict:
     """Run the whole job into ``out_dir``; returns the results dict (also written to results.json)."""
-    import jax
-    from flax import nnx
-
-    from spo_jax import evaluate, sampling
-    from spo_jax.data import prepare_dataset, synthetic
-    from spo_jax.train import train
-
     s = settings or DemoSettings.full()
     unknown = [m for m in s.methods if m not in METHOD_SPECS]
     if unknown:
@@ -392,7 +388,6 @@ def run_demo(out_dir: str, settings: DemoSettings | None = None, seeds=(0,), *, 
 
 def _grad_diagnostics(evaluate, graphdef, params, tok_probe, s: DemoSettings) -> dict:
     """Per-pair gradient geometry at the SFT model on (up to) 16 probe pairs."""
-    from spo_jax.data import BatchIterator
     n = min(16, len(tok_probe))
     it = BatchIterator(tok_probe.select(range(n)), batch_size=n, max_length=s.max_length, packing=False,
                        length_bucket=16, shuffle=False, num_epochs=1, process_index=0, process_count=1)
@@ -415,13 +410,12 @@ def _mean_over_seeds(per_seed: dict) -> dict:
 
 
 def _machine() -> dict:
-    import jax
     return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "jax_devices": str(jax.devices()),
             "load_avg_1min_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
 
 
 def _plots(out_dir: str, curves: dict, sft: dict) -> None:
-    import matplotlib
+    import matplotlib  # the plots only; the Agg backend must be chosen before pyplot is imported
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -26,8 +26,8 @@ A target outside ``[0, V)`` (only checkable when the targets are concrete) gives
 NaN in both paths when traced, never a silently wrong number.
 
 :func:`sequence_logps` turns token log-probs into per-sequence sums and token
-counts with segment sums over ``seq_ids`` (Contract 1's batch layout);
-:func:`sequence_mean_logps` gives token means.
+counts with segment sums over ``seq_ids`` (Contract 1's batch layout); token means
+and NLLs are taken from these by ``spo_jax.losses`` / ``spo_jax.objectives``.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import numpy as np
 
 from spo_jax.numerics import accumulation_dtype
 
-__all__ = ["token_logps", "naive_token_logps", "sequence_logps", "sequence_mean_logps"]
+__all__ = ["token_logps", "naive_token_logps", "sequence_logps"]
 
 
 # ----------------------------------------------------------------------------- boundary checks
@@ -224,9 +224,3 @@ def sequence_logps(logps_BT, loss_mask_BT, seq_ids_BT, num_seqs: int):
     sums = jax.ops.segment_sum(masked.reshape(-1), ids, num_segments=num_seqs)
     counts = jax.ops.segment_sum(mask.reshape(-1), ids, num_segments=num_seqs)
     return sums, counts
-
-
-def sequence_mean_logps(sums_S, counts_S):
-    """Token-mean log-prob per sequence, ``sums / counts`` (fp32 [S]); 0 where a sequence has no tokens."""
-    counts = counts_S.astype(jnp.float32)
-    return jnp.where(counts > 0, sums_S.astype(jnp.float32) / jnp.maximum(counts, 1.0), 0.0)
