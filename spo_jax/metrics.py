@@ -24,7 +24,10 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 logger = logging.getLogger("spo_jax.metrics")
 
@@ -149,7 +152,6 @@ class Progress:
     def __init__(self, total: int, initial: int = 0, enabled: bool = True):
         self._bar = None
         if enabled:
-            from tqdm.auto import tqdm
             self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
     def update(self, n: int, metrics: Mapping[str, Any]) -> None:
@@ -182,9 +184,6 @@ def measure_peak_flops(dtype: str = "float32", size: int | None = None, repeats:
 
     ``size`` defaults to 4096 on accelerators and 512 on CPU (keeps start-up fast).
     """
-    import jax
-    import jax.numpy as jnp
-
     dev = jax.local_devices()[0]
     n = size or (512 if dev.platform == "cpu" else 4096)
     a = jax.device_put(jnp.ones((n, n), dtype), dev)

@@ -35,9 +35,12 @@ from collections.abc import Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from spo_jax import models
 from spo_jax.data import gsm8k
 from spo_jax.data.loading import DEFAULT_PROMPT_TEMPLATE
+from spo_jax.data.tokenize import special_token_policy
 
 __all__ = [
     "encode_prompts",
@@ -53,7 +56,6 @@ __all__ = [
 def _as_model(model):
     """A model object (``nnx.Module``) or a ``(graphdef, params)`` pair."""
     if isinstance(model, tuple) and len(model) == 2:
-        from flax import nnx
         return nnx.merge(*model)
     return model
 
@@ -86,7 +88,6 @@ def encode_prompts(tokenizer, prompts: Sequence[str], *, max_prompt_length: int 
     """Token ids of prompt texts, as ``spo_jax.data.tokenize`` makes them: no special
     tokens, BOS prepended when the tokenizer adds one by default and the ids do not
     already start with it; longer prompts keep BOS and their last tokens."""
-    from spo_jax.data.tokenize import special_token_policy
     if isinstance(prompts, str):
         raise ValueError("encode_prompts expects a list of prompt strings, got a single string; wrap it in a list.")
     bos, _ = special_token_policy(tokenizer)
@@ -143,7 +144,6 @@ def generate_texts(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max
         Generation stops at the first of any of them (kept in the ids, dropped from the text).
       pad_id: default ``tokenizer.pad_token_id`` (or the EOS, or 0).
     """
-    from spo_jax import models
     model = _as_model(model)
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples={num_samples!r} must be a positive int.")

@@ -272,6 +272,7 @@ def build_tokenizer(model_max_length: int = 256):
       continuation digits glued on -- ``decode(encode(answer))`` gives the answer text back;
     * special tokens ``<pad>`` (id 0), ``<unk>``, ``<s>``, ``</s>``, and :data:`CHAT_TEMPLATE`.
     """
+    # heavy (transformers takes seconds to import); only building the tokenizer needs them
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
