@@ -10,13 +10,17 @@ Used by the demo (synthetic task, a from-scratch Llama) and by the GSM8K pipelin
 2. :func:`encode_prompts` tokenizes them like ``spo_jax.data.tokenize`` (no special
    tokens, BOS prepended only when the tokenizer adds one by default and the text
    does not already start with it -- chat templates write their own).
-3. :func:`generate_texts` runs ``models.generate`` on *fixed shapes*: every batch has
-   ``batch_size`` rows (the last one is filled with copies of a real prompt and the
-   extra outputs are dropped) and every prompt is left-padded to one width, so a
-   whole sampling job compiles once. Each prompt is repeated ``num_samples`` times;
-   the PRNG key of batch ``b`` is ``fold_in(key, b)``. Responses are cut at the first
-   EOS (extra stop ids, e.g. ChatML's ``<|im_end|>``, can be given) and decoded with
-   ``skip_special_tokens=True``.
+3. :func:`generate_texts` runs ``models.generate`` on *bucketed shapes*, so a whole
+   sampling job compiles a handful of programs: every batch has ``batch_size`` rows
+   (the last one filled with copies of a real prompt whose outputs are dropped; when
+   greedy, it runs in the next power of two instead); each batch's prompts are
+   left-padded to the length bucket of its longest prompt (``models.length_bucket``)
+   unless a fixed ``prompt_width`` is given; the cache and the budget are bucketed
+   inside ``models.generate``. Each prompt is repeated ``num_samples`` times; the PRNG
+   key of batch ``b`` is ``fold_in(key, b)`` (``models.generate`` says how its steps
+   use it; a row's draw depends on its batch, so sampled batches keep ``batch_size``
+   rows). Responses are cut at the first EOS (extra stop ids, e.g. ChatML's
+   ``<|im_end|>``, can be given) and decoded with ``skip_special_tokens=True``.
 4. :func:`sample_pairs` scores the samples with a correctness function and builds
    ``chosen = correct`` / ``rejected = incorrect`` rows with
    :func:`spo_jax.data.gsm8k.build_preference_pairs`; :func:`greedy_accuracy` is the
@@ -33,7 +37,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -136,9 +139,9 @@ def generate_texts(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max
       key: a PRNG key (needed when ``temperature > 0``); batch ``b`` uses ``fold_in(key, b)``.
       temperature, top_k, top_p: ``models.generate``'s sampling settings (0 = greedy).
       num_samples: responses per prompt (the prompt is repeated; rows of one prompt are adjacent).
-      batch_size: rows per ``generate`` call; every call has exactly this many rows.
-      prompt_width: the left-padded prompt width (default: the longest prompt rounded up to
-        a multiple of 8); fixing it across calls shares the compile.
+      batch_size: rows per ``generate`` call (greedy: the last call runs in the next power of two).
+      prompt_width: one left-padded prompt width for every batch (default: per batch, the length
+        bucket of its longest prompt, ``models.length_bucket``).
       eos_id: the end token(s) (default ``tokenizer.eos_token_id``); the model config's EOS
         ids and ``stop_ids`` (e.g. ``<|im_end|>`` when it is not the EOS) also end a response.
         Generation stops at the first of any of them (kept in the ids, dropped from the text).
@@ -160,9 +163,8 @@ def generate_texts(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max
         pad_id = getattr(tokenizer, "pad_token_id", None)
         pad_id = (stops[0] if stops else 0) if pad_id is None else int(pad_id)
     longest = max(len(p) for p in prompt_ids)
-    width = -(-longest // 8) * 8 if prompt_width is None else int(prompt_width)
-    if longest > width:
-        raise ValueError(f"prompt_width={width} is shorter than the longest prompt ({longest} tokens); "
+    if prompt_width is not None and longest > int(prompt_width):
+        raise ValueError(f"prompt_width={prompt_width} is shorter than the longest prompt ({longest} tokens); "
                          "raise prompt_width or truncate the prompts (encode_prompts(max_prompt_length=...)).")
     rows = [p for p in prompt_ids for _ in range(num_samples)]
     key = jax.random.PRNGKey(0) if key is None else key
@@ -170,16 +172,17 @@ def generate_texts(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max
     for b, start in enumerate(range(0, len(rows), batch_size)):
         chunk = rows[start:start + batch_size]
         real = len(chunk)
-        chunk = chunk + [chunk[0]] * (batch_size - real)
-        ids = np.full((batch_size, width), pad_id, np.int32)
-        mask = np.zeros((batch_size, width), np.int32)
+        B = models.batch_bucket(real, batch_size) if temperature == 0 else batch_size
+        chunk = chunk + [chunk[0]] * (B - real)
+        width = int(prompt_width) if prompt_width is not None else models.length_bucket(max(map(len, chunk)))
+        ids = np.full((B, width), pad_id, np.int32)
+        mask = np.zeros((B, width), np.int32)
         for i, p in enumerate(chunk):
             ids[i, width - len(p):] = p
             mask[i, width - len(p):] = 1
-        toks, valid = models.generate(model, jnp.asarray(ids), jnp.asarray(mask), max_new_tokens=max_new_tokens,
-                                      key=jax.random.fold_in(key, b), temperature=float(temperature),
-                                      top_k=int(top_k or 0), top_p=float(top_p if top_p is not None else 1.0),
-                                      eos_id=stops, pad_id=pad_id)
+        toks, valid = models.generate(model, ids, mask, max_new_tokens=max_new_tokens, key=jax.random.fold_in(key, b),
+                                      temperature=float(temperature), top_k=int(top_k or 0),
+                                      top_p=float(top_p if top_p is not None else 1.0), eos_id=stops, pad_id=pad_id)
         toks, valid = np.asarray(toks), np.asarray(valid)
         for i in range(real):
             seq = [int(t) for t, v in zip(toks[i], valid[i]) if v > 0]

@@ -138,3 +138,35 @@ def test_profile_step_attributes_traced_instructions_to_code(tmp_path):
     jax.profiler.stop_trace()
     events = profile_step.trace_events(next(tmp_path.glob("**/*.xplane.pb")).as_posix())
     assert events and set(events) <= set(info), set(events) - set(info)
+
+
+def test_sampling_benchmark_counts_the_same_tokens_on_both_sides(tmp_path):
+    """benchmarks/sampling.py at a tiny size: one random Llama exported to transformers, so greedy decoding
+    gives the same tokens on both sides, and both sides must count them (up to each row's stop) the same."""
+    import numpy as np
+    import sampling as bench
+    import transformers
+    from flax import nnx
+
+    from spo_jax import models
+    from spo_jax.data import synthetic
+
+    tok = synthetic.build_tokenizer()
+    cfg = models.ModelConfig.from_hf({**TINY, "vocab_size": len(synthetic.vocabulary()), "hidden_size": 32,
+                                      "intermediate_size": 64, "num_hidden_layers": 2})
+    ours = models.create_model(cfg, rngs=nnx.Rngs(0))
+    models.save_pretrained(ours, str(tmp_path))
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path))
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(4, cfg.vocab_size, n).tolist() for n in (3, 7, 5)]
+    first = ours(np.asarray([prompts[0]]))  # a token greedy decoding emits, as a stop id: rows stop early
+    stop = int(np.argmax(np.asarray(ours.logits(first))[0, -1]))
+    sides = [bench.SpoJax(ours, tok, (stop,), 0), bench.Transformers(hf, (stop,), 0)]
+    res = bench.measure(sides, prompts, new_tokens=6, temperatures=(0.0, 0.7), rounds=1, log=lambda s: None)
+    greedy = res["0.0"]
+    assert greedy["spo_jax"]["tokens"] == greedy["transformers"]["tokens"]
+    assert 3 <= greedy["spo_jax"]["tokens"][0] < 18  # row 0 stopped at its first token
+    for r in res.values():
+        for m in r.values():
+            assert m["tokens_per_s"][0] > 0 and m["ttft_s"][0] > 0 and m["first_s"] > 0
+    assert "spo_jax / transformers" in bench.table(res)

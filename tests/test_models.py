@@ -19,7 +19,7 @@ import transformers
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from spo_jax.models import hf_io
+from spo_jax.models import generation, hf_io
 from spo_jax.models import (
     SUPPORTED_MODEL_TYPES,
     ModelConfig,
@@ -493,6 +493,86 @@ def test_sampling_deterministic_and_topk1_is_greedy(loaded, prompts, greedy):
     p0 = np.asarray(generate(model, ids, mask, key=jax.random.PRNGKey(6), max_new_tokens=20,
                              temperature=1.0, top_p=1e-6)[0])
     np.testing.assert_array_equal(p0, greedy[0], err_msg="top_p->0 sampling differs from greedy")
+
+
+@pytest.fixture
+def decode_calls(monkeypatch):
+    """Records (cache slots, steps run) of every compiled decode chunk ``generate`` runs."""
+    calls = []
+    original = generation._decode_jit
+
+    def record(*args):
+        out = original(*args)
+        calls.append((args[2][0].shape[2], int(out[7])))
+        return out
+    monkeypatch.setattr(generation, "_decode_jit", record)
+    return calls
+
+
+def test_greedy_across_chunks_and_cache_growth_matches_transformers(checkpoints, loaded, prompts, decode_calls,
+                                                                    monkeypatch):
+    """Chunks of 8 steps and a cache that grows 16 -> 24 -> 32 -> 48 slots give transformers' greedy tokens."""
+    monkeypatch.setattr(generation, "DECODE_CHUNK", 8)
+    tm, _ = checkpoints("llama")
+    ids, mask = prompts
+    toks, m = generate(loaded("llama"), ids, mask, max_new_tokens=30, eos_id=())
+    np.testing.assert_array_equal(np.asarray(toks), _hf_greedy(tm, ids, mask, 30))
+    assert np.asarray(m).all()
+    assert sum(r for _, r in decode_calls) == 30 and max(r for _, r in decode_calls) <= 8
+    assert sorted({s for s, _ in decode_calls}) == [16, 24, 32, 48], decode_calls  # Tp=8: slots 8..37
+
+
+def test_generation_stops_computing_when_every_row_is_done(loaded, prompts, greedy, decode_calls):
+    ids, mask = prompts
+    g = greedy[0]
+    eos = {int(t) for t in g[:, 1]}  # every row ends at its 1st or 2nd token
+    ends = [next(j for j, t in enumerate(row) if t in eos) + 1 for row in g]
+    toks, m = generate(loaded("llama"), ids, mask, max_new_tokens=200, eos_id=tuple(eos))
+    assert [r for _, r in decode_calls] == [max(ends)], decode_calls
+    for r, end in enumerate(ends):
+        np.testing.assert_array_equal(np.asarray(toks)[r, :end], g[r, :end])
+        assert (np.asarray(toks)[r, end:] == 0).all() and np.asarray(m)[r].sum() == end
+
+
+def test_budgets_and_prompt_widths_share_compiled_programs(loaded, prompts):
+    """Budgets within one cache bucket and prompt widths share the decode program; the budget is traced."""
+    ids, mask = prompts
+    model = loaded("llama")
+    for n in (3, 16):  # Tp=8: caches of 16 and 24 slots
+        generate(model, ids, mask, max_new_tokens=n, eos_id=())
+    before = generation._decode_jit._cache_size()
+    for n in (4, 8, 9, 13):
+        generate(model, ids, mask, max_new_tokens=n, eos_id=())
+    wider = np.pad(ids, ((0, 0), (4, 0))), np.pad(mask, ((0, 0), (4, 0)))  # Tp 8 -> 12: same 24-slot cache
+    np.testing.assert_array_equal(np.asarray(generate(model, *wider, max_new_tokens=12, eos_id=())[0]),
+                                  np.asarray(generate(model, ids, mask, max_new_tokens=12, eos_id=())[0]))
+    assert generation._decode_jit._cache_size() == before
+
+
+def _resampled_without_cache(model, ids, mask, n, key, temperature):
+    """Oracle for the sampling semantics: the key chain ``key, sub = split(key)`` per step, each step's
+    batch drawn with ``categorical(sub, logits / T)`` from a full forward over the sequence so far (no cache,
+    no chunks); rows stop at nothing (eos_id=())."""
+    seq, m = jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)
+    out = []
+    for _ in range(n):
+        pos = jnp.maximum(jnp.cumsum(m, axis=1) - 1, 0)
+        logits = model.logits(model(seq, pos, m))[:, -1]
+        key, sub = jax.random.split(key)
+        tok = jax.random.categorical(sub, logits / temperature, axis=-1).astype(jnp.int32)
+        out.append(tok)
+        seq, m = jnp.concatenate([seq, tok[:, None]], 1), jnp.concatenate([m, jnp.ones_like(m[:, :1])], 1)
+    return np.stack(out, 1)
+
+
+def test_sampling_key_chain_across_chunks(loaded, prompts, monkeypatch):
+    """Sampled tokens follow the documented key chain whatever the chunking and cache growth."""
+    monkeypatch.setattr(generation, "DECODE_CHUNK", 4)
+    ids, mask = prompts
+    key = jax.random.PRNGKey(11)
+    got = np.asarray(generate(loaded("llama"), ids, mask, max_new_tokens=14, key=key, temperature=1.0,
+                              eos_id=())[0])
+    np.testing.assert_array_equal(got, _resampled_without_cache(loaded("llama"), ids, mask, 14, key, 1.0))
 
 
 def test_generate_rejects_bad_settings(loaded, prompts):

@@ -79,6 +79,30 @@ def test_num_samples_repeat_prompts_and_keys_are_reproducible(tok, model, rows):
         sampling.generate_texts(model, tok, ids, max_new_tokens=8, prompt_width=4)
 
 
+def test_greedy_last_batch_runs_in_a_smaller_bucket(tok, model, rows, monkeypatch):
+    """Greedy: 7 prompts in batches of 4 run as 4 + 4 rows (3 real: the next power of two); sampling keeps
+    batch_size rows (a row's draw depends on its batch); both give the per-prompt results."""
+    ids = sampling.encode_prompts(tok, sampling.render_prompts(tok, rows))
+    shapes = []
+    real_generate = models.generate
+
+    def record(model, prompt_ids, prompt_mask, **kw):
+        shapes.append(prompt_ids.shape)
+        return real_generate(model, prompt_ids, prompt_mask, **kw)
+    monkeypatch.setattr(models, "generate", record)
+    _, got = sampling.generate_texts(model, tok, ids, max_new_tokens=6, batch_size=4, return_ids=True)
+    assert [s[0] for s in shapes] == [4, 4] and all(s[1] == models.length_bucket(max(map(len, ids[i:i + 4])))
+                                                     for s, i in zip(shapes, (0, 4)))
+    assert [g[0] for g in got] == [_alone(model, p, 6) for p in ids]
+    shapes.clear()
+    sampling.generate_texts(model, tok, ids[:5], max_new_tokens=2, batch_size=4, key=jax.random.PRNGKey(0),
+                            temperature=1.0)
+    assert [s[0] for s in shapes] == [4, 4]
+    shapes.clear()
+    sampling.generate_texts(model, tok, ids[:5], max_new_tokens=2, batch_size=4)
+    assert [s[0] for s in shapes] == [4, 1]
+
+
 def test_eos_cuts_the_text_and_stop_ids(tok, model, rows):
     ids = sampling.encode_prompts(tok, sampling.render_prompts(tok, rows[:2]))
     _, full = sampling.generate_texts(model, tok, ids, max_new_tokens=10, eos_id=(), return_ids=True)
