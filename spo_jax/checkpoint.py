@@ -298,7 +298,7 @@ class Checkpointer:
             raise InvalidCheckpoint(f"non-finite values in {bad[:3]}{' ...' if len(bad) > 3 else ''}")
         return state, data_state, config
 
-    def restore_latest(self, abstract_state: Any, *, strict: bool = False
+    def restore_latest(self, abstract_state: Any, *, strict: bool = False, check_config=None
                        ) -> tuple[int, Any, dict, dict] | None:
         """``(step, state, data_state, config)`` of the newest checkpoint that restores
         and validates (:meth:`check_step`); None when the directory has no checkpoint.
@@ -307,16 +307,28 @@ class Checkpointer:
         ``<directory>.corrupt/`` and the previous one is tried; ``strict`` raises
         :class:`CheckpointRestoreError` at the first bad one instead. If none is
         usable, :class:`CheckpointRestoreError` (never a silent restart from step 0).
+
+        ``check_config(saved_config)`` runs on the newest checkpoint's config before
+        any array is read; what it raises (a config mismatch: the user's error, not a
+        damaged checkpoint) propagates and nothing is moved.
         """
         steps = sorted(self.all_steps(), reverse=True)
         if not steps:
             return None
-        moved = []
         for i, step in enumerate(steps):
-            cause = None
+            cause = saved_config = None
             with _quiet_failures():
                 try:
-                    out = self.check_step(step, abstract_state)
+                    saved_config = self.manager.restore(step, args=ocp.args.Composite(
+                        config=ocp.args.JsonRestore()))["config"]
+                except Exception as e:  # noqa: BLE001 - an unreadable config marks the step bad
+                    cause = describe_error(e)
+            if cause is None and check_config is not None:
+                check_config(dict(saved_config or {}))
+            with _quiet_failures():
+                try:
+                    if cause is None:
+                        out = self.check_step(step, abstract_state)
                 except Exception as e:  # noqa: BLE001 - any failure to read or validate marks the step bad
                     cause = describe_error(e)
             if _all_processes_agree(cause is None):
@@ -329,7 +341,6 @@ class Checkpointer:
                     "refuses to fall back; set it to False to resume from the previous complete checkpoint (the bad "
                     "one is moved aside), or move the bad one away yourself.")
             dest = self._move_aside(step)
-            moved.append(dest)
             nxt = f"falling back to step {steps[i + 1]}" if i + 1 < len(steps) else "no earlier checkpoint"
             logger.warning("checkpoint step %d cannot be restored: %s; moved to %s; %s", step, cause, dest, nxt)
         raise CheckpointRestoreError(

@@ -72,6 +72,9 @@ optim.grad_clip            global-norm clipping threshold (0 = off)
 optim.grad_accum_steps     micro-batches per optimizer step (scan inside the step)
 
 train.num_steps            optimizer steps
+train.on_degenerate        "stop" | "warn": what exploding parameters, a gradient norm of exactly 0 or a frozen
+                           loss for train.degenerate_steps steps do (non-finite values always stop)
+train.degenerate_steps     consecutive steps of zero gradient norm / identical loss that count as degenerate
 
 logprobs.seq_chunk         positions per chunk of the log-prob computation (0 = all at once, which
                            materialises [batch, length, vocab] logits; default 128)
@@ -91,6 +94,7 @@ checkpoint.async_save      write checkpoints in the background (Orbax async)
 checkpoint.resume          resume from the latest complete checkpoint in run_dir
 checkpoint.strict_restore  a newest checkpoint that cannot be restored stops the run (True) instead of being
                            moved to checkpoints.corrupt/ with a fall-back to the previous one (False)
+checkpoint.allow_optim_change  resume even though config.optim differs from the checkpoint's (logged)
 checkpoint.export_hf       export the final policy in HF format to <run_dir>/hf_final
 
 eval.every                 evaluate every N steps (0 = only at the end; needs data.eval_path)
@@ -117,6 +121,7 @@ import ml_collections
 from spo_jax import adapters, bilevel, inputs, objectives, optim
 from spo_jax import reference as reference_lib
 from spo_jax import sharding as sharding_lib
+from spo_jax.metrics import DEGENERATE_ACTIONS
 from spo_jax.validation import ConfigError, check_bool, check_choice, check_int, fail, is_int, is_num
 
 __all__ = ["ConfigError", "STAGES", "get_default_config", "validate_config"]
@@ -142,13 +147,13 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.optim = section({
         "learning_rate": 1e-5, "schedule": "cosine", "warmup_steps": 0, "min_lr_ratio": 0.0, "weight_decay": 0.0,
         "b1": 0.9, "b2": 0.999, "eps": 1e-8, "grad_clip": 1.0, "grad_accum_steps": 1})
-    c.train = section({"num_steps": 100})
+    c.train = section({"num_steps": 100, "on_degenerate": "stop", "degenerate_steps": 5})
     c.logprobs = section({"seq_chunk": 128, "vocab_chunk": 0})
     c.mesh = section({"data": -1, "fsdp": 1, "tensor": 1})
     c.distributed = section({"coordinator_address": "", "num_processes": 1, "process_id": 0,
                              "cpu_collectives": "gloo"})
     c.checkpoint = section({"every": 100, "keep": 3, "async_save": True, "resume": True, "strict_restore": False,
-                            "export_hf": True})
+                            "allow_optim_change": False, "export_hf": True})
     c.eval = section({"every": 0, "num_batches": 0, "generation": False, "num_prompts": 64, "max_new_tokens": 256,
                       "temperature": 0.0})
     c.metrics = section({"log_every": 1, "jsonl": True, "tensorboard": True, "progress_bar": True,
@@ -233,10 +238,13 @@ def _validate_distributed(c) -> None:
 
 
 def _validate_hooks(c) -> None:
-    """checkpoint.*, eval.*, metrics.* (the loop's hooks)."""
+    """checkpoint.*, eval.*, metrics.*, train.on_degenerate / degenerate_steps (the loop's hooks)."""
+    check_choice(c, "train.on_degenerate", DEGENERATE_ACTIONS)
+    check_int(c, ("train.degenerate_steps",), 2)
     check_int(c, ("checkpoint.every", "eval.every", "eval.num_batches"), 0)
     check_int(c, ("checkpoint.keep", "eval.num_prompts", "eval.max_new_tokens", "metrics.log_every"), 1)
-    check_bool(c, "checkpoint.async_save", "checkpoint.resume", "checkpoint.strict_restore", "checkpoint.export_hf",
+    check_bool(c, "checkpoint.async_save", "checkpoint.resume", "checkpoint.strict_restore",
+               "checkpoint.allow_optim_change", "checkpoint.export_hf",
                "eval.generation", "metrics.jsonl", "metrics.tensorboard", "metrics.progress_bar")
     if not is_num(c.eval.temperature) or c.eval.temperature < 0:
         fail("eval.temperature", c.eval.temperature, "must be >= 0 (0 = greedy)")

@@ -195,3 +195,60 @@ def measure_peak_flops(dtype: str = "float32", size: int | None = None, repeats:
         f(a).block_until_ready()
         best = min(best, time.perf_counter() - t)
     return 2.0 * n ** 3 / best
+
+
+#: A global parameter norm this many times the initial one counts as exploding.
+PARAM_GROWTH_LIMIT = 1e3
+
+DEGENERATE_ACTIONS = ("stop", "warn")
+
+
+class TrainingHealth:
+    """Detects degenerate training from each step's host-side metrics.
+
+    ``check(step, metrics)`` returns ``None`` or ``(kind, description)``:
+
+    * ``non_finite``: loss, gradient norm or parameter norm is NaN/Inf;
+    * ``exploding``: the parameter norm exceeds :data:`PARAM_GROWTH_LIMIT` times
+      the initial model's (a learning rate far too high);
+    * ``zero_grad``: the gradient norm is exactly 0 for ``patience`` consecutive
+      steps (saturated outputs: nothing can learn any more);
+    * ``frozen_loss``: the loss is bitwise the same for ``patience`` consecutive
+      steps (and the one before them).
+
+    ``first_bad_step`` is the first step of the run of bad steps that triggered it
+    (for zero_grad / frozen_loss the problem began before it was detected).
+    """
+
+    def __init__(self, initial_param_norm: float, patience: int):
+        self.initial_param_norm = float(initial_param_norm)
+        self.patience = int(patience)
+        self._zero_since: int | None = None
+        self._frozen_since: int | None = None
+        self._last_loss: float | None = None
+        self.first_bad_step: int | None = None
+
+    def check(self, step: int, m: Mapping[str, float]) -> tuple[str, str] | None:
+        loss, grad, pnorm = m.get("loss", 0.0), m.get("grad_norm", 1.0), m.get("param_norm", 1.0)
+        if not (math.isfinite(loss) and math.isfinite(grad) and math.isfinite(pnorm)):
+            self.first_bad_step = step
+            return "non_finite", f"non-finite values at step {step}: loss={loss}, grad_norm={grad}, param_norm={pnorm}"
+        limit = PARAM_GROWTH_LIMIT * max(self.initial_param_norm, 1e-12)
+        if pnorm > limit:
+            self.first_bad_step = step
+            return "exploding", (f"parameters exploding at step {step}: parameter norm {pnorm:.3g} is "
+                                 f"{pnorm / max(self.initial_param_norm, 1e-12):.3g}x the initial "
+                                 f"{self.initial_param_norm:.3g} (limit {PARAM_GROWTH_LIMIT:g}x)")
+        self._zero_since = (self._zero_since or step) if grad == 0.0 else None
+        if self._zero_since is not None and step - self._zero_since + 1 >= self.patience:
+            self.first_bad_step = self._zero_since
+            return "zero_grad", (f"gradient norm exactly 0 at steps {self._zero_since}-{step}: the model no longer "
+                                 "learns (saturated outputs, e.g. after a learning rate far too high)")
+        frozen = self._last_loss is not None and loss == self._last_loss
+        self._frozen_since = (self._frozen_since or step - 1) if frozen else None
+        self._last_loss = loss
+        if self._frozen_since is not None and step - self._frozen_since >= self.patience:
+            self.first_bad_step = self._frozen_since
+            return "frozen_loss", (f"loss frozen at {loss!r} at steps {self._frozen_since}-{step}: the model no longer "
+                                   "changes")
+        return None

@@ -54,12 +54,13 @@ def _decay_mask(params):
 
 
 def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW (decay on matrices only) with global-norm clipping and the schedule."""
+    """AdamW (decay on matrices only) with global-norm clipping and the schedule.
+
+    Without clipping the chain holds ``optax.identity()`` in its place (the same
+    empty state), so a checkpoint resumes with clipping switched on or off."""
     o = config.optim
     schedule = make_schedule(o, int(config.train.num_steps))
-    parts = []
-    if o.grad_clip > 0:
-        parts.append(optax.clip_by_global_norm(float(o.grad_clip)))
+    parts = [optax.clip_by_global_norm(float(o.grad_clip)) if o.grad_clip > 0 else optax.identity()]
     parts.append(optax.adamw(schedule, b1=float(o.b1), b2=float(o.b2), eps=float(o.eps),
                              weight_decay=float(o.weight_decay), mask=_decay_mask))
     return optax.chain(*parts), schedule

@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Callable
@@ -46,7 +45,7 @@ from spo_jax import reference as reference_lib
 from spo_jax import sharding as sharding_lib
 from spo_jax.checkpoint import Checkpointer
 from spo_jax.data import gsm8k
-from spo_jax.metrics import MetricWriter, Progress, measure_peak_flops, mfu
+from spo_jax.metrics import MetricWriter, Progress, TrainingHealth, measure_peak_flops, mfu
 from spo_jax.optim import make_optimizer
 
 logger = logging.getLogger("spo_jax.train")
@@ -143,6 +142,7 @@ def make_step_fn(config, graphdef, tx: optax.GradientTransformation, schedule) -
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics)
         metrics["grad_norm"] = optax.tree.norm(grads)
+        metrics["param_norm"] = optax.tree.norm(params)  # of the updated parameters (checked before a save)
         metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
         metrics["tokens"] = jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32)  # global, non-padding
         rng = jax.random.fold_in(state.rng, state.step)
@@ -194,8 +194,14 @@ def _logps_fn(config, graphdef) -> Callable:
 # --------------------------------------------------------------------------- #
 
 
-class NonFiniteLossError(FloatingPointError):
-    """Training produced a NaN/Inf loss or gradient norm."""
+class DegenerateTrainingError(FloatingPointError):
+    """Training degenerated (``metrics.TrainingHealth``): non-finite or exploding
+    parameters, a gradient norm of exactly 0 or a frozen loss for several steps.
+    The message names the step, what happened, and the last good checkpoint."""
+
+
+class NonFiniteLossError(DegenerateTrainingError):
+    """Training produced a NaN/Inf loss, gradient norm or parameter norm."""
 
 
 def _config_dict(config) -> dict:
@@ -215,6 +221,7 @@ class _Loop:
         self.is_main = jax.process_index() == 0
         self.mesh = sharding_lib.make_mesh((c.mesh.data, c.mesh.fsdp, c.mesh.tensor))
         self.history: list[dict] = []
+        self._warned: set[str] = set()
         self.writer = MetricWriter(self.run_dir, jsonl=c.metrics.jsonl, tensorboard=c.metrics.tensorboard,
                                    enabled=self.is_main)
         self.tokenizer = inputs.load_tokenizer(c)
@@ -336,11 +343,11 @@ class _Loop:
             return 0
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                 self.state.saveable(), self.shardings.saveable())
-        found = self.checkpointer.restore_latest(abstract, strict=bool(c.checkpoint.strict_restore))
+        found = self.checkpointer.restore_latest(abstract, strict=bool(c.checkpoint.strict_restore),
+                                                 check_config=self._check_resume_config)
         if found is None:
             return 0
-        step, restored, data_state, saved_cfg = found
-        self._check_resume_config(saved_cfg)
+        step, restored, data_state, _ = found
         self.state = self.state.replace(**restored)
         if data_state:
             it.set_state(data_state)
@@ -348,13 +355,26 @@ class _Loop:
         return int(step)
 
     def _check_resume_config(self, saved: dict) -> None:
+        """The checkpoint's config must match in every section that shapes the state or
+        the data order; ``optim`` may change with ``checkpoint.allow_optim_change``
+        (logged: e.g. resuming a diverged run with a lower learning rate)."""
         now = _config_dict(self.config)
+        allow = bool(self.config.checkpoint.allow_optim_change)
         for section in ("model", "data", "loss", "spo", "optim", "stage"):
-            if saved.get(section) is not None and saved.get(section) != now.get(section):
-                raise config_lib.ConfigError(
-                    f"config.{section} differs from the checkpoint in {self.checkpointer.directory} "
-                    f"(saved {saved.get(section)!r}, now {now.get(section)!r}); use a new run_dir or set "
-                    "checkpoint.resume=False")
+            if saved.get(section) is None or saved.get(section) == now.get(section):
+                continue
+            if section == "optim" and allow:
+                changed = {k: (saved["optim"].get(k), v) for k, v in now["optim"].items()
+                           if saved["optim"].get(k) != v}
+                logger.warning("resuming with changed optimizer settings (checkpoint.allow_optim_change=True): %s",
+                               ", ".join(f"optim.{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+                continue
+            hint = ("; to resume with new optimizer settings (e.g. a lower learning rate after a divergence) "
+                    "set checkpoint.allow_optim_change=True") if section == "optim" else ""
+            raise config_lib.ConfigError(
+                f"config.{section} differs from the checkpoint in {self.checkpointer.directory} "
+                f"(saved {saved.get(section)!r}, now {now.get(section)!r}); use a new run_dir or set "
+                f"checkpoint.resume=False{hint}")
 
     def _save(self, step: int, it) -> None:
         self.writer.flush()  # every record up to this checkpoint is on disk before it exists
@@ -367,6 +387,7 @@ class _Loop:
         micro_bs = c.data.batch_size // self.accum
         it = inputs.make_iterator(c, self.train_ds, batch_size=micro_bs, shuffle=c.data.shuffle, num_epochs=None,
                            seed=int(c.seed), pad_id=self.pad_id)
+        health = TrainingHealth(float(optax.tree.norm(self.state.params)), int(c.train.degenerate_steps))
         start = self.restore_if_any(it)
         self.writer.start(start)  # drops records after the resumed step (recomputed now)
         train_step = make_train_step(c, self.policy, self.tx, self.schedule, self.mesh, self.shardings)
@@ -383,13 +404,9 @@ class _Loop:
             step, metrics, dispatched = p
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
             tokens = m["tokens"]
-            if not (math.isfinite(m["loss"]) and math.isfinite(m.get("grad_norm", 0.0))):
-                self.checkpointer.wait()
-                raise NonFiniteLossError(
-                    f"non-finite loss at step {step}: loss={m['loss']}, grad_norm={m.get('grad_norm')}; training "
-                    f"stopped without saving this state. The last good checkpoint is step "
-                    f"{self.checkpointer.latest_step()} in {self.checkpointer.directory}. Lower optim.learning_rate, "
-                    "enable optim.grad_clip, or check the data.")
+            problem = health.check(step, m)
+            if problem is not None:
+                self._degenerate(problem, health.first_bad_step)
             dt = (next_dispatch if next_dispatch is not None else time.perf_counter()) - dispatched
             if step > start + 1:  # the first step of a process includes compilation
                 m["step_time"] = dt
@@ -433,6 +450,27 @@ class _Loop:
             self.writer.close()
         return TrainResult(self.state, self.graphdef, self.history, final_eval, self.run_dir, export, start,
                            self.policy)
+
+    def _degenerate(self, problem: tuple[str, str], first_bad: int) -> None:
+        """Stop (or, with train.on_degenerate='warn', log once and go on) on degenerate
+        training; non-finite values always stop. The state is never saved."""
+        kind, what = problem
+        c = self.config
+        if kind != "non_finite" and c.train.on_degenerate == "warn":
+            if kind not in self._warned:
+                self._warned.add(kind)
+                logger.warning("%s; continuing (train.on_degenerate='warn')", what)
+            return
+        self.checkpointer.wait()
+        good = [s for s in self.checkpointer.all_steps() if s < first_bad]
+        where = (f"The last good checkpoint is step {good[-1]} ({os.path.join(self.checkpointer.directory, str(good[-1]))})"
+                 if good else "No checkpoint was written before it (a rerun starts from step 0)")
+        fix = ("Resume from it with a lower optim.learning_rate (and optim.grad_clip > 0): rerun with those and "
+               "checkpoint.allow_optim_change=True" if good else "Rerun with a lower optim.learning_rate (and "
+               "optim.grad_clip > 0) in a new run_dir")
+        cls = NonFiniteLossError if kind == "non_finite" else DegenerateTrainingError
+        more = "" if kind == "non_finite" else "; train.on_degenerate='warn' continues instead"
+        raise cls(f"training stopped: {what}; this state was not saved. {where}. {fix}, or check the data{more}.")
 
     def _export(self) -> str | None:
         """The final policy in HF format (``models.save_pretrained``) under <run_dir>/hf_final; under LoRA

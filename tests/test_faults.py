@@ -28,6 +28,7 @@ import optax
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
+from spo_jax import config as config_lib
 from spo_jax import sharding, train
 from spo_jax.checkpoint import (Checkpointer, CheckpointRestoreError, CheckpointSaveError, abstract_like)
 from tests.test_train import ROOT, tiny_config, write_pairs
@@ -294,3 +295,73 @@ def test_disk_full_while_checkpointing_keeps_last_checkpoint_and_resumes(pairs, 
         resumed = train.train(tiny_config(run_dir, pairs, train__num_steps=20, metrics__tensorboard=True))
         assert resumed.start_step == last
         assert_continuous(run_dir, 20, before)
+
+
+# --------------------------------------------------------------------------- #
+# Divergence and degenerate training
+# --------------------------------------------------------------------------- #
+
+
+def test_divergence_names_a_good_checkpoint_that_resumes_with_a_lower_learning_rate(pairs, tmp_path):
+    """lr 1e30 without clipping: step 1 (warm-up lr 0) is saved, step 2 explodes. The
+    message names step 1; its weights are finite; the same command with a lower
+    learning rate is refused unless checkpoint.allow_optim_change, then continues."""
+    run_dir = tmp_path / "diverged"
+    bad = dict(train__num_steps=6, checkpoint__every=1, optim__learning_rate=1e30, optim__warmup_steps=4,
+               optim__grad_clip=0.0, optim__schedule="constant")
+    with pytest.raises(train.DegenerateTrainingError, match=r"at step 2: .*not saved\. The last good checkpoint "
+                                                            r"is step 1 .*checkpoint\.allow_optim_change=True"):
+        train.train(tiny_config(run_dir, pairs, **bad))
+    ck = Checkpointer(str(run_dir / "checkpoints"))
+    assert ck.all_steps() == [1]
+    import orbax.checkpoint as ocp
+    restored = ck.manager.restore(1, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored["state"]))
+    ck.close()
+    lower = dict(bad, optim__learning_rate=1e-3, optim__grad_clip=1.0)
+    with pytest.raises(config_lib.ConfigError, match=r"config\.optim differs .*checkpoint\.allow_optim_change=True"):
+        train.train(tiny_config(run_dir, pairs, **lower))
+    assert Checkpointer(str(run_dir / "checkpoints")).all_steps() == [1]  # a config mismatch moves nothing
+    resumed = train.train(tiny_config(run_dir, pairs, checkpoint__allow_optim_change=True, **lower))
+    assert resumed.start_step == 1
+    losses = [h["loss"] for h in resumed.history if h["split"] == "train"]
+    assert len(losses) == 5 and np.isfinite(losses).all()
+    assert [s for s in train_records(run_dir / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_huge_learning_rate_with_clipping_is_stopped_not_silent(pairs, tmp_path, caplog):
+    """lr 1e6 with clipping saturated the model silently (gradient norm exactly 0, exit 0):
+    now the parameter explosion stops the run at step 2; on_degenerate='warn' logs it."""
+    huge = dict(train__num_steps=4, optim__learning_rate=1e6, optim__schedule="constant")
+    with pytest.raises(train.DegenerateTrainingError, match=r"parameters exploding at step 2: parameter norm "):
+        train.train(tiny_config(tmp_path / "stop", pairs, **huge))
+    with caplog.at_level(logging.WARNING, logger="spo_jax.train"):
+        res = train.train(tiny_config(tmp_path / "warn", pairs, train__on_degenerate="warn",
+                                      **dict(huge, train__num_steps=2)))  # (NaN follows at step 3)
+    assert res.history[-1]["step"] == 2
+    assert any("parameters exploding at step 2" in r.getMessage() and "continuing" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_training_health_detects_each_degenerate_pattern():
+    from spo_jax.metrics import TrainingHealth
+
+    def first_problem(seq, patience=3):
+        h = TrainingHealth(initial_param_norm=10.0, patience=patience)
+        for step, m in enumerate(seq, 1):
+            p = h.check(step, {"param_norm": 10.0, **m})
+            if p:
+                return step, p[0], h.first_bad_step
+        return None
+
+    healthy = [{"loss": 1.0 / s, "grad_norm": 0.5} for s in range(1, 20)]
+    assert first_problem(healthy) is None
+    assert first_problem(healthy[:4] + [{"loss": float("nan"), "grad_norm": 1.0}]) == (5, "non_finite", 5)
+    assert first_problem(healthy[:2] + [{"loss": 0.3, "grad_norm": float("inf")}]) == (3, "non_finite", 3)
+    assert first_problem(healthy[:3] + [{"loss": 0.3, "grad_norm": 1.0, "param_norm": 2e4}]) == (4, "exploding", 4)
+    assert first_problem(healthy[:3] + [{"loss": 0.3, "grad_norm": 1.0, "param_norm": 9e3}]) is None  # < 1000x
+    zero = healthy[:2] + [{"loss": 0.7 + 0.01 * i, "grad_norm": 0.0} for i in range(5)]
+    assert first_problem(zero) == (5, "zero_grad", 3)
+    assert first_problem(healthy[:2] + [{"loss": 0.7, "grad_norm": 0.0}, {"loss": 0.6, "grad_norm": 0.1}] * 3) is None
+    frozen = healthy[:2] + [{"loss": 0.69, "grad_norm": 0.2}] * 5
+    assert first_problem(frozen) == (6, "frozen_loss", 3)

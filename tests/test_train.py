@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 
 import jax
 import ml_collections
@@ -245,52 +243,6 @@ def test_sft_then_spo_preference_and_metrics_files(tmp_path):
     lines = [json.loads(x) for x in open(tmp_path / "spo" / "metrics.jsonl")]
     assert [x["step"] for x in lines if x["split"] == "train"] == [1, 2, 3]
     assert lines[-1]["split"] == "eval"
-
-
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(pairs, tmp_path):
-    c = tiny_config(tmp_path / "nan", pairs, train__num_steps=8, checkpoint__every=1, optim__learning_rate=1e30,
-                    optim__warmup_steps=0, optim__grad_clip=0.0, optim__schedule="constant")
-    with pytest.raises(train.NonFiniteLossError, match=r"non-finite loss at step \d+") as err:
-        train.train(c)
-    bad = int(str(err.value).split("at step ")[1].split(":")[0])
-    ck = Checkpointer(str(tmp_path / "nan" / "checkpoints"))
-    latest = ck.latest_step()
-    assert latest is not None and latest < bad
-    # resume from it is possible and its parameters are finite
-    import orbax.checkpoint as ocp
-    restored = ck.manager.restore(latest, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored["state"]["params"]))
-
-
-def test_sigkill_mid_run_resumes_from_last_complete_checkpoint(pairs, tmp_path):
-    run_dir = tmp_path / "killed"
-    args = [sys.executable, "-m", "spo_jax.train", f"--config={os.path.join(ROOT, 'experiments', 'tiny_test.py')}",
-            f"--config.run_dir={run_dir}", f"--config.data.train_path={pairs}", "--config.train.num_steps=600",
-            "--config.checkpoint.every=50", "--config.checkpoint.async_save=True", "--config.checkpoint.keep=3"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    ckdir = run_dir / "checkpoints"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if ckdir.is_dir() and any(p.isdigit() for p in os.listdir(ckdir)):
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.communicate()[0][-3000:]
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    ck = Checkpointer(str(ckdir))
-    first = ck.latest_step()
-    assert first is not None and first < 600
-    # every complete checkpoint left behind is readable
-    import orbax.checkpoint as ocp
-    for step in ck.all_steps():
-        ck.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                         data=ocp.args.JsonRestore()))
-    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
-    assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
-    assert summary["start_step"] >= first and summary["last_train"]["step"] == 600
-    assert Checkpointer(str(ckdir)).latest_step() == 600
 
 
 # --------------------------------------------------------------------------- #
