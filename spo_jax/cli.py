@@ -5,23 +5,37 @@
 
 Loads the ml_collections config file, turns on JAX's persistent compilation cache
 (``config.compile_cache``; see ``spo_jax.compile_cache``), runs ``spo_jax.train.train``
-(which validates the config before anything heavy starts; a ``ConfigError`` exits with
-its message) and prints a JSON summary of the run on process 0, with ``compile``: the
-XLA programs the run built, how many were compiled and how many loaded from the cache.
+(which validates the config before anything heavy starts) and prints a JSON summary of
+the run on process 0, with ``compile``: the XLA programs the run built, how many were
+compiled and how many loaded from the cache.
+
+Every expected failure (config, data, model path, checkpoint, divergence, file system,
+interrupt) prints one line and exits with its code (``EXIT_CODES``); ``--debug`` or
+``SPO_JAX_DEBUG=1`` shows the traceback. The console shows spo_jax's INFO records and the
+progress bar; libraries (Orbax, JAX, datasets) only warn unless ``--verbosity=1``.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
+import re
+import sys
 
+import datasets
 import jax
 from absl import app, flags
 from ml_collections import config_flags
 
 from spo_jax import config as config_lib
+from spo_jax.checkpoint import CheckpointError, debug_enabled
 from spo_jax.compile_cache import CompileStats, enable_compile_cache
-from spo_jax.train import train
+from spo_jax.data import DataError
+from spo_jax.models import ModelPathError
+from spo_jax.train import DegenerateTrainingError, train
+from spo_jax.validation import ConfigError
 
 
 def summary(result) -> dict:
@@ -35,34 +49,181 @@ def summary(result) -> dict:
     return out
 
 
+#: Exit codes of expected failures (each prints one line on stderr; ``--debug`` or
+#: ``SPO_JAX_DEBUG=1`` shows the traceback instead). 1 is an unexpected error (a bug:
+#: always with its traceback).
+EXIT_CODES = {
+    "config": 2,       # a config field: its name, value and the fix
+    "data": 3,         # a data file, line, row or column
+    "model": 4,        # a model / tokenizer path
+    "checkpoint": 5,   # a checkpoint that cannot be restored or written (e.g. a full disk)
+    "diverged": 6,     # non-finite or degenerate training; names the last good checkpoint
+    "os": 7,           # the file system: no space left, permission denied, a missing directory
+    "interrupted": 130,
+}
+
+PREFIXES = {"config": "config error: ", "data": "data error: ", "model": "model error: ",
+            "checkpoint": "checkpoint error: ", "diverged": "training stopped: ", "os": "file system error: ",
+            "interrupted": ""}
+
+#: Loggers of libraries whose INFO records are chatter (Orbax logs through absl).
+LIBRARY_LOGGERS = ("absl", "jax", "orbax", "datasets", "transformers", "tensorstore", "urllib3", "filelock",
+                   "huggingface_hub", "httpx", "fsspec")
+
+flags.DEFINE_bool("debug", False, "show the full traceback of an expected failure (also SPO_JAX_DEBUG=1)")
+
+logger = logging.getLogger("spo_jax.cli")
+
+
+class _DropReportedDataErrors(logging.Filter):
+    """``datasets`` logs a file it cannot parse before raising; spo_jax names file and line itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(("Failed to load JSON from file", "Failed to read file"))
+
+
+def setup_console(verbosity: int) -> None:
+    """The run's own story on stderr (spo_jax INFO records: config, data counts,
+    resume, evaluation, where the run went; the progress bar), library chatter only
+    at WARNING. ``--verbosity=1`` (absl's flag) shows the libraries' INFO records
+    and datasets' progress bars; ``--verbosity=-1`` leaves only warnings."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]  # replaces absl's handler (its prefix repeats the time and thread per line)
+    root.setLevel(logging.INFO if verbosity >= 0 else logging.WARNING)
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO if verbosity >= 1 else logging.WARNING)
+    handler.addFilter(_DropReportedDataErrors())
+    logging.getLogger("datasets").handlers.clear()  # its own stderr handler would print each record twice
+    if verbosity < 1:
+        datasets.disable_progress_bars()
+
+
+def config_summary(c) -> str:
+    """One line: what this run is."""
+    model = c.model.path or f"inline {dict(c.model.config or {}).get('model_type', '?')} config"
+    loss = "sft (token NLL)" if c.stage == "sft" else c.loss.name + (" + SPO" if c.spo.enabled else "")
+    return (f"stage={c.stage} model={model} loss={loss} train={c.data.train_path or '-'} "
+            f"eval={c.data.eval_path or '-'} steps={c.train.num_steps} batch={c.data.batch_size} "
+            f"lr={c.optim.learning_rate:g} seed={c.seed} run_dir={os.path.abspath(os.path.expanduser(c.run_dir))}")
+
+
+def classify(e: BaseException) -> str | None:
+    """The kind of an expected failure (a key of ``EXIT_CODES``), None for a bug."""
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(e, ConfigError):
+        return "config"
+    if isinstance(e, DataError):
+        return "data"
+    if isinstance(e, ModelPathError):
+        return "model"
+    if isinstance(e, CheckpointError):
+        return "checkpoint"
+    if isinstance(e, DegenerateTrainingError):
+        return "diverged"
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EACCES, errno.EPERM, errno.ENOENT, errno.EROFS,
+                                              errno.EDQUOT, errno.ENOTDIR, errno.EISDIR):
+        return "os"
+    return None
+
+
+def failure_message(kind: str, e: BaseException, c) -> str:
+    if kind == "interrupted":
+        return (f"interrupted; rerun the same command to resume from the last complete checkpoint in "
+                f"{os.path.join(os.path.abspath(os.path.expanduser(c.run_dir)), 'checkpoints')}")
+    if kind == "os":
+        what = "no space left on device" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror
+        return (f"{what}: {e.filename or e}; free space or fix the path/permissions, then rerun the same command "
+                "(it resumes from the last complete checkpoint)")
+    return str(e)
+
+
+def _usage_error(message: str) -> None:
+    print(f"usage error: {message}", file=sys.stderr)
+    raise SystemExit(EXIT_CODES["config"])
+
+
+_started = False  # set once absl has parsed the flags (what fails before is a bad flag)
+
+
 def _main(args) -> None:
+    global _started
+    _started = True
     if len(args) > 1:
-        raise app.UsageError(f"unexpected arguments {args[1:]}; use --config.a.b=value")
-    cfg = flags.FLAGS.config
+        _usage_error(f"unexpected arguments {args[1:]}; use --config.a.b=value")
+    try:
+        cfg = flags.FLAGS.config
+        cfg.get("stage")  # a config file that failed to load raises here
+    except OSError as e:  # ml_collections: the file does not exist or does not import
+        _usage_error(f"--config: {' '.join(str(e).split())}")
+    except AttributeError:
+        cfg = None
     if cfg is None:
-        raise app.UsageError("--config experiments/<name>.py is required")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        _usage_error("--config experiments/<name>.py is required (--help lists every config field)")
+    setup_console(int(flags.FLAGS.verbosity))
+    debug = flags.FLAGS.debug or debug_enabled()
     try:
         cache_dir = enable_compile_cache(cfg.compile_cache)
     except ValueError as e:  # an unusable directory: the message names it and the fix
         raise SystemExit(f"config error: config.compile_cache={cfg.compile_cache!r}: {e}") from None
+    if jax.process_index() == 0:
+        logger.info("%s", config_summary(cfg))
     try:
         with CompileStats() as compiles:
             result = train(cfg)
-    except config_lib.ConfigError as e:
-        raise SystemExit(f"config error: {e}") from None
-    logging.getLogger("spo_jax.cli").info("compile cache %s: %s", cache_dir or "off", compiles.summary())
+    except BaseException as e:  # noqa: BLE001 - expected failures become one line and an exit code
+        kind = classify(e)
+        if kind is None or debug:
+            raise
+        print(f"{PREFIXES[kind]}{failure_message(kind, e, cfg)}", file=sys.stderr)
+        raise SystemExit(EXIT_CODES[kind]) from None
+    logger.info("compile cache %s: %s", cache_dir or "off", compiles.summary())
     if jax.process_index() == 0:
+        logger.info("run directory %s%s", result.run_dir,
+                    f"; exported model {result.export_dir}" if result.export_dir else "")
         out = summary(result)
         out["compile"] = {"cache_dir": cache_dir, "programs": compiles.programs, "compiled": compiles.compiled,
                           "cache_hits": compiles.cache_hits, "seconds": round(compiles.seconds, 2)}
         print(json.dumps(out, default=str))
 
 
+def usage() -> str:
+    """This module's docstring, the exit codes, and every config field with its
+    default and description (``config.field_help``): what ``--help`` prints."""
+    help_ = config_lib.field_help()
+    lines = [__doc__.strip(), "", "Exit codes: 0 done; 1 unexpected error (a bug: traceback); "
+             + "; ".join(f"{code} {kind}" for kind, code in EXIT_CODES.items()) + ".", "",
+             "Config fields (--config.<field>=<value>; default, then description):", ""]
+    for name, default in config_lib.config_fields():
+        lines.append(f"  {name} = {default!r}")
+        lines.append(f"      {help_.get(name, '')}")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> None:
-    config_flags.DEFINE_config_file("config", None, "experiment config file (experiments/<name>.py)",
-                                    lock_config=True)
-    app.run(_main, argv=argv)
+    config_flags.DEFINE_config_file("config", None, "experiment config file (experiments/<name>.py); every field "
+                                    "is listed above with its default", lock_config=True)
+    sys.modules["__main__"].__doc__ = usage()  # absl's --help prints it, then the flags
+    try:
+        app.run(_main, argv=argv)
+    except SystemExit as e:
+        if not _started and e.code == 1:
+            if any(a in ("--help", "-h", "-?", "--helpshort", "--helpfull") for a in (argv or sys.argv)[1:]):
+                raise SystemExit(0) from None  # absl exits 1 after printing the help
+            raise SystemExit(EXIT_CODES["config"]) from None  # absl printed "FATAL Flags parsing error: ..."
+        raise
+    except (AttributeError, KeyError) as e:
+        if _started:
+            raise
+        # ml_collections: an override of a field that does not exist (its message suggests the spelling)
+        text = str(e.args[0] if e.args else e)
+        key = re.search(r"(\w+)", text)
+        maybe = re.findall(r'"(\w+)"', text)
+        print(f"config error: no config field {key.group(1) if key else text!r} (a --config.* flag)"
+              f"{'; did you mean ' + maybe[0] + '?' if maybe else ''} -- --help lists every field", file=sys.stderr)
+        raise SystemExit(EXIT_CODES["config"]) from None
 
 
 if __name__ == "__main__":

@@ -114,6 +114,8 @@ metrics.peak_tflops        peak FLOP/s per device in TFLOP/s for MFU (0 = measur
 from __future__ import annotations
 
 import dataclasses
+import re
+from typing import Any
 
 import jax
 import ml_collections
@@ -161,6 +163,66 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.lock()
     c.loss.hparams.unlock()
     return c
+
+
+# --------------------------------------------------------------------------- #
+# Field descriptions: the schema table above, as data (python -m spo_jax.train --help)
+# --------------------------------------------------------------------------- #
+
+_ROW = re.compile(r"^((?:[a-z_][\w.]*|spo\.<field>)(?:, [a-z_][\w.]*)*)\s{2,}(\S.*)$")
+_SPO_BULLET = re.compile(r"^\s*- ((?:``\w+``[^,:]*,? ?)+):\s*(.*)$")
+
+
+def field_help() -> dict[str, str]:
+    """``{"section.field": description}`` for every field of :func:`get_default_config`,
+    read from the schema table of this module's docstring (``spo.<field>`` from the
+    bullets of ``bilevel.SPOConfig``'s docstring). ``tests/test_cli.py`` checks that
+    every field has exactly one description."""
+    out: dict[str, str] = {}
+    names: list[str] = []
+    for line in (__doc__ or "").splitlines():
+        m = _ROW.match(line)
+        if m:
+            names = [n.strip() for n in m.group(1).split(",")]
+            for n in names:
+                out[n] = m.group(2).strip()
+        elif line.startswith(" ") and line.strip() and names:
+            for n in names:
+                out[n] += " " + line.strip()
+        else:
+            names = []
+    out.pop("spo.<field>", None)
+    bullets: list[str] = []
+    for line in (bilevel.SPOConfig.__doc__ or "").splitlines():
+        m = _SPO_BULLET.match(line)
+        if m:
+            bullets = re.findall(r"``(\w+)``", m.group(1))
+            for n in bullets:
+                out[f"spo.{n}"] = (m.group(1).replace("``", "") + ": " + m.group(2)).strip()
+        elif line.strip() and bullets and line.startswith("      "):
+            for n in bullets:
+                out[f"spo.{n}"] += " " + line.strip()
+        else:
+            bullets = []
+    return out
+
+
+def config_fields(config=None) -> list[tuple[str, Any]]:
+    """``(dotted name, value)`` of every leaf field (``loss.hparams`` and ``model.config``
+    count as one field each: their keys depend on the loss / the model)."""
+    config = get_default_config() if config is None else config
+    out = []
+
+    def walk(node, prefix):
+        for key in sorted(node.keys()):
+            name, value = f"{prefix}{key}", node[key]
+            if isinstance(value, ml_collections.ConfigDict) and name not in ("loss.hparams", "model.config"):
+                walk(value, f"{name}.")
+            else:
+                out.append((name, value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value))
+
+    walk(config, "")
+    return out
 
 
 # --------------------------------------------------------------------------- #

@@ -310,6 +310,7 @@ class _Loop:
         out = {k: (v if k in ("num_pairs", "num_seqs") else v / max(weight_total, 1e-12)) for k, v in totals.items()}
         if c.eval.generation:
             out.update(self._generation_accuracy(params))
+        logger.info("eval at step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in sorted(out.items())))
         self.writer.write(step, out, split="eval")
         self.history.append({"step": step, "split": "eval", **out})
         return out
@@ -340,6 +341,11 @@ class _Loop:
     def restore_if_any(self, it) -> int:
         c = self.config
         if not c.checkpoint.resume:
+            existing = self.checkpointer.all_steps()
+            if existing:  # starting over would mix two runs' checkpoints and metrics in one directory
+                raise config_lib.ConfigError(
+                    f"config.checkpoint.resume=False: run_dir {self.run_dir} already holds checkpoints (steps "
+                    f"{existing}); use a new run_dir to start over, or set checkpoint.resume=True to continue")
             return 0
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                 self.state.saveable(), self.shardings.saveable())
@@ -470,7 +476,7 @@ class _Loop:
                "optim.grad_clip > 0) in a new run_dir")
         cls = NonFiniteLossError if kind == "non_finite" else DegenerateTrainingError
         more = "" if kind == "non_finite" else "; train.on_degenerate='warn' continues instead"
-        raise cls(f"training stopped: {what}; this state was not saved. {where}. {fix}, or check the data{more}.")
+        raise cls(f"{what}; this state was not saved. {where}. {fix}, or check the data{more}.")
 
     def _export(self) -> str | None:
         """The final policy in HF format (``models.save_pretrained``) under <run_dir>/hf_final; under LoRA

@@ -15,6 +15,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -117,6 +118,13 @@ def test_sigkill_between_checkpoints_resume_has_one_record_per_step(pairs, tmp_p
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["start_step"] == latest and summary["last_train"]["step"] == num_steps
     assert_continuous(run_dir, num_steps, before)
+    # the console tells the run's story; library chatter (Orbax INFO, JAX's backend probing) stays out
+    err = done.stderr
+    for want in ("spo_jax.cli: stage=preference", "tokenized 16 rows -> kept 16", f"resumed from {ckdir} step {latest}",
+                 f"removed {max(before) - latest} record(s) after step {latest}", f"run directory {run_dir}"):
+        assert want in err, (want, err[-3000:])
+    assert not re.search(r"^[IWE]\d{4} ", err, re.M), err[-3000:]  # absl-formatted library records
+    assert "orbax" not in err.lower() and "Unable to initialize backend" not in err, err[-3000:]
 
 
 # --------------------------------------------------------------------------- #
@@ -327,6 +335,10 @@ def test_divergence_names_a_good_checkpoint_that_resumes_with_a_lower_learning_r
     losses = [h["loss"] for h in resumed.history if h["split"] == "train"]
     assert len(losses) == 5 and np.isfinite(losses).all()
     assert [s for s in train_records(run_dir / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+    # starting over in a directory that holds checkpoints is refused (metrics and checkpoints kept)
+    with pytest.raises(config_lib.ConfigError, match=r"resume=False: run_dir .* already holds checkpoints"):
+        train.train(tiny_config(run_dir, pairs, checkpoint__resume=False, **lower))
+    assert sorted(train_records(run_dir / "metrics.jsonl")) == [1, 2, 3, 4, 5, 6]
 
 
 def test_huge_learning_rate_with_clipping_is_stopped_not_silent(pairs, tmp_path, caplog):

@@ -42,6 +42,10 @@ import datasets
 
 logger = logging.getLogger(__name__)
 
+class DataError(ValueError):
+    """A problem with a dataset (file, line, row or column), named in the message with the fix."""
+
+
 PREFERENCE_FORMATS = ("preference", "implicit_preference")
 SFT_FORMATS = ("prompt_completion", "messages", "question_answer")
 FORMATS = PREFERENCE_FORMATS + SFT_FORMATS
@@ -74,7 +78,7 @@ def kind_of(format: str) -> str:
         return "preference"
     if format in SFT_FORMATS:
         return "sft"
-    raise ValueError(f"format={format!r} is not supported; use one of {FORMATS} or 'auto'.")
+    raise DataError(f"format={format!r} is not supported; use one of {FORMATS} or 'auto'.")
 
 
 # --------------------------------------------------------------------------- loading
@@ -118,18 +122,22 @@ def load_rows(
     if os.path.isfile(path):
         builder = _builder_for_file(path)
         if builder is None:
-            raise ValueError(
+            raise DataError(
                 f"source={path!r}: unknown file type; use one of "
                 f"{[s for s, _ in _BUILDER_BY_SUFFIX]} (or convert the file).")
         if os.path.getsize(path) == 0:
-            raise ValueError(f"{path}: the file is empty (0 bytes); point the data path at a file with rows.")
+            raise DataError(f"{path}: the file is empty (0 bytes); point the data path at a file with rows.")
         try:
             ds = datasets.load_dataset(builder, data_files=path, split="train", cache_dir=cache_dir)
-        except Exception as e:  # noqa: BLE001 - the Arrow JSON reader's error names neither file nor line
-            where = json_error_location(path) if builder == "json" else None
+        except Exception as e:  # noqa: BLE001 - the Arrow readers' errors name neither file nor line
+            where = json_error_location(path) if builder == "json" else utf8_error_location(path)
             if where is None:
-                raise
-            raise ValueError(where) from e
+                root = e
+                while root.__cause__ is not None or root.__context__ is not None:
+                    root = root.__cause__ or root.__context__
+                first = (str(root).strip().splitlines() or [type(root).__name__])[0][:300]
+                where = f"{path}: cannot be read as a {builder} file: {first}"
+            raise DataError(where) from e
     elif os.path.isdir(path):
         saved = any(os.path.exists(os.path.join(path, f))
                     for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
@@ -137,14 +145,14 @@ def load_rows(
             ds = datasets.load_from_disk(path)
             if isinstance(ds, datasets.DatasetDict):
                 if split not in ds:
-                    raise ValueError(f"split={split!r} is not in {path!r}; it holds splits {list(ds)}.")
+                    raise DataError(f"split={split!r} is not in {path!r}; it holds splits {list(ds)}.")
                 ds = ds[split]
         else:
             ds = datasets.load_dataset(path, name=name, data_dir=data_dir, data_files=data_files,
                                        split=split, cache_dir=cache_dir)
     else:
         if os.path.isabs(path) or path.startswith(".") or path.count("/") > 1:
-            raise ValueError(f"source={path!r} does not exist (not a file, directory or Hub id 'owner/name').")
+            raise DataError(f"source={path!r} does not exist (not a file, directory or Hub id 'owner/name').")
         # Hub id: the real loading path (needs network access to the Hub).
         ds = datasets.load_dataset(path, name=name, data_dir=data_dir, data_files=data_files,
                                    split=split, cache_dir=cache_dir)
@@ -235,7 +243,7 @@ def detect_format(column_names: Sequence[str], columns: Mapping[str, str] | None
     for fmt in ("preference", "implicit_preference", "prompt_completion", "messages", "question_answer"):
         if all(_actual(columns, c) in present for c in REQUIRED_COLUMNS[fmt]):
             return fmt
-    raise ValueError(
+    raise DataError(
         f"cannot detect the dataset format from its columns {sorted(present)}; expected one of "
         + "; ".join(f"{f}: {list(REQUIRED_COLUMNS[f])}" for f in FORMATS)
         + ". Rename columns with columns={'chosen': '<your column>', ...} or pass format=...")
@@ -246,7 +254,7 @@ def check_columns(column_names: Sequence[str], format: str, columns: Mapping[str
     present = list(column_names)
     missing = [_actual(columns, c) for c in REQUIRED_COLUMNS[format] if _actual(columns, c) not in present]
     if missing:
-        raise ValueError(
+        raise DataError(
             f"format={format!r} needs column(s) {missing}, but the dataset has columns {present}. "
             f"Map your column names with columns={{'<canonical>': '<yours>'}} "
             f"(canonical names for this format: {list(REQUIRED_COLUMNS[format])}) or pick another format.")
@@ -316,14 +324,14 @@ def render_chat(tokenizer, prompt_messages, response_messages) -> tuple[str, str
     ends with EOS and the tokenizer step does not append a second one.
     """
     if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError("conversational rows need a tokenizer with a chat_template; set "
+        raise DataError("conversational rows need a tokenizer with a chat_template; set "
                          "tokenizer.chat_template or convert the rows to plain strings.")
     prompt_messages = _clean_messages(prompt_messages)
     response_messages = _clean_messages(response_messages)
     prompt_text = tokenizer.apply_chat_template(prompt_messages, tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(prompt_messages + response_messages, tokenize=False)
     if not full.startswith(prompt_text):
-        raise ValueError(
+        raise DataError(
             "the chat template renders prompt+response without the generation-prompt rendering of the "
             f"prompt as a prefix (prompt: {prompt_text[-80:]!r}, full: {full[:len(prompt_text) + 40][-120:]!r}); "
             "this template cannot split prompt and response, use plain-string rows instead.")
@@ -345,7 +353,7 @@ def _standardize_row(row: dict[str, Any], idx: int, *, format: str, columns, tok
                      marker: str | None, source: str | None = None) -> dict[str, Any]:
     for c in REQUIRED_COLUMNS[format]:
         if row.get(_actual(columns, c)) is None:
-            raise ValueError(
+            raise DataError(
                 f"{row_location(source, idx)}: row {idx} has no {_actual(columns, c)!r} (the key is missing or "
                 f"null); every {format!r} row needs {[_actual(columns, k) for k in REQUIRED_COLUMNS[format]]}. "
                 "Fix or remove the row.")
@@ -359,11 +367,11 @@ def _standardize_row(row: dict[str, Any], idx: int, *, format: str, columns, tok
     elif format == "messages":
         messages = get("messages")
         if not is_conversational(messages):
-            raise ValueError(f"{row_location(source, idx)}: column {_actual(columns, 'messages')!r} must be a list of "
+            raise DataError(f"{row_location(source, idx)}: column {_actual(columns, 'messages')!r} must be a list of "
                              f"{{'role', 'content'}} messages, got {type(messages).__name__}.")
         messages = _clean_messages(messages)
         if messages[-1].get("role") != "assistant":
-            raise ValueError(f"{row_location(source, idx)}: the last message must have role 'assistant' (the trained "
+            raise DataError(f"{row_location(source, idx)}: the last message must have role 'assistant' (the trained "
                              f"response), got role {messages[-1].get('role')!r}.")
         prompt, responses = messages[:-1], [messages[-1:]]
     elif format == "implicit_preference":
@@ -437,22 +445,22 @@ def standardize(
             try:
                 tmpl.format(question="", answer="")
             except (KeyError, IndexError) as e:
-                raise ValueError(f"{tname}={tmpl!r} uses an unknown field {e}; available: {{question}}, "
+                raise DataError(f"{tname}={tmpl!r} uses an unknown field {e}; available: {{question}}, "
                                  "{answer}.") from None
     if (use_chat_template or format == "messages") and tokenizer is None:
-        raise ValueError(f"format={format!r} / use_chat_template={use_chat_template} needs tokenizer=... "
+        raise DataError(f"format={format!r} / use_chat_template={use_chat_template} needs tokenizer=... "
                          "(its chat template renders the messages).")
     if ds.num_rows and tokenizer is None:
         first = ds[0]
         if any(is_conversational(first[c]) for c in ds.column_names if c in first):
-            raise ValueError("the rows are conversational (lists of messages); pass tokenizer=... "
+            raise DataError("the rows are conversational (lists of messages); pass tokenizer=... "
                              "so its chat template can render them.")
     try:
         out = _map_rows(ds, format, columns, tokenizer, prompt_template, completion_template, use_chat_template,
                         marker, num_proc, load_from_cache_file, source)
     except UnicodeDecodeError as e:  # Arrow keeps invalid bytes; they fail when a row is read
         where = utf8_error_location(source) if source and os.path.isfile(source) else None
-        raise ValueError(where or f"{source or 'the dataset'}: text that is not valid UTF-8 ({e})") from e
+        raise DataError(where or f"{source or 'the dataset'}: text that is not valid UTF-8 ({e})") from e
     return out, format
 
 

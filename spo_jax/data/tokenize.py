@@ -60,7 +60,7 @@ def special_token_policy(tokenizer) -> tuple[int | None, int | None]:
         if not probe or probe[0] != bos:
             bos = None
     if eos is None:
-        raise ValueError("the tokenizer has no eos_token; set tokenizer.eos_token (responses end with EOS).")
+        raise loading.DataError("the tokenizer has no eos_token; set tokenizer.eos_token (responses end with EOS).")
     return bos, eos
 
 
@@ -166,18 +166,18 @@ def tokenize_dataset(
       (truncation counts are over kept rows), ``max_length``.
     """
     if not isinstance(max_length, (int, np.integer)) or max_length < 2:
-        raise ValueError(f"max_length={max_length!r} must be an int >= 2 (prompt token + response token).")
+        raise loading.DataError(f"max_length={max_length!r} must be an int >= 2 (prompt token + response token).")
     if min_prompt_length < 0:
-        raise ValueError(f"min_prompt_length={min_prompt_length!r} must be >= 0.")
+        raise loading.DataError(f"min_prompt_length={min_prompt_length!r} must be >= 0.")
     if "prompt" not in ds.column_names or "example_index" not in ds.column_names:
-        raise ValueError(f"tokenize_dataset needs the canonical columns of loading.standardize "
+        raise loading.DataError(f"tokenize_dataset needs the canonical columns of loading.standardize "
                          f"(example_index, prompt, ...); got {ds.column_names}.")
     if {"chosen", "rejected"} <= set(ds.column_names):
         response_columns = ("chosen", "rejected")
     elif "completion" in ds.column_names:
         response_columns = ("completion",)
     else:
-        raise ValueError(f"tokenize_dataset needs response columns chosen/rejected or completion; "
+        raise loading.DataError(f"tokenize_dataset needs response columns chosen/rejected or completion; "
                          f"got {ds.column_names}.")
     bos_id, eos_id = special_token_policy(tokenizer)
     if os.environ.get("TOKENIZERS_PARALLELISM") is None and (num_proc or 0) > 1:
@@ -199,7 +199,7 @@ def tokenize_dataset(
         first = int(np.flatnonzero(drop != "")[0])
         row = ds[first]
         preview = {k: (v[:120] + "...") if isinstance(v, str) and len(v) > 120 else v for k, v in row.items()}
-        raise ValueError(
+        raise loading.DataError(
             f"strict=True: row {row['example_index']} (dataset row number) is bad: {drop[first]} "
             f"(max_length={max_length}); row: {preview}. Fix the data, raise max_length, or pass strict=False "
             f"to drop such rows ({int((drop != '').sum())} of {len(drop)} rows are bad).")
@@ -228,7 +228,7 @@ def tokenize_dataset(
                 stats["dropped_identical_responses"], stats["dropped_prompt_too_long"],
                 stats["truncated_prompt"], stats["truncated_response"], max_length)
     if stats["rows_out"] == 0:
-        raise ValueError(f"no row survived tokenization ({stats}); check max_length={max_length} and the data.")
+        raise loading.DataError(f"no row survived tokenization ({stats}); check max_length={max_length} and the data.")
     return tok, stats
 
 

@@ -1,0 +1,99 @@
+"""The command line as a new user meets it: --help lists every config field, and each
+expected failure is one line on stderr with a documented exit code (the traceback only
+with SPO_JAX_DEBUG=1 / --debug)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+
+import pytest
+
+from spo_jax import cli
+from spo_jax import config as config_lib
+from spo_jax.checkpoint import CheckpointRestoreError, CheckpointSaveError
+from spo_jax.data import DataError
+from spo_jax.models import ModelPathError
+from spo_jax.train import DegenerateTrainingError, NonFiniteLossError
+from spo_jax.validation import ConfigError
+from tests.test_train import ROOT, write_pairs
+
+TINY = os.path.join(ROOT, "experiments", "tiny_test.py")
+
+
+def run_cli(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "spo_jax.train", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ, JAX_PLATFORMS="cpu", **(env or {})))
+
+
+def test_every_config_field_has_one_description():
+    fields = [name for name, _ in config_lib.config_fields()]
+    help_ = config_lib.field_help()
+    assert sorted(help_) == sorted(fields)
+    assert all(len(help_[f]) > 5 for f in fields)
+
+
+def test_help_prints_every_field_with_default_and_description():
+    proc = run_cli("--help", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    help_ = config_lib.field_help()
+    for name, default in config_lib.config_fields():
+        line = f"  {name} = {default!r}\n      {help_[name]}\n"
+        assert line in out, name
+    assert "Exit codes: 0 done; 1 unexpected error" in out
+
+
+def test_expected_failures_are_classified_with_exit_codes():
+    cases = [(ConfigError("x"), 2), (DataError("x"), 3), (ModelPathError("x"), 4), (CheckpointRestoreError("x"), 5),
+             (CheckpointSaveError("x"), 5), (DegenerateTrainingError("x"), 6), (NonFiniteLossError("x"), 6),
+             (OSError(errno.ENOSPC, "No space left on device", "/run/metrics.jsonl"), 7),
+             (PermissionError(errno.EACCES, "Permission denied", "/run"), 7), (KeyboardInterrupt(), 130)]
+    for exc, code in cases:
+        assert cli.EXIT_CODES[cli.classify(exc)] == code, exc
+    assert cli.classify(ValueError("a bug")) is None and cli.classify(OSError(errno.EIO, "io")) is None
+
+
+@pytest.fixture(scope="module")
+def bad_json(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    good = write_pairs(d / "pairs.jsonl", n=4)
+    lines = open(good).read().splitlines()
+    lines.insert(2, '{"prompt": "x", "chosen": "a" "rejected": "b"}')
+    (d / "bad.jsonl").write_text("\n".join(lines) + "\n")
+    return d
+
+
+def _one_line(proc, code: int, prefix: str) -> str:
+    assert proc.returncode == code, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(prefix), proc.stderr[-3000:]
+    return last
+
+
+def test_bad_data_file_is_one_line_and_exit_3_traceback_only_on_request(bad_json):
+    args = [f"--config={TINY}", f"--config.run_dir={bad_json / 'run'}", f"--config.data.train_path={bad_json / 'bad.jsonl'}"]
+    proc = run_cli(*args)
+    last = _one_line(proc, 3, "data error: ")
+    assert last.endswith("bad.jsonl:3: not valid JSON: Expecting ',' delimiter (column 31); each line must be one "
+                         "JSON object.")
+    assert "pyarrow" not in proc.stderr  # datasets' own report of the same error is not repeated
+    debug = run_cli(*args, env={"SPO_JAX_DEBUG": "1"})
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "DataError" in debug.stderr
+
+
+def test_config_mistakes_before_anything_heavy(bad_json):
+    base = [f"--config={TINY}", f"--config.run_dir={bad_json / 'run'}",
+            f"--config.data.train_path={bad_json / 'pairs.jsonl'}"]
+    # an unknown loss name: the intended config error listing the losses (issue 18 item 8)
+    last = _one_line(run_cli(*base, "--config.loss.name=dpoo"), 2, "config error: ")
+    assert "unknown loss 'dpoo'; known losses: " in last and "simpo" in last
+    # a typo in a field name, a value of the wrong type, a config file that does not exist
+    last = _one_line(run_cli(*base, "--config.optim.learnig_rate=1e-3"), 2, "config error: ")
+    assert "no config field 'learnig_rate'" in last and "did you mean learning_rate?" in last
+    _one_line(run_cli(*base, "--config.train.num_steps=ten"), 2, "Pass --helpshort")
+    last = _one_line(run_cli("--config=experiments/nope.py"), 2, "usage error: --config: ")
+    assert "experiments/nope.py" in last and "No such file or directory" in last
