@@ -25,7 +25,8 @@ model.dtype                compute dtype: "float32" | "bfloat16" | "float16"
 model.param_dtype          master-weight dtype (the optimizer's): "float32" | "bfloat16"
 model.remat                rematerialise each decoder layer in the backward pass
 model.lora.enabled         train LoRA adapters on a frozen base (spo_jax.adapters; off by default)
-model.lora.rank, .alpha    adapter rank r and alpha (update scaled by alpha / r; / sqrt(r) with .use_rslora)
+model.lora.rank, model.lora.alpha   adapter rank r and alpha (update scaled by alpha / r)
+model.lora.use_rslora      scale the update by alpha / sqrt(r) (rsLoRA) instead of alpha / r
 model.lora.dropout         dropout on the adapters' input (training only)
 model.lora.targets         "all-linear" or comma-separated PEFT module names (q_proj,...,down_proj; GPT-2:
                            c_attn, c_proj, c_fc)
