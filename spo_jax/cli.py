@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 
 import datasets
@@ -34,7 +35,7 @@ from spo_jax.checkpoint import CheckpointError, debug_enabled
 from spo_jax.compile_cache import CompileStats, enable_compile_cache
 from spo_jax.data import DataError
 from spo_jax.models import ModelPathError
-from spo_jax.train import DegenerateTrainingError, train
+from spo_jax.train import STOP_REQUESTED, DegenerateTrainingError, train
 from spo_jax.validation import ConfigError
 
 
@@ -59,12 +60,13 @@ EXIT_CODES = {
     "checkpoint": 5,   # a checkpoint that cannot be restored or written (e.g. a full disk)
     "diverged": 6,     # non-finite or degenerate training; names the last good checkpoint
     "os": 7,           # the file system: no space left, permission denied, a missing directory
-    "interrupted": 130,
+    "interrupted": 130,  # Ctrl-C
+    "terminated": 143,   # SIGTERM: the loop saved a checkpoint after the current step
 }
 
 PREFIXES = {"config": "config error: ", "data": "data error: ", "model": "model error: ",
             "checkpoint": "checkpoint error: ", "diverged": "training stopped: ", "os": "file system error: ",
-            "interrupted": ""}
+            "interrupted": "", "terminated": ""}
 
 #: Loggers of libraries whose INFO records are chatter (Orbax logs through absl).
 LIBRARY_LOGGERS = ("absl", "jax", "orbax", "datasets", "transformers", "tensorstore", "urllib3", "filelock",
@@ -140,6 +142,10 @@ def failure_message(kind: str, e: BaseException, c) -> str:
     return str(e)
 
 
+def _terminate(signum, frame) -> None:
+    STOP_REQUESTED.set()  # the loop saves a checkpoint after the current step and returns
+
+
 def _usage_error(message: str) -> None:
     print(f"usage error: {message}", file=sys.stderr)
     raise SystemExit(EXIT_CODES["config"])
@@ -170,6 +176,7 @@ def _main(args) -> None:
         raise SystemExit(f"config error: config.compile_cache={cfg.compile_cache!r}: {e}") from None
     if jax.process_index() == 0:
         logger.info("%s", config_summary(cfg))
+    signal.signal(signal.SIGTERM, _terminate)  # a pre-empted job saves where it is and exits 143
     try:
         with CompileStats() as compiles:
             result = train(cfg)
@@ -180,6 +187,11 @@ def _main(args) -> None:
         print(f"{PREFIXES[kind]}{failure_message(kind, e, cfg)}", file=sys.stderr)
         raise SystemExit(EXIT_CODES[kind]) from None
     logger.info("compile cache %s: %s", cache_dir or "off", compiles.summary())
+    if STOP_REQUESTED.is_set():
+        step = next((h["step"] for h in reversed(result.history) if h["split"] == "train"), result.start_step)
+        print(f"stopped by SIGTERM after step {step} with a checkpoint there; rerun the same command to resume",
+              file=sys.stderr)
+        raise SystemExit(EXIT_CODES["terminated"])
     if jax.process_index() == 0:
         logger.info("run directory %s%s", result.run_dir,
                     f"; exported model {result.export_dir}" if result.export_dir else "")

@@ -28,6 +28,7 @@ import dataclasses
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -49,6 +50,10 @@ from spo_jax.metrics import MetricWriter, Progress, TrainingHealth, measure_peak
 from spo_jax.optim import make_optimizer
 
 logger = logging.getLogger("spo_jax.train")
+
+#: Set (e.g. by the CLI's SIGTERM handler) to end the loop after the current step, with a
+#: checkpoint there, as a pre-empted job should.
+STOP_REQUESTED = threading.Event()
 
 # --------------------------------------------------------------------------- #
 # State
@@ -433,7 +438,8 @@ class _Loop:
                     read(pending, dispatched)  # step t's metrics, after step t+1 was dispatched
                 pending = (step + 1, metrics, dispatched)
                 done = step + 1
-                save_now = done == last or (c.checkpoint.every and done % c.checkpoint.every == 0)
+                stopping = STOP_REQUESTED.is_set() and done < last  # SIGTERM (pre-emption): save and end here
+                save_now = done == last or stopping or (c.checkpoint.every and done % c.checkpoint.every == 0)
                 eval_now = bool(c.eval.every) and done % c.eval.every == 0 and done != num_steps
                 if save_now or eval_now:
                     read(pending)  # never save or evaluate a state whose step was not checked
@@ -442,6 +448,11 @@ class _Loop:
                     self._save(done, it)
                 if eval_now:
                     self.evaluate(self.state.params, done)
+                if stopping:
+                    logger.warning("stop requested: checkpoint at step %d written; rerun the same command to resume",
+                                   done)
+                    last = done
+                    break
             if pending is not None:
                 read(pending)
             self.checkpointer.wait()

@@ -51,6 +51,7 @@ def test_expected_failures_are_classified_with_exit_codes():
              (CheckpointSaveError("x"), 5), (DegenerateTrainingError("x"), 6), (NonFiniteLossError("x"), 6),
              (OSError(errno.ENOSPC, "No space left on device", "/run/metrics.jsonl"), 7),
              (PermissionError(errno.EACCES, "Permission denied", "/run"), 7), (KeyboardInterrupt(), 130)]
+    assert cli.EXIT_CODES["terminated"] == 143
     for exc, code in cases:
         assert cli.EXIT_CODES[cli.classify(exc)] == code, exc
     assert cli.classify(ValueError("a bug")) is None and cli.classify(OSError(errno.EIO, "io")) is None
