@@ -95,9 +95,11 @@ def setup_console(verbosity: int) -> None:
     root.handlers[:] = [handler]  # replaces absl's handler (its prefix repeats the time and thread per line)
     root.setLevel(logging.INFO if verbosity >= 0 else logging.WARNING)
     for name in LIBRARY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.INFO if verbosity >= 1 else logging.WARNING)
+        lg = logging.getLogger(name)
+        lg.setLevel(logging.INFO if verbosity >= 1 else logging.WARNING)
+        lg.handlers.clear()  # datasets / huggingface_hub / transformers add their own: each record printed twice
+        lg.propagate = True
     handler.addFilter(_DropReportedDataErrors())
-    logging.getLogger("datasets").handlers.clear()  # its own stderr handler would print each record twice
     if verbosity < 1:
         datasets.disable_progress_bars()
 
@@ -125,16 +127,31 @@ def classify(e: BaseException) -> str | None:
         return "checkpoint"
     if isinstance(e, DegenerateTrainingError):
         return "diverged"
+    if isinstance(e, OSError) and e.errno is None and _raised_in(e, ("/transformers/", "/huggingface_hub/")):
+        return "model"  # a Hub id that cannot be fetched, a directory without config.json / tokenizer files
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EACCES, errno.EPERM, errno.ENOENT, errno.EROFS,
                                               errno.EDQUOT, errno.ENOTDIR, errno.EISDIR):
         return "os"
     return None
 
 
+def _raised_in(e: BaseException, parts: tuple[str, ...]) -> bool:
+    tb = e.__traceback__
+    while tb is not None:
+        if any(p in tb.tb_frame.f_code.co_filename for p in parts):
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def failure_message(kind: str, e: BaseException, c) -> str:
     if kind == "interrupted":
         return (f"interrupted; rerun the same command to resume from the last complete checkpoint in "
                 f"{os.path.join(os.path.abspath(os.path.expanduser(c.run_dir)), 'checkpoints')}")
+    if kind == "model" and isinstance(e, OSError):
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return (f"cannot load model.path={c.model.path!r} / model.tokenizer={c.model.tokenizer!r}: {first} "
+                "(a Hub id needs network access; a local model is a directory with config.json)")
     if kind == "os":
         what = "no space left on device" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror
         return (f"{what}: {e.filename or e}; free space or fix the path/permissions, then rerun the same command "

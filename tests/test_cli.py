@@ -57,6 +57,19 @@ def test_expected_failures_are_classified_with_exit_codes():
     assert cli.classify(ValueError("a bug")) is None and cli.classify(OSError(errno.EIO, "io")) is None
 
 
+def test_a_model_transformers_cannot_load_is_a_model_error(tmp_path):
+    import ml_collections
+    import transformers
+
+    missing = str(tmp_path / "missing")
+    with pytest.raises(OSError) as err:  # transformers' error for a name it cannot fetch (as for a Hub id offline)
+        transformers.PretrainedConfig.get_config_dict(missing)
+    assert err.value.errno is None and cli.classify(err.value) == "model"
+    c = ml_collections.ConfigDict({"model": {"path": missing, "tokenizer": ""}})
+    msg = cli.failure_message("model", err.value, c)
+    assert msg.startswith(f"cannot load model.path={missing!r}") and "a Hub id needs network access" in msg
+
+
 @pytest.fixture(scope="module")
 def bad_json(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
