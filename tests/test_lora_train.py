@@ -133,3 +133,22 @@ def test_lora_gpt2_target_on_llama_names_the_family(pairs, tmp_path):
     with pytest.raises(ValueError, match="unknown LoRA target 'c_attn' for a llama model"):
         train.train(tiny_config(tmp_path, pairs, **{**LORA, "model__lora__targets": "c_attn"}))
     assert lora.family_targets("gpt2") == ("c_attn", "c_proj", "c_fc")
+
+
+def test_benchmark_smoke():
+    """benchmarks/lora.py's measurement at a tiny size (the real run: SmolLM2-135M, RESULTS.md)."""
+    import importlib.util  # the benchmark is a script outside the package: loaded by path
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "lora.py")
+    spec = importlib.util.spec_from_file_location("benchmarks_lora", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = dict(bench.SMOLLM2_SHAPE, vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    rows = [bench.measure(v, model_config=cfg, pairs=8, prompt_len=6, response_len=6, steps=1)
+            for v in ("full", "lora")]
+    full, lora_row = rows
+    assert lora_row["trainable"] < full["trainable"] and lora_row["frozen"] == full["trainable"]
+    for r in rows:
+        assert abs(r["first_loss"] - np.log(2.0)) < 1e-4 and r["step_s"] > 0 and r["xla_peak_mib"] > 0
+    assert "| lora |" in bench.table(rows)
