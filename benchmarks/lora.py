@@ -28,7 +28,9 @@ Targets (issue 16): LoRA peak memory <= half of full fine-tuning's; step time no
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
+import gc
 import importlib.util
 import json
 import os
@@ -74,6 +76,31 @@ def smollm2_gguf() -> str | None:
     return path if os.path.isfile(path) else None
 
 
+def _status_mib(key: str) -> float:
+    """VmRSS / VmHWM of this process from /proc/self/status, in MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024.0
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    """Return freed heap to the OS (glibc ``malloc_trim``: the model load's freed transient copies would
+    otherwise stay resident), then reset VmHWM to the current RSS (Linux: write 5 to
+    /proc/self/clear_refs); False if not allowed."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def make_config(variant: str, *, model_path: str, model_config: dict | None, pairs: int, max_length: int):
     c = get_default_config()
     if model_path:
@@ -99,9 +126,11 @@ def make_config(variant: str, *, model_path: str, model_config: dict | None, pai
 
 
 def measure(variant: str, *, model_path: str = "", model_config: dict | None = None, pairs: int = 2,
-            prompt_len: int = 32, response_len: int = 32, steps: int = 3, seed: int = 0) -> dict:
-    """One side, in this process: build the state as the trainer does, compile, time ``steps`` steps."""
-    rss0 = peak_rss_mib()
+            prompt_len: int = 32, response_len: int = 32, steps: int = 3, seed: int = 0,
+            own_process: bool = False) -> dict:
+    """One side, in this process: build the state as the trainer does, compile, time ``steps`` steps.
+    ``own_process``: the process is this side's alone, so its peak RSS may be reset after the load."""
+    rss0 = _status_mib("VmRSS")
     c = make_config(variant, model_path=model_path, model_config=model_config, pairs=pairs,
                     max_length=prompt_len + response_len)
     mesh = sharding_lib.make_mesh((-1, 1, 1))
@@ -130,6 +159,8 @@ def measure(variant: str, *, model_path: str = "", model_config: dict | None = N
                        seed=seed, num_epochs=1, pad_id=0, length_bucket="pow2")
     batches = [sharding_lib.make_global_batch(b, mesh) for b in it]
 
+    gc.collect()
+    reset = own_process and _reset_peak_rss()  # from here: the training peak, without the model load's transient copies
     compiled = step.lower(state, batches[0]).compile()
     ma = compiled.memory_analysis()
     planned = (ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
@@ -150,24 +181,31 @@ def measure(variant: str, *, model_path: str = "", model_config: dict | None = N
     return dict(variant=variant, trainable=n_train, frozen=n_frozen, step_s=statistics.median(times),
                 step_times=times, xla_args_mib=ma.argument_size_in_bytes / 2**20,
                 xla_temp_mib=ma.temp_size_in_bytes / 2**20, xla_peak_mib=planned / 2**20,
-                rss_growth_mib=peak_rss_mib() - rss0, first_loss=losses[0])
+                rss_growth_mib=peak_rss_mib() - rss0,
+                train_rss_growth_mib=(_status_mib("VmHWM") - rss0) if reset else None, first_loss=losses[0])
 
 
 def _child(a) -> None:
     cfg = json.loads(a.model_config) if a.model_config else None
     print(json.dumps(measure(a.child, model_path=a.model_path, model_config=cfg, pairs=a.pairs,
-                             prompt_len=a.prompt_len, response_len=a.response_len, steps=a.steps)))
+                             prompt_len=a.prompt_len, response_len=a.response_len, steps=a.steps,
+                             own_process=True)))
 
 
 def table(results: list[dict]) -> str:
     full = next(r for r in results if r["variant"] == "full")
+    def cell(r, key):
+        if r.get(key) is None or full.get(key) is None:
+            return "n/a | n/a"
+        return f"{r[key]:.0f} | {r[key] / full[key]:.2f}"
+
     lines = ["| variant | trainable params | frozen params | XLA step peak (MiB) | ratio to full | "
-             "RSS growth (MiB) | ratio to full | step time (s, median) | ratio to full |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "training RSS peak growth (MiB) | ratio to full | RSS growth incl. model load (MiB) | ratio to full | "
+             "step time (s, median) | ratio to full |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
-        lines.append(f"| {r['variant']} | {r['trainable']:,} | {r['frozen']:,} | {r['xla_peak_mib']:.0f} | "
-                     f"{r['xla_peak_mib'] / full['xla_peak_mib']:.2f} | {r['rss_growth_mib']:.0f} | "
-                     f"{r['rss_growth_mib'] / full['rss_growth_mib']:.2f} | {r['step_s']:.2f} | "
+        lines.append(f"| {r['variant']} | {r['trainable']:,} | {r['frozen']:,} | {cell(r, 'xla_peak_mib')} | "
+                     f"{cell(r, 'train_rss_growth_mib')} | {cell(r, 'rss_growth_mib')} | {r['step_s']:.2f} | "
                      f"{r['step_s'] / full['step_s']:.2f} |")
     return "\n".join(lines)
 
@@ -209,8 +247,12 @@ def main() -> None:
             f"{jax.default_backend()}; load: `{load}`.\n\n"
             f"Model: {model}; {a.pairs} pairs per step, T = {a.prompt_len + a.response_len}; DPO (beta 0.1), online "
             "reference, AdamW; LoRA rank 16, alpha 32 on every projection. XLA step peak = arguments + outputs + "
-            "temporaries - donated aliases of the compiled step; RSS growth = the process's peak RSS minus its RSS "
-            "after the imports; step time = median of the timed steps after a warm-up step.\n\n" + table(results))
+            "temporaries - donated aliases of the compiled step; training RSS peak growth = peak RSS from after the "
+            "state is built (freed heap returned with malloc_trim and the peak reset there: compile + steps, the "
+            "resident state included) minus the RSS after the "
+            "imports; RSS growth incl. model load = the process's whole peak RSS minus the RSS after the imports (the "
+            "GGUF load's transient copies included); step time = median of the timed steps after a warm-up step."
+            "\n\n" + table(results))
     print(body)
     if a.write:
         write_section(os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"), MARK, body)
