@@ -12,11 +12,15 @@ with the same seed):
 2. ``samples`` sampled solutions (temperature ``temperature``) for the first
    ``train_questions`` train questions; a correct one (chosen) is paired with an
    incorrect one (rejected) per question (``spo_jax.sampling.sample_pairs``);
-3. for each method of ``METHODS``: preference training from the GGUF model (which is
-   also the frozen reference, cached log-probs) with ``spo_jax.train.train``;
-4. greedy accuracy of each trained policy on the same test questions, the mean
-   change of the chosen / rejected log-probs of the training pairs (from the trainer's
-   metrics), and the SPO violation fraction;
+3. for each method of ``METHODS`` (or ``--methods``: any family of
+   ``spo_jax.experiment.families()``, e.g. the baselines RPO, DPOP, RFT): preference
+   training from the GGUF model (which is also the frozen reference, cached log-probs),
+   all through the experiment pipeline (``spo_jax.experiment.compare``: same start,
+   pairs, order, seed, steps and optimiser);
+4. greedy accuracy of each trained policy on the same test questions, the NLL of the
+   reference solutions, and ``spo_jax.experiment.pair_shift``: the mean change of the
+   chosen / rejected log-probs of the training pairs and the violation fraction (share
+   of pairs whose chosen token-mean log-prob fell below the starting model's);
 5. ``results.json`` and ``results.md`` (a table) in ``--out``.
 
 The data come from ``$SPO_JAX_DATA`` (default ``../shared/data``): ``gsm8k/train.jsonl``
@@ -43,7 +47,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if __name__ == "__main__":
     sys.path.insert(0, REPO)  # run as a script from a checkout: import this checkout's spo_jax
 
-from spo_jax import models, objectives, sampling, train  # noqa: E402
+from spo_jax import evaluate, experiment, models, objectives, sampling  # noqa: E402
 from spo_jax.compile_cache import enable_compile_cache  # noqa: E402
 from spo_jax.config import get_default_config  # noqa: E402
 from spo_jax.data import BatchIterator, gsm8k, prepare_dataset  # noqa: E402
@@ -74,14 +78,11 @@ SIZES = {
                   max_length=160, batch_size=2, epochs=1, learning_rate=5e-6),
 }
 
-# (name, loss, hparams, spo): DPO beta 0.1 (Rafailov et al.); SimPO beta 2.0, gamma 1.0 (SimPO's
-# Llama-3 recipe); SPO: penalty on the reference gap, gamma 10 (as in experiments/paper.py).
-METHODS = (
-    ("dpo", "dpo", {"beta": 0.1}, False),
-    ("dpo+spo", "dpo", {"beta": 0.1}, True),
-    ("simpo", "simpo", {"beta": 2.0, "gamma": 1.0}, False),
-    ("simpo+spo", "simpo", {"beta": 2.0, "gamma": 1.0}, True),
-)
+#: The default arms (any family of spo_jax.experiment.families() with --methods, e.g. the baselines
+#: RPO, DPOP, RFT): the paper's DPO and SimPO, each alone and + SPO (penalty on the reference gap,
+#: gamma 10); hyperparameters as in spo_jax.experiment.BT_LOSSES (DPO beta 0.1; SimPO beta 2.0,
+#: gamma 1.0, SimPO's Llama-3 recipe).
+METHODS = ("DPO", "DPO+SPO", "SimPO", "SimPO+SPO")
 
 
 def smollm2_path() -> str:
@@ -155,21 +156,15 @@ def reference_nll(graphdef, params, dataset, max_length: int, pad_id: int) -> fl
     return total / max(count, 1.0)
 
 
-def preference_config(model_path: str, run_dir: str, size: Size, num_pairs: int, loss: str, hparams: dict,
-                      spo: bool, seed: int):
+def preference_config(model_path: str, run_dir: str, size: Size, num_pairs: int, m: experiment.Method, seed: int):
+    """The preference stage from ``model_path`` (also the cached reference); only the method differs."""
     c = get_default_config()
-    c.stage = "preference"
     c.run_dir = run_dir
     c.seed = seed
     c.model.path = model_path
     c.model.dtype = "float32"
-    c.reference.mode = "cached"
-    c.loss.name = loss
-    c.loss.hparams = hparams
-    c.spo.enabled = spo
-    c.spo.solver = "penalty"
-    c.spo.value = "reference"
-    c.spo.gamma = 10.0
+    experiment.apply_method(c, m)
+    c.reference.mode = "cached"  # the starting model is the reference of every arm
     c.data.max_length = size.max_length
     c.data.min_prompt_length = 64
     c.data.length_bucket = 64
@@ -238,42 +233,37 @@ def run(size_name: str, out: str, model_path: str | None = None, data_dir: str |
             f.write(json.dumps(p) + "\n")
     results = {"size": dataclasses.asdict(size), "size_name": size_name, "model": model_path, "seed": seed,
                "pairs": pair_stats, "base": base_eval, "methods": {}}
+    arms = [experiment.method(f) for f in (methods or METHODS)]
     if len(pairs) < size.batch_size:
         results["note"] = (f"only {len(pairs)} pairs (< batch {size.batch_size}): no preference training")
     else:
         pair_ds = datasets.Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
-        # log-probs of the pairs under the starting model (stage eval, SimPO needs no reference)
+        tok_pairs, _ = prepare_dataset(pair_ds, tokenizer, max_length=size.max_length, format="preference",
+                                       min_prompt_length=64)
+        lp_kw = dict(max_length=size.max_length, pad_id=pad_id, batch_size=size.batch_size, length_bucket=64)
         t = time.time()
-        c = preference_config(model_path, os.path.join(out, "start"), size, len(pairs), "simpo",
-                              {"beta": 2.0, "gamma": 1.0}, False, seed)
-        c.stage, c.reference.mode = "eval", "none"
-        start = train.train(c, eval_data=pair_ds).final_eval
-        results["base"].update({"logps_chosen": start["logps/chosen"], "logps_rejected": start["logps/rejected"]})
+        start = evaluate.pair_logps(*nnx.split(models.from_pretrained(model_path)), tok_pairs, **lp_kw)
+        results["base"].update({"logps_chosen": float(start["chosen"].mean()),
+                                "logps_rejected": float(start["rejected"].mean())})
         timings["eval_pairs_s"] = time.time() - t
-        known = [m[0] for m in METHODS]
-        unknown = sorted(set(methods or ()) - set(known))
-        if unknown:
-            raise ValueError(f"unknown methods {unknown}; choose from {known}")
-        for name, loss, hparams, spo in METHODS:
-            if methods and name not in methods:
-                continue
-            t = time.time()
-            c = preference_config(model_path, os.path.join(out, name), size, len(pairs), loss, hparams, spo, seed)
-            result = train.train(c, train_data=pair_ds, eval_data=pair_ds)
-            steps = [h for h in result.history if h["split"] == "train"]
-            fe = result.final_eval  # all training pairs under the trained policy
-            policy = nnx.merge(result.graphdef, result.state.params)
+
+        def measure(m, graphdef, params) -> dict:
+            policy = nnx.merge(graphdef, params)
             ev = accuracy(policy)
-            row = {"accuracy": ev["accuracy"], "solution_nll": nll(policy), "steps": len(steps), "texts": ev["texts"],
-                   "final_train_loss": steps[-1]["loss"],
-                   # mean summed log-prob of the pairs' responses: trained policy minus starting model
-                   "delta_logps_chosen": fe["logps/chosen"] - start["logps/chosen"],
-                   "delta_logps_rejected": fe["logps/rejected"] - start["logps/rejected"],
-                   "violation_frac": fe.get("spo/violation_frac")}
-            timings[f"{name}_s"] = time.time() - t
-            results["methods"][name] = row
-            print(f"[smollm2_gsm8k] {name}: accuracy {ev['accuracy']:.3f} after {len(steps)} steps", flush=True)
-            del policy, result
+            shift = experiment.pair_shift(start, evaluate.pair_logps(graphdef, params, tok_pairs, **lp_kw))
+            return {"accuracy": ev["accuracy"], "solution_nll": nll(policy), "texts": ev["texts"],
+                    # mean summed log-prob of the pairs' responses: trained policy minus starting model
+                    "delta_logps_chosen": shift["delta_chosen_logp"],
+                    "delta_logps_rejected": shift["delta_rejected_logp"],
+                    "violation_frac": shift["violation_frac"]}
+
+        t = time.time()
+        results["methods"] = experiment.compare(
+            arms, make_config=lambda m, run_dir: preference_config(model_path, run_dir, size, len(pairs), m, seed),
+            train_data=pair_ds, measure=measure, out_dir=out)
+        timings["methods_s"] = time.time() - t
+        for name, row in results["methods"].items():
+            print(f"[smollm2_gsm8k] {name}: accuracy {row['accuracy']:.3f} after {row['steps']} steps", flush=True)
     timings["total_s"] = time.time() - t0
     results["timings"] = timings
     with open(os.path.join(out, "results.json"), "w") as f:
@@ -319,7 +309,8 @@ def main(argv=None) -> None:
     p.add_argument("--data", default=None, help="folder with gsm8k/ (default $SPO_JAX_DATA or ../shared/data)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pairs", default=None, help="train on this pairs.jsonl (from an earlier run) instead of sampling")
-    p.add_argument("--methods", default="", help="comma-separated subset of " + ",".join(m[0] for m in METHODS))
+    p.add_argument("--methods", default="", help="comma-separated method families (default " + ",".join(METHODS)
+                   + "; any of spo_jax.experiment.families(), e.g. RPO, DPOP, RFT)")
     p.add_argument("--compile-cache", default=None,
                    help="JAX compilation cache directory, or 'off' (default: $SPO_JAX_COMPILE_CACHE, else "
                         "~/.cache/spo_jax/jax_cache; see spo_jax.compile_cache)")

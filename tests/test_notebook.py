@@ -1,6 +1,7 @@
 """experiments/ablation.ipynb runs end to end (nbclient, a fresh kernel) at its quick size:
-a tiny SFT checkpoint, on-policy pairs, and a 2 x 2 (beta, gamma) grid of DPO / DPO+SPO runs,
-with its own in-notebook checks (finite numbers for every grid point) and the plot written."""
+one seed of the synthetic world, both settings, DPO, DPO+SPO at two gammas beside RPO at two
+lambdas, DPOP and RFT, with its own in-notebook checks (finite numbers for every arm) and the
+plot written."""
 
 import os
 

@@ -41,15 +41,15 @@ def test_smollm2_gsm8k_pipeline_smoke(shared_data_dir, smollm2_gguf, tmp_path):
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "smollm2_gsm8k.py"), "--size", "smoke",
                            "--out", str(out), "--model", smollm2_gguf, "--data", str(shared_data_dir),
-                           "--pairs", str(pairs), "--methods", "dpo+spo"],
+                           "--pairs", str(pairs), "--methods", "DPO+SPO"],
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
-    assert set(res["methods"]) == {"dpo+spo"}
-    r = res["methods"]["dpo+spo"]
+    assert set(res["methods"]) == {"DPO+SPO"}
+    r = res["methods"]["DPO+SPO"]
     assert r["steps"] == 1 and 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= res["base"]["accuracy"] <= 1.0
     assert math.isfinite(r["delta_logps_chosen"]) and math.isfinite(r["delta_logps_rejected"])
     # one DPO step from the reference moves the chosen log-prob up relative to the rejected one
     assert r["delta_logps_chosen"] - r["delta_logps_rejected"] > 0
     assert 0.0 <= r["violation_frac"] <= 1.0
-    assert "| dpo+spo |" in (out / "results.md").read_text()
+    assert "| DPO+SPO |" in (out / "results.md").read_text()

@@ -1,0 +1,257 @@
+"""spo_jax.experiment's pure parts, on hand-made inputs whose answers are known:
+
+methods and their configs, the style rule of setting (b), the pair-shift measurements,
+the paired bootstrap (against closed forms: degenerate intervals, a seed-only spread,
+the normal approximation of a Bernoulli mean, exact pairing), the Pareto frontier and
+the verdicts, and ``summarize`` / ``write_report`` / the Pareto figure on small stored
+results built here (two seeds, known outcomes). The pipeline end to end is
+tests/test_demo.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from spo_jax import config as config_lib
+from spo_jax import experiment as E
+
+# --------------------------------------------------------------------------- methods
+
+
+def test_method_labels_defaults_and_overrides():
+    m = E.method("DPO+SPO")
+    assert (m.family, m.loss, m.hp, m.spo_gamma, m.label, m.base) == ("DPO+SPO", "dpo", {"beta": 0.1}, 10.0,
+                                                                      "DPO+SPO", "DPO")
+    assert E.method("DPO+SPO", spo_gamma=30).label == "DPO+SPO γ=30"
+    r = E.method("RPO", lam=10)
+    assert (r.loss, r.hp, r.spo, r.label) == ("rpo", {"beta": 0.1, "lam": 10.0}, False, "RPO λ=10")
+    assert E.method("RFT").loss == "sft" and E.method("DPOP").hp == {"beta": 0.1, "lam": 50.0}
+    assert set(E.families()) == {"DPO", "DPO+SPO", "CPO", "CPO+SPO", "DPOP", "DPOP+SPO", "R-DPO", "R-DPO+SPO",
+                                 "SimPO", "SimPO+SPO", "AlphaDPO", "AlphaDPO+SPO", "RFT", "RPO"}
+    with pytest.raises(ValueError, match="unknown method family 'RFT\\+SPO'"):
+        E.method("RFT+SPO")
+    with pytest.raises(ValueError, match="spo_gamma only applies"):
+        E.method("DPO", spo_gamma=3)
+    with pytest.raises(ValueError, match="'SimPO' has no hyperparameter 'lam'; accepted: \\['beta', 'gamma'\\]"):
+        E.method("SimPO", lam=1)
+
+
+@pytest.mark.parametrize("family, ref", [("DPO+SPO", "cached"), ("SimPO", "none"), ("SimPO+SPO", "cached"),
+                                         ("RFT", "none"), ("RPO", "cached"), ("CPO", "none")])
+def test_apply_method_sets_loss_spo_and_reference_and_validates(family, ref, tmp_path):
+    c = config_lib.get_default_config()
+    c.run_dir = str(tmp_path)
+    c.loss.sft_weight = 5.0
+    m = E.method(family)
+    E.apply_method(c, m)
+    assert (c.stage, c.loss.name, dict(c.loss.hparams), c.loss.sft_weight) == ("preference", m.loss, m.hp, 0.0)
+    assert c.spo.enabled == m.spo and c.reference.mode == ref
+    if m.spo:
+        assert (c.spo.solver, c.spo.value, c.spo.gamma, c.spo.epsilon, c.spo.per_sample) == (
+            "penalty", "reference", 10.0, 0.0, True)
+
+
+def test_sweep_arms_and_choose_per_family():
+    arms = E.sweep_arms(["DPO+SPO", "RPO", "RFT"])
+    assert [a.label for a in arms] == ["DPO+SPO γ=3", "DPO+SPO γ=10", "DPO+SPO γ=30", "RPO λ=0.3", "RPO λ=1",
+                                       "RPO λ=3", "RPO λ=10", "RFT"]
+    runs = {a.label: {"accuracy": 0.5, "win_rate": 0.5} for a in arms}
+    runs["DPO+SPO γ=10"]["accuracy"] = 0.7
+    runs["RPO λ=3"].update(accuracy=0.4, win_rate=0.9)  # best for style (win + acc), not for correctness
+    assert {f: m.label for f, m in E.choose(runs, arms, "correctness").items()} == {
+        "DPO+SPO": "DPO+SPO γ=10", "RPO": "RPO λ=0.3", "RFT": "RFT"}
+    assert E.choose(runs, arms, "style")["RPO"].label == "RPO λ=3"
+
+
+# --------------------------------------------------------------------------- style rule
+
+
+def test_restyle_and_style_reward():
+    ans = "14 - 12 = 2 . 2 + 24 = 26 . 26 * 2 = 52 . #### 52"
+    rng = np.random.default_rng(0)
+    assert E.restyle_answer(ans, rng, 0.0) == ans
+    assert E.restyle_answer(ans, rng, 1.0) == "2 = 14 - 12 . 26 = 2 + 24 . 52 = 26 * 2 . #### 52"
+    assert E.style_reward(ans) == 0.0
+    assert E.style_reward("2 = 14 - 12 . 26 = 2 + 24 . 26 * 2 = 52 . #### 52") == pytest.approx(2 / 3)
+    assert E.style_reward(" 52 = 26 * 2 . #### 52") == 1.0
+    assert E.style_reward("#### 52") == 0.0 and E.style_reward("garbage") == 0.0
+    with pytest.raises(ValueError, match="no '#### N'"):
+        E.restyle_answer("1 + 1 = 2 .", rng, 0.5)
+    np.testing.assert_array_equal(E.win_rate([1.0, 0.5, 0.0], [0.5, 0.5, 1.0]), [1.0, 0.5, 0.0])
+
+
+def test_style_pairs_pick_highest_and_lowest_reward():
+    samples = [["1 + 1 = 2 . #### 2", "2 = 1 + 1 . #### 2", "2 = 1 + 1 . #### 3"],  # rewards 0, 1, 1
+               ["1 + 1 = 2 . #### 2", "1 + 1 = 2 . #### 2"]]                         # all tie: no pair
+    pairs, stats = E.style_pairs(["p0", "p1"], samples)
+    assert stats == {"num_questions": 2, "num_pairs": 1, "mean_sample_reward": pytest.approx(2 / 5)}
+    assert pairs[0] == {"prompt": "p0", "chosen": " 2 = 1 + 1 . #### 2", "rejected": " 1 + 1 = 2 . #### 2",
+                        "chosen_reward": 1.0, "rejected_reward": 0.0, "question_index": 0}
+
+
+def test_levelled_off():
+    assert E.levelled_off({"100": 0.5, "200": 0.79, "300": 0.8})
+    assert not E.levelled_off({"100": 0.5, "200": 0.7}) and not E.levelled_off({"100": 0.5})
+    assert E.levelled_off({"900": 0.8, "1000": 0.7, "200": 0.1})  # steps sort as numbers
+
+
+def test_pair_shift():
+    start = {"example_index": np.arange(3), "chosen": np.array([-10.0, -20.0, -5.0]),
+             "rejected": np.array([-12.0, -8.0, -6.0]), "chosen_len": np.array([5.0, 10.0, 5.0])}
+    now = dict(start, chosen=np.array([-11.0, -18.0, -5.0]), rejected=np.array([-20.0, -9.0, -6.0]))
+    r = E.pair_shift(start, now)
+    np.testing.assert_allclose(r["delta_chosen"], [-1, 2, 0])
+    np.testing.assert_allclose(r["violation"], [1, 0, 0])
+    assert r["delta_chosen_logp"] == pytest.approx(1 / 3) and r["delta_rejected_logp"] == pytest.approx(-3)
+    assert r["violation_frac"] == pytest.approx(1 / 3) and r["margin_gain"] == pytest.approx(1 / 3 + 3)
+    assert r["delta_chosen_token_mean"] == pytest.approx((-0.2 + 0.2 + 0) / 3)
+    with pytest.raises(ValueError, match="different pairs"):
+        E.pair_shift(start, dict(now, example_index=np.array([0, 2, 1])))
+
+
+# --------------------------------------------------------------------------- bootstrap
+
+
+def test_bootstrap_degenerate_and_exactly_paired():
+    a = np.array([0.0, 1.0, 1.0, 0.0, 1.0])
+    r = E.paired_bootstrap({"A": [a], "B": [a], "C": [a * 0 + 1.0]}, n_boot=500, reference="A")
+    assert r["A"]["mean"] == pytest.approx(0.6) and r["A"]["diff"] == 0.0
+    assert r["B"]["diff_lo"] == r["B"]["diff_hi"] == 0.0          # identical arms: the paired difference is 0
+    assert r["C"]["lo"] == r["C"]["hi"] == 1.0                    # constant arm: no spread
+    assert r["C"]["diff"] == pytest.approx(0.4) and r["C"]["diff_lo"] >= 0.0 and r["C"]["n_items"] == 5
+
+
+def test_bootstrap_seed_level_spread():
+    # two seeds, no within-seed variance: draws of the seed pair give means 0, 0.5 or 1
+    r = E.paired_bootstrap({"A": [np.zeros(10), np.ones(10)]}, n_boot=4000)
+    assert r["A"]["mean"] == 0.5 and r["A"]["lo"] == 0.0 and r["A"]["hi"] == 1.0 and r["A"]["n_seeds"] == 2
+
+
+def test_bootstrap_matches_the_normal_approximation_of_a_bernoulli_mean():
+    rng = np.random.default_rng(3)
+    x = (rng.random(2000) < 0.3).astype(float)
+    r = E.paired_bootstrap({"A": [x]}, n_boot=4000, seed=5)["A"]
+    half = 1.96 * np.sqrt(x.mean() * (1 - x.mean()) / len(x))
+    assert r["hi"] - r["lo"] == pytest.approx(2 * half, rel=0.1)
+    assert r["lo"] < x.mean() < r["hi"]
+
+
+def test_bootstrap_pairing_narrows_the_difference_of_correlated_arms():
+    rng = np.random.default_rng(0)
+    a = (rng.random(1000) < 0.5).astype(float)
+    b = a.copy()
+    b[:30] = 1.0  # b = a plus a few extra successes
+    r = E.paired_bootstrap({"a": [a], "b": [b]}, n_boot=2000, reference="a", return_draws=True)
+    unpaired_half = 1.96 * np.sqrt(a.var() / len(a) + b.var() / len(b))
+    assert r["b"]["diff_lo"] > 0.0 and (r["b"]["diff_hi"] - r["b"]["diff_lo"]) / 2 < unpaired_half / 3
+    d, lo, hi = E.diff_interval(r["b"], r["a"])
+    assert d == pytest.approx(b.mean() - a.mean()) and (lo, hi) == pytest.approx((r["b"]["diff_lo"], r["b"]["diff_hi"]))
+
+
+def test_bootstrap_rejects_unpaired_inputs():
+    with pytest.raises(ValueError, match="as long as arm 'A'"):
+        E.paired_bootstrap({"A": [np.ones(3)], "B": [np.ones(4)]})
+    with pytest.raises(ValueError, match="has 2 seeds"):
+        E.paired_bootstrap({"A": [np.ones(3)], "B": [np.ones(3), np.ones(3)]})
+    with pytest.raises(ValueError, match="reference 'Z'"):
+        E.paired_bootstrap({"A": [np.ones(3)]}, reference="Z")
+
+
+# --------------------------------------------------------------------------- Pareto
+
+
+def test_pareto_front_and_positions():
+    pts = {"a": (0.9, 0.5), "b": (0.7, 0.7), "c": (0.5, 0.9), "d": (0.6, 0.6)}
+    assert E.pareto_front(pts) == ["c", "b", "a"]
+    assert E.frontier_position((0.95, 0.6), pts) == ("ahead of", ["a"])
+    assert E.frontier_position((0.8, 0.6), pts) == ("on", [])
+    assert E.frontier_position((0.6, 0.6), pts) == ("behind", ["b"])  # equal to d: not dominated by it
+    assert E.frontier_position((0.5, 0.5), pts)[0] == "behind"
+
+
+# --------------------------------------------------------------------------- stored results
+
+
+def _stored_results(n=200):
+    """Two report seeds, three arms per setting, with known outcomes: on correctness pairs DPO
+    collapses, DPO+SPO is clearly above RPO; on the style pairs DPO+SPO is dominated by RPO."""
+    rng = np.random.default_rng(0)
+
+    def items(p):
+        return (rng.random(n) < p).astype(int).tolist()
+
+    per_seed = []
+    for seed in (1, 2):
+        sft_reward = rng.choice([0.0, 0.5, 1.0], n)
+        run = {"seed": seed, "sft": {"accuracy": 0.8, "reward": float(sft_reward.mean()), "correct": items(0.8),
+                                     "reward_items": sft_reward.tolist(), "curve": {"100": 0.79, "200": 0.8}},
+               "pairs": {}, "settings": {}}
+        for k, acc, reward in (("correctness", {"DPO": 0.3, "DPO+SPO": 0.97, "RPO": 0.8}, None),
+                               ("style", {"DPO": 0.3, "DPO+SPO": 0.6, "RPO": 0.75},
+                                {"DPO": 1.0, "DPO+SPO": 0.6, "RPO": 0.75})):
+            runs = {}
+            for a, p in acc.items():
+                rew = (np.full(n, reward[a]) if reward else sft_reward).tolist()
+                runs[a] = {"accuracy": p, "correct": items(p), "reward_items": rew,
+                           "delta_chosen": rng.normal(-2.0 if a == "DPO" else 0.3, 0.5, 50).tolist(),
+                           "delta_rejected": rng.normal(-5, 1, 50).tolist(),
+                           "violation": (rng.random(50) < (0.8 if a == "DPO" else 0.1)).astype(float).tolist(),
+                           "mass_split": {"chosen": 0.5, "rejected": 0.2, "other": 0.3}}
+            run["settings"][k] = {"runs": runs, "methods": {a: {"family": a} for a in acc},
+                                  "sft_mass_split": {"chosen": 0.6, "rejected": 0.2, "other": 0.2},
+                                  "gradient_diagnostics": {"num_pairs": 16, "mean_cos": 0.9,
+                                                           "frac_dpo_lowers_chosen": 0.7}}
+        per_seed.append(run)
+    return {"settings": {"n_test": n, "n_pair_prompts": 50, "num_samples": 8, "pref_steps": 10, "pref_batch": 8,
+                         "pref_lr": 1e-4},
+            "report_seeds": [1, 2], "validation_seed": 0, "criteria": dict((k, v[0]) for k, v in E.CRITERIA.items()),
+            "chosen": {"correctness": {"DPO": "DPO"}, "style": {"DPO": "DPO"}}, "validation": None,
+            "per_seed": per_seed, "timings_s": {"total": 1.0},
+            "machine": {"cpu_count": 2, "load_avg_1min_at_end": 3.0}}
+
+
+def test_summarize_report_and_figure_on_stored_results(tmp_path):
+    res = json.loads(json.dumps(_stored_results()))  # as stored in results.json
+    summ = E.summarize(res, n_boot=500)
+    acc = summ["correctness"]["accuracy"]
+    sft_mean = np.mean([np.mean(r["sft"]["correct"]) for r in res["per_seed"]])
+    assert acc["SFT"]["mean"] == pytest.approx(sft_mean) and acc["SFT"]["diff"] == 0.0
+    assert acc["DPO"]["diff_hi"] < 0 < acc["DPO+SPO"]["diff_lo"]
+    assert summ["style"]["win_rate"]["SFT"]["mean"] == 0.5 and summ["style"]["win_rate"]["DPO"]["mean"] > 0.6
+    assert "draws" not in acc["DPO"]  # the bootstrap draws are not stored
+    assert summ["correctness"]["violation"]["DPO"]["lo"] > summ["correctness"]["violation"]["DPO+SPO"]["hi"]
+    # the readings state the verdicts these numbers imply
+    assert "DPO+SPO: " in summ["correctness"]["reading"] and "AHEAD OF the best baseline" in summ["correctness"][
+        "reading"]
+    assert "Best baseline by held-out accuracy: RPO" in summ["correctness"]["reading"]
+    assert "is BEHIND the frontier (dominated by RPO; the 95% interval of the paired difference excludes 0" in summ[
+        "style"]["reading"]
+    assert "0 of 1 SPO points ahead" in summ["style"]["reading"]
+    res["summary"] = summ
+    text = E.write_report(res, str(tmp_path))
+    assert (tmp_path / "report.md").read_text() == text
+    assert "swept on **seed 0**" in text and "reported on seeds [1, 2]" in text
+    assert text.count("-- levelled off") == 2
+    assert "| DPO+SPO | 0.9" in text and "![Pareto](pareto_style.png)" in text
+    assert (tmp_path / "pareto_style.png").stat().st_size > 5000
+
+
+def test_summarize_refuses_unpaired_seeds():
+    res = _stored_results(20)
+    del res["per_seed"][1]["settings"]["style"]["runs"]["RPO"]
+    with pytest.raises(ValueError, match="different arms"):
+        E.summarize(res, n_boot=10)
+
+
+def test_run_grid_checks_its_arguments_before_running(tmp_path):
+    s = E.WorldSettings.quick()
+    with pytest.raises(ValueError, match="validation seed 0 is also a report seed"):
+        E.run_grid(s, str(tmp_path / "a"), families_=["DPO"], report_seeds=[0, 1], validation_seed=0)
+    with pytest.raises(ValueError, match="unknown method family 'XPO'"):
+        E.run_grid(s, str(tmp_path / "b"), families_=["DPO", "XPO"], report_seeds=[1])
+    with pytest.raises(ValueError, match="report_seeds is empty"):
+        E.run_grid(s, str(tmp_path / "c"), families_=["DPO"], report_seeds=[])
+    assert not any(tmp_path.iterdir())  # nothing was written
