@@ -1000,7 +1000,8 @@ def pareto_figure(result: Mapping, path: str) -> None:
         ax.annotate(a, (acc["mean"], win["mean"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
     ax.set_xlabel("held-out greedy accuracy (ability)")
     ax.set_ylabel("win rate vs SFT, exact style reward (preference)")
-    ax.set_title("Setting (b): preference vs ability (circles: +SPO; x: validation-seed sweep)")
+    ax.set_title("Setting (b): preference vs ability (circles: +SPO"
+                 + ("; x: validation-seed sweep)" if val is not None else ")"))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
