@@ -38,6 +38,7 @@ from spo_jax import sharding as sharding_lib  # noqa: E402
 from spo_jax.config import get_default_config  # noqa: E402
 from spo_jax.data import BatchIterator  # noqa: E402
 from spo_jax.inputs import batch_devices_per_process, model_dtypes  # noqa: E402
+from spo_jax.objectives import make_logps_fn  # noqa: E402
 from spo_jax.optim import make_optimizer  # noqa: E402
 from spo_jax.train import TrainState, make_train_step  # noqa: E402
 
@@ -48,6 +49,9 @@ from common import LLAMA_CONFIG, PAD_ID, make_pairs, peak_rss_mib  # noqa: E402
 # DPOTrainer with an explicit ref_model.
 VARIANTS = {
     "dpo": {"loss.name": "dpo", "loss.hparams": {"beta": 0.1}, "reference.mode": "online"},
+    # cached: reference log-probs computed once before training (no reference forward in the step), as
+    # TRL's precompute_ref_log_probs
+    "dpo_cached": {"loss.name": "dpo", "loss.hparams": {"beta": 0.1}, "reference.mode": "cached"},
     "simpo": {"loss.name": "simpo", "loss.hparams": {"beta": 2.0, "gamma": 1.0}, "reference.mode": "none"},
     "dpo_spo": {"loss.name": "dpo", "loss.hparams": {"beta": 0.1}, "reference.mode": "online",
                 "spo.enabled": True, "spo.solver": "penalty", "spo.value": "reference"},
@@ -161,9 +165,14 @@ class Bench:
                          pack_rows_multiple=batch_devices_per_process(c))
         it = BatchIterator(tokenized_dataset(rows), **it_kw)
         self.batches, self.tokens, self.seq_lengths = [], [], []  # seq_lengths: the sequences' lengths per batch
+        # cached reference: the reference log-probs of each batch, computed once before training with the
+        # initial parameters (what the trainer's RefLogpsTable holds), enter the batch as `ref_logps`
+        ref_fn = jax.jit(lambda p, b: make_logps_fn(self.graphdef, seq_chunk=c.logprobs.seq_chunk,
+                                                    vocab_chunk=c.logprobs.vocab_chunk)(p, b)[0])
         for local in it:
-            if c.reference.mode == "cached":  # not used by the variants above; kept for completeness
-                raise ValueError("reference.mode='cached' is not benchmarked here; use 'online' or 'none'")
+            if c.reference.mode == "cached":
+                local = dict(local, ref_logps=np.asarray(ref_fn(self.state.params,
+                                                                sharding_lib.make_global_batch(local, self.mesh))))
             self.tokens.append(int(np.sum(local["segment_ids"] > 0)))
             seg = np.asarray(local["segment_ids"])
             self.seq_lengths.append([int(n) for row in seg for n in np.unique(row[row > 0], return_counts=True)[1]])
@@ -192,6 +201,7 @@ class Bench:
         jax.block_until_ready((self.state, metrics))
         dt = time.perf_counter() - t
         self.last_cpu = time.process_time() - c  # CPU seconds of all this process's threads
+        self.last_metrics = metrics
         if not np.isfinite(float(metrics["loss"])):
             raise FloatingPointError(f"non-finite loss in benchmark variant (step {self._i})")
         return dt, self.tokens[b]

@@ -1,5 +1,9 @@
 """Preference-training throughput and peak memory: spo_jax (DPO, SimPO, DPO+SPO) vs TRL's DPOTrainer.
 
+DPO is measured with an online reference on both sides (a frozen copy whose forward runs in every
+step) and with cached reference log-probs (computed once before training: spo_jax's
+``reference.mode="cached"``, TRL's ``precompute_ref_log_probs=True``; the one-off pass is not timed).
+
     python benchmarks/throughput.py            # writes the "throughput" section of benchmarks/RESULTS.md
 
 Every measurement is a fresh process (`benchmarks/trl_dpo.py`,
@@ -25,16 +29,17 @@ sys.path.insert(0, HERE)
 
 from common import machine_info, run_json_subprocess, write_section  # noqa: E402
 
-SIDES = ("trl", "dpo", "simpo", "dpo_spo")
-LABEL = {"trl": "TRL DPOTrainer (PyTorch) DPO", "dpo": "spo_jax DPO", "simpo": "spo_jax SimPO",
-         "dpo_spo": "spo_jax DPO+SPO (penalty/reference)"}
+SIDES = ("trl", "dpo", "trl_cached", "dpo_cached", "simpo", "dpo_spo")
+LABEL = {"trl": "TRL DPOTrainer (PyTorch) DPO", "dpo": "spo_jax DPO",
+         "trl_cached": "TRL DPOTrainer DPO, precompute_ref_log_probs", "dpo_cached": "spo_jax DPO, cached reference",
+         "simpo": "spo_jax SimPO", "dpo_spo": "spo_jax DPO+SPO (penalty/reference)"}
 
 
 def run_side(side: str, a) -> dict:
     common = ["--pairs-per-step", str(a.pairs_per_step), "--prompt-len", str(a.prompt_len),
               "--response-len", str(a.response_len), "--steps", str(a.steps + a.warmup), "--warmup", str(a.warmup)]
-    if side == "trl":
-        args = [os.path.join(HERE, "trl_dpo.py"), *common]
+    if side in ("trl", "trl_cached"):
+        args = [os.path.join(HERE, "trl_dpo.py"), *common] + (["--precompute-ref"] if side == "trl_cached" else [])
     else:
         args = [os.path.join(HERE, "spo_jax_train.py"), "--variant", side, *common]
     load0 = os.getloadavg()[0]
@@ -83,7 +88,7 @@ def main() -> None:
 def table(runs: dict, total: float, a) -> None:
     sides = list(runs)
 
-    rows, summary = [], {}
+    rows, summary, tok_per_step = [], {}, {}
     for side in sides:
         times = [t for o in runs[side] for t in o["step_times"]]
         tok = runs[side][0]["tokens_per_step"]
@@ -96,10 +101,11 @@ def table(runs: dict, total: float, a) -> None:
         dev = [o.get("peak_device_mib") for o in runs[side] if o.get("peak_device_mib") is not None]
         dev_cell = f" {max(dev):.0f} |" if dev else " n/a |"
         summary[side] = dict(tok_s=tok / med, peak=peak, step=med, cpu=statistics.median(cpu) if cpu else None)
+        tok_per_step[side] = tok
         rows.append(f"| {LABEL[side]} | {len(times)} | {med:.2f} ({min(times):.2f}–{max(times):.2f}) | "
                     f"{tok} | {tok / med:.0f} ({rates[0]:.0f}–{rates[-1]:.0f}) | {peak:.0f} | "
                     f"{min(loads):.2f}–{max(loads):.2f} |" + cpu_cell + dev_cell)
-    spo = next(o for s in sides if s != "trl" for o in runs[s])
+    spo = next(o for s in sides if not s.startswith("trl") for o in runs[s])
     trl = runs["trl"][0] if "trl" in runs else {}
     m = machine_info()
     lines = [
@@ -113,7 +119,9 @@ def table(runs: dict, total: float, a) -> None:
         + _trl_version() + ". Model: common.LLAMA_CONFIG (4 layers, hidden 256, vocab 32000, "
         f"{spo.get('num_params', 0) / 1e6:.1f} M parameters), fp32; {a.pairs_per_step} pairs per step, prompt "
         f"{a.prompt_len} + response {a.response_len} tokens; DPO/SPO with a frozen online reference "
-        "(a copy of the initial policy) on both sides; SimPO has no reference. spo_jax: the trainer's jitted "
+        "(a copy of the initial policy) on both sides, or with reference log-probs cached before training "
+        "(the rows so marked; the one-off reference pass is not timed); SimPO has no reference. spo_jax: the "
+        "trainer's jitted "
         "step (`make_train_step`, padded batch [16, 128]) timed dispatch -> block_until_ready; TRL: "
         "`DPOTrainer` step (on_step_begin -> on_step_end). Peak RSS: the process's high-water mark "
         "(runtime, model, optimizer state, reference, data; max over rounds). Load: 1-min load average "
@@ -134,6 +142,20 @@ def table(runs: dict, total: float, a) -> None:
             lines[-1] += (f" CPU seconds per step, TRL / spo_jax: "
                           f"{summary['trl']['cpu'] / summary['dpo']['cpu']:.2f}x (less sensitive to the "
                           "other jobs on the cores than wall time).")
+        if "dpo_cached" in summary:
+            c = summary["dpo_cached"]
+            lines[-1] += (f" Cached reference: spo_jax {c['tok_s']:.0f} tokens/s by wall time"
+                          + (f" ({summary['dpo']['step'] / c['step']:.2f}x its online-reference step)"))
+            if "trl_cached" in summary:
+                lines[-1] += (f", {c['tok_s'] / summary['trl_cached']['tok_s']:.2f}x TRL with "
+                              "precompute_ref_log_probs")
+            if c.get("cpu"):
+                cores = machine_info()["cores"]
+                proj = tok_per_step["dpo_cached"] / (c["cpu"] / cores)
+                lines[-1] += (f"; {c['cpu']:.2f} CPU s per step, i.e. {proj:.0f} tokens/s if its threads had "
+                              f"the {cores} cores to themselves (the target: >= 1200 tokens/s on a quiet "
+                              f"2-core machine: {'met' if proj >= 1200 else 'not met'} by this projection)")
+            lines[-1] += "."
         if "dpo_spo" in summary:
             lines[-1] += (f" DPO+SPO (penalty) step / DPO step: "
                           f"{summary['dpo_spo']['step'] / summary['dpo']['step']:.2f}x.")

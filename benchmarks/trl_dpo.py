@@ -62,6 +62,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--precompute-ref", action="store_true",
+                   help="precompute_ref_log_probs=True: the reference log-probs in one pass before training")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -79,9 +81,11 @@ def main() -> None:
                          max_steps=a.steps, learning_rate=1e-5, beta=0.1, use_cpu=not torch.cuda.is_available(),
                          report_to=[], logging_steps=10_000, save_strategy="no",
                          max_length=a.prompt_len + a.response_len, dataloader_num_workers=0,
-                         seed=0, data_seed=0, gradient_checkpointing=False)
+                         seed=0, data_seed=0, gradient_checkpointing=False,
+                         precompute_ref_log_probs=a.precompute_ref)
         timer = StepTimer()
-        # An explicit frozen copy as the reference (the online-reference setting of both sides).
+        # An explicit frozen copy as the reference (online: its forward runs in every step; with
+        # --precompute-ref TRL runs it once over the data before the first step).
         trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args,
                              train_dataset=data, processing_class=tok, callbacks=[timer])
         trainer.train()
@@ -91,7 +95,7 @@ def main() -> None:
                           peak_rss_mib=peak_rss_mib(), torch=torch.__version__,
                           peak_device_mib=(torch.cuda.max_memory_allocated() / 2**20
                                            if torch.cuda.is_available() else None),
-                          threads=a.threads)))
+                          threads=a.threads, precompute_ref=a.precompute_ref)))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import math
 import os
 import sys
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -38,6 +39,25 @@ def test_bench_tokens_match_real_tokens():
     for _ in range(2):
         dt, n = bench.step()
         assert dt > 0 and n in (real_tokens(rows[:8]), real_tokens(rows[8:16]))
+
+
+def test_bench_cached_reference_equals_online():
+    """dpo_cached (reference log-probs computed before training, in the batch) takes the same first step as
+    dpo (the reference forward inside the step): same initial parameters, same loss, same update."""
+    import numpy as np
+    from common import make_pairs
+    from spo_jax_train import Bench, make_config
+    rows = make_pairs(8, 5, 3, seed=2)
+    online = Bench(make_config("dpo", pairs=8, max_length=8, model_config=TINY), rows, num_batches=1)
+    cached = Bench(make_config("dpo_cached", pairs=8, max_length=8, model_config=TINY), rows, num_batches=1)
+    assert "ref_logps" in cached.batches[0] and "ref_logps" not in online.batches[0]
+    assert cached.state.ref_params is None
+    online.step(), cached.step()
+    for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
+        np.testing.assert_allclose(float(cached.last_metrics[key]), float(online.last_metrics[key]), rtol=1e-5,
+                                   atol=1e-7, err_msg=key)
+    for a, b in zip(jax.tree.leaves(cached.state.params), jax.tree.leaves(online.state.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
 
 def test_solver_cost_measure_interleaves_variants():
@@ -119,7 +139,6 @@ def _objective(w, x):
 def test_profile_step_attributes_traced_instructions_to_code(tmp_path):
     """The profiler's per-instruction events map onto the compiled HLO's instructions, whose stacks name the
     Python functions they came from (the reference forward, the policy's forward and backward)."""
-    import jax
     import profile_step
 
     def step(w, x):
