@@ -10,7 +10,8 @@ master weights:
 1. **attention**: ``jax.nn.dot_product_attention`` with cuDNN's fused kernel (GPU only), the same with
    XLA's implementation, and the model's own einsum attention, each timed forward+backward on the step's
    packed shape with its segment mask (two sequences per row); the fastest that works is used below
-   (``--attention`` forces one); failures (e.g. cuDNN unavailable) are reported, not fatal;
+   (``--attention`` forces one; train with the winner through ``--config.model.attention``); failures
+   (e.g. cuDNN unavailable) are reported, not fatal;
 2. **DPO step** (the trainer's jitted step, ``make_train_step``, frozen online reference, AdamW) on packed
    rows of ``--seq`` tokens: tokens/s and MFU = model FLOPs / step time / the device's dense bf16 peak;
 3. **SPO** (penalty solver, reference value) step time relative to the DPO step, interleaved with it in
@@ -188,11 +189,12 @@ def run(a, log=print) -> dict:
     # 2-3. DPO and SPO steps, interleaved on one state
     # every sequence is seq/2 tokens: `pairs` rows of `seq` hold a step's 2·pairs sequences exactly
     pack_rows = -(-a.pairs // jax.device_count()) * jax.device_count()
-    extra = {"data.pack_length": a.seq, "data.pack_rows": pack_rows, "model.remat": a.remat}
+    extra = {"data.pack_length": a.seq, "data.pack_rows": pack_rows, "model.remat": a.remat,
+             "model.attention": attention}
     c = make_config("dpo", pairs=a.pairs, max_length=a.seq, packing=True, dtype=a.dtype, model_config=cfg,
                     extra=extra)
     t = time.perf_counter()
-    bench = Bench(c, rows, num_batches=a.steps, attention=attention)
+    bench = Bench(c, rows, num_batches=a.steps)
     bench.add_variant("spo", make_config("penalty_reference", pairs=a.pairs, max_length=a.seq, packing=True,
                                          dtype=a.dtype, model_config=cfg, extra=extra))
     res["setup_s"] = time.perf_counter() - t

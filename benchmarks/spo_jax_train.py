@@ -134,18 +134,16 @@ class Bench:
     ``step()`` runs one step on the next batch (cycling) and returns its wall
     time in seconds (dispatch -> ``block_until_ready``) and its real tokens.
     ``num_batches=None``: the batches of one pass over ``rows`` (in order).
-    ``attention``: the model's attention implementation (``spo_jax.models.set_attention``);
-    ``config.model.remat`` is honoured.
+    ``config.model.remat`` and ``config.model.attention`` are honoured.
     """
 
-    def __init__(self, config, rows: list[dict], *, num_batches: int | None, seed: int = 0,
-                 attention: str = "einsum"):
+    def __init__(self, config, rows: list[dict], *, num_batches: int | None, seed: int = 0):
         c = self.config = config
         self.mesh = sharding_lib.make_mesh((-1, 1, 1))
         mcfg = models.ModelConfig.from_hf(dict(c.model.config))
         model = models.create_model(mcfg, rngs=nnx.Rngs(seed), **model_dtypes(c))
         models.set_remat(model, bool(c.model.remat))
-        models.set_attention(model, attention)
+        models.set_attention(model, c.model.attention)
         self.graphdef, params = nnx.split(model)
         self.num_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
         tx, schedule = self.tx, self.schedule = make_optimizer(c)

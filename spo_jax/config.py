@@ -24,6 +24,8 @@ model.tokenizer            "" (= model.path), "synthetic" (the synthetic task's 
 model.dtype                compute dtype: "float32" | "bfloat16" | "float16"
 model.param_dtype          master-weight dtype (the optimizer's): "float32" | "bfloat16"
 model.remat                rematerialise each decoder layer in the backward pass
+model.attention            attention kernel (spo_jax.models.set_attention): "einsum" (default), "xla" or
+                           "cudnn" (jax.nn.dot_product_attention's implementations; cudnn: NVIDIA GPUs, bf16/fp16)
 model.lora.enabled         train LoRA adapters on a frozen base (spo_jax.adapters; off by default)
 model.lora.rank, model.lora.alpha   adapter rank r and alpha (update scaled by alpha / r)
 model.lora.use_rslora      scale the update by alpha / sqrt(r) (rsLoRA) instead of alpha / r
@@ -138,7 +140,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     c = section({"stage": "preference", "run_dir": "", "seed": 0, "compile_cache": ""})
     c.model = section({"path": "", "config": None,  # a ConfigDict of HF config.json fields when set
                        "tokenizer": "", "dtype": "bfloat16", "param_dtype": "float32", "remat": False,
-                       "lora": adapters.default_config()})
+                       "attention": "einsum", "lora": adapters.default_config()})
     c.reference = section({"mode": "cached", "path": "", "cache_dir": ""})
     c.data = section({
         "train_path": "", "train_split": "train", "eval_path": "", "eval_split": "test", "format": "auto",

@@ -49,6 +49,7 @@ def _validate_model(c) -> None:
     check_choice(c, "model.dtype", tuple(JNP_DTYPES))
     check_choice(c, "model.param_dtype", PARAM_DTYPES)
     check_bool(c, "model.remat")
+    check_choice(c, "model.attention", models.ATTENTION_IMPLEMENTATIONS)
 
 
 def _validate_data(c) -> None:
@@ -107,6 +108,7 @@ def build_model(config, source: str | None = None):
         model = models.create_model(mcfg, rngs=nnx.Rngs(int(config.seed)), **kw)
     if config.model.remat:
         models.set_remat(model, True)
+    models.set_attention(model, config.model.attention)
     return model
 
 

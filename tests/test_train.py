@@ -282,6 +282,16 @@ def test_config_errors_name_field_value_and_fix(pairs, tmp_path):
         config_lib.validate_config(bad, num_devices=1, process_count=1)
 
 
+def test_model_attention_config(pairs, tmp_path):
+    """model.attention reaches every layer of the trainer's model (the kernels are compared in test_models)."""
+    from spo_jax import inputs
+    model = inputs.build_model(tiny_config(tmp_path, pairs, model__attention="xla"))
+    assert [layer.attn.implementation for layer in model.layers] == ["xla"] * len(model.layers)
+    bad = tiny_config(tmp_path, pairs, model__attention="flash")
+    with pytest.raises(config_lib.ConfigError, match=r"config\.model\.attention='flash': must be one of"):
+        config_lib.validate_config(bad, num_devices=1, process_count=1)
+
+
 def test_cli_rejects_unknown_key(pairs, tmp_path):
     args = [sys.executable, "-m", "spo_jax.train", f"--config={os.path.join(ROOT, 'experiments', 'tiny_test.py')}",
             f"--config.run_dir={tmp_path}", f"--config.data.train_path={pairs}", "--config.optim.learnig_rate=1e-3"]
