@@ -41,23 +41,23 @@ def test_bench_tokens_match_real_tokens():
         assert dt > 0 and n in (real_tokens(rows[:8]), real_tokens(rows[8:16]))
 
 
-def test_bench_cached_reference_equals_online():
-    """dpo_cached (reference log-probs computed before training, in the batch) takes the same first step as
-    dpo (the reference forward inside the step): same initial parameters, same loss, same update."""
+def test_reference_cost_cached_equals_online():
+    """reference_cost: dpo_cached (reference log-probs computed before training, in the batch) and dpo (the
+    reference forward inside the step) take the same steps: same initial parameters and batches, a frozen
+    reference, so the same parameters after the same number of steps."""
     import numpy as np
-    from common import make_pairs
-    from spo_jax_train import Bench, make_config
-    rows = make_pairs(8, 5, 3, seed=2)
-    online = Bench(make_config("dpo", pairs=8, max_length=8, model_config=TINY), rows, num_batches=1)
-    cached = Bench(make_config("dpo_cached", pairs=8, max_length=8, model_config=TINY), rows, num_batches=1)
+    import reference_cost
+    res = reference_cost.measure(pairs=8, prompt_len=5, response_len=3, rounds=2, model_config=TINY,
+                                 log=lambda s: None)
+    online, cached = res["benches"]["dpo"], res["benches"]["dpo_cached"]
     assert "ref_logps" in cached.batches[0] and "ref_logps" not in online.batches[0]
-    assert cached.state.ref_params is None
-    online.step(), cached.step()
+    assert cached.state.ref_params is None and online._i == cached._i == 4
     for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
         np.testing.assert_allclose(float(cached.last_metrics[key]), float(online.last_metrics[key]), rtol=1e-5,
                                    atol=1e-7, err_msg=key)
     for a, b in zip(jax.tree.leaves(cached.state.params), jax.tree.leaves(online.state.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    assert len(res["ratio_cpu"]) == 2 and all(r > 0 for r in res["ratio_wall"])
 
 
 def test_solver_cost_measure_interleaves_variants():
