@@ -144,8 +144,10 @@ def table(runs: dict, total: float, a) -> None:
                           "other jobs on the cores than wall time).")
         if "dpo_cached" in summary:
             c = summary["dpo_cached"]
-            lines[-1] += (f" Cached reference: spo_jax {c['tok_s']:.0f} tokens/s by wall time"
-                          + (f" ({summary['dpo']['step'] / c['step']:.2f}x its online-reference step)"))
+            lines[-1] += (f" Cached reference: spo_jax {c['tok_s']:.0f} tokens/s by wall time (online-reference "
+                          f"step / cached step: {summary['dpo']['step'] / c['step']:.2f}x by wall time, "
+                          f"{summary['dpo']['cpu'] / c['cpu']:.2f}x by CPU seconds; separate processes, so "
+                          "benchmarks/reference_cost.py interleaves the two)")
             if "trl_cached" in summary:
                 lines[-1] += (f", {c['tok_s'] / summary['trl_cached']['tok_s']:.2f}x TRL with "
                               "precompute_ref_log_probs")
