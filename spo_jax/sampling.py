@@ -14,7 +14,7 @@ Used by the demo (synthetic task, a from-scratch Llama) and by the GSM8K pipelin
    sampling job compiles a handful of programs: every batch has ``batch_size`` rows
    (the last one filled with copies of a real prompt whose outputs are dropped; when
    greedy, it runs in the next power of two instead); each batch's prompts are
-   left-padded to the length bucket of its longest prompt (``models.length_bucket``)
+   left-padded to the width bucket of its longest prompt (``models.prompt_bucket``)
    unless a fixed ``prompt_width`` is given; the cache and the budget are bucketed
    inside ``models.generate``. Each prompt is repeated ``num_samples`` times; the PRNG
    key of batch ``b`` is ``fold_in(key, b)`` (``models.generate`` says how its steps
@@ -141,7 +141,7 @@ def generate_texts(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max
       num_samples: responses per prompt (the prompt is repeated; rows of one prompt are adjacent).
       batch_size: rows per ``generate`` call (greedy: the last call runs in the next power of two).
       prompt_width: one left-padded prompt width for every batch (default: per batch, the length
-        bucket of its longest prompt, ``models.length_bucket``).
+        bucket of its longest prompt, ``models.prompt_bucket``).
       eos_id: the end token(s) (default ``tokenizer.eos_token_id``); the model config's EOS
         ids and ``stop_ids`` (e.g. ``<|im_end|>`` when it is not the EOS) also end a response.
         Generation stops at the first of any of them (kept in the ids, dropped from the text).
@@ -174,7 +174,7 @@ def generate_texts(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max
         real = len(chunk)
         B = models.batch_bucket(real, batch_size) if temperature == 0 else batch_size
         chunk = chunk + [chunk[0]] * (B - real)
-        width = int(prompt_width) if prompt_width is not None else models.length_bucket(max(map(len, chunk)))
+        width = int(prompt_width) if prompt_width is not None else models.prompt_bucket(max(map(len, chunk)))
         ids = np.full((B, width), pad_id, np.int32)
         mask = np.zeros((B, width), np.int32)
         for i, p in enumerate(chunk):

@@ -91,7 +91,7 @@ def test_greedy_last_batch_runs_in_a_smaller_bucket(tok, model, rows, monkeypatc
         return real_generate(model, prompt_ids, prompt_mask, **kw)
     monkeypatch.setattr(models, "generate", record)
     _, got = sampling.generate_texts(model, tok, ids, max_new_tokens=6, batch_size=4, return_ids=True)
-    assert [s[0] for s in shapes] == [4, 4] and all(s[1] == models.length_bucket(max(map(len, ids[i:i + 4])))
+    assert [s[0] for s in shapes] == [4, 4] and all(s[1] == models.prompt_bucket(max(map(len, ids[i:i + 4])))
                                                      for s, i in zip(shapes, (0, 4)))
     assert [g[0] for g in got] == [_alone(model, p, 6) for p in ids]
     shapes.clear()

@@ -42,6 +42,12 @@ def length_bucket(n: int, minimum: int = 16) -> int:
     return b
 
 
+def prompt_bucket(n: int) -> int:
+    """A prompt width: ``n`` rounded up to a multiple of 32 (prefill cost grows with the padded width, so
+    prompts get finer buckets than the cache; one prefill program per bucket)."""
+    return -(-n // 32) * 32
+
+
 def batch_bucket(n: int, batch_size: int) -> int:
     """Rows to run ``n`` real rows in: the next power of two, at most ``batch_size``."""
     return min(batch_size, 1 << max(0, n - 1).bit_length())
