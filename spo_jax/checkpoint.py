@@ -48,6 +48,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from spo_jax.validation import ConfigError
+
 ITEMS = ("state", "data", "config")
 
 #: Files every complete checkpoint has (checked before a restore, to name what is missing).
@@ -384,3 +386,26 @@ def _default(o):
 def abstract_like(tree: Any, shardings: Any) -> Any:
     """``jax.ShapeDtypeStruct`` pytree of ``tree`` carrying ``shardings`` (restore target)."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+#: Config sections that must match a checkpoint to resume from it (they shape the state or the data order).
+RESUME_SECTIONS = ("model", "data", "loss", "spo", "optim", "stage")
+
+
+def check_resume_config(saved: dict, now: dict, directory: str, *, allow_optim_change: bool = False) -> None:
+    """Raise ``ConfigError`` when the checkpoint's config (``saved``) differs from the run's
+    (``now``) in a :data:`RESUME_SECTIONS` section; ``optim`` may change with
+    ``allow_optim_change`` (logged: e.g. resuming a diverged run with a lower learning rate)."""
+    for section in RESUME_SECTIONS:
+        if saved.get(section) is None or saved.get(section) == now.get(section):
+            continue
+        if section == "optim" and allow_optim_change:
+            changed = {k: (saved["optim"].get(k), v) for k, v in now["optim"].items() if saved["optim"].get(k) != v}
+            logger.warning("resuming with changed optimizer settings (checkpoint.allow_optim_change=True): %s",
+                           ", ".join(f"optim.{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+            continue
+        hint = ("; to resume with new optimizer settings (e.g. a lower learning rate after a divergence) "
+                "set checkpoint.allow_optim_change=True") if section == "optim" else ""
+        raise ConfigError(
+            f"config.{section} differs from the checkpoint in {directory} (saved {saved.get(section)!r}, now "
+            f"{now.get(section)!r}); use a new run_dir or set checkpoint.resume=False{hint}")

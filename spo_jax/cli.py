@@ -34,8 +34,9 @@ from spo_jax import config as config_lib
 from spo_jax.checkpoint import CheckpointError, debug_enabled
 from spo_jax.compile_cache import CompileStats, enable_compile_cache
 from spo_jax.data import DataError
+from spo_jax.metrics import DegenerateTrainingError
 from spo_jax.models import ModelPathError
-from spo_jax.train import STOP_REQUESTED, DegenerateTrainingError, train
+from spo_jax.train import STOP_REQUESTED, train
 from spo_jax.validation import ConfigError
 
 

@@ -146,6 +146,23 @@ def trim_jsonl(path: str, step: int) -> int:
     return dropped
 
 
+#: Per-batch counts that ``pooled_mean`` sums (and weights the other metrics by).
+COUNT_KEYS = ("num_pairs", "num_seqs")
+
+
+def pooled_mean(per_batch: list[Mapping[str, Any]]) -> dict[str, float]:
+    """Metrics over several evaluation batches: each batch's metric weighted by its
+    ``num_pairs`` (preference) or ``num_seqs`` (SFT) count, the counts summed."""
+    totals: dict[str, float] = {}
+    weight_total = 0.0
+    for m in per_batch:
+        w = float(m.get("num_pairs", m.get("num_seqs", 1.0)))
+        for k, v in m.items():
+            totals[k] = totals.get(k, 0.0) + (float(v) if k in COUNT_KEYS else w * float(v))
+        weight_total += w
+    return {k: (v if k in COUNT_KEYS else v / max(weight_total, 1e-12)) for k, v in totals.items()}
+
+
 class Progress:
     """tqdm bar over optimizer steps with loss and tokens/s (tqdm shows the ETA)."""
 
@@ -252,3 +269,27 @@ class TrainingHealth:
             return "frozen_loss", (f"loss frozen at {loss!r} at steps {self._frozen_since}-{step}: the model no longer "
                                    "changes")
         return None
+
+
+class DegenerateTrainingError(FloatingPointError):
+    """Training degenerated (:class:`TrainingHealth`): non-finite or exploding
+    parameters, a gradient norm of exactly 0 or a frozen loss for several steps.
+    The message names the step, what happened, and the last good checkpoint."""
+
+
+class NonFiniteLossError(DegenerateTrainingError):
+    """Training produced a NaN/Inf loss, gradient norm or parameter norm."""
+
+
+def degenerate_error(problem: tuple[str, str], good_steps: list[int], directory: str) -> DegenerateTrainingError:
+    """The error for a :meth:`TrainingHealth.check` problem: what happened, the last good
+    checkpoint among ``good_steps`` (those before the first bad step) and how to resume."""
+    kind, what = problem
+    where = (f"The last good checkpoint is step {good_steps[-1]} ({os.path.join(directory, str(good_steps[-1]))})"
+             if good_steps else "No checkpoint was written before it (a rerun starts from step 0)")
+    fix = ("Resume from it with a lower optim.learning_rate (and optim.grad_clip > 0): rerun with those and "
+           "checkpoint.allow_optim_change=True" if good_steps else "Rerun with a lower optim.learning_rate (and "
+           "optim.grad_clip > 0) in a new run_dir")
+    cls = NonFiniteLossError if kind == "non_finite" else DegenerateTrainingError
+    more = "" if kind == "non_finite" else "; train.on_degenerate='warn' continues instead"
+    return cls(f"{what}; this state was not saved. {where}. {fix}, or check the data{more}.")

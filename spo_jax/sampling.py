@@ -198,6 +198,20 @@ def generate_texts(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max
     return grouped
 
 
+def tokenized_accuracy(model, tokenizer, rows, *, max_new_tokens: int, key: jax.Array, temperature: float = 0.0,
+                       batch_size: int = 32, pad_id: int | None = None) -> tuple[float, list[tuple[str, str]]]:
+    """GSM8K-style accuracy (``gsm8k.accuracy``) of answers generated for tokenized rows (a
+    ``datasets.Dataset`` from ``prepare_dataset``: ``prompt_ids`` and the reference response
+    ``chosen_ids`` or ``completion_ids``, which ends in ``#### N``). Greedy at temperature 0.
+    Returns the accuracy and the (reference, generated) text pairs."""
+    ref_col = "chosen_ids" if "chosen_ids" in rows.column_names else "completion_ids"
+    refs = [tokenizer.decode(r, skip_special_tokens=True) for r in rows[ref_col]]
+    samples = generate_texts(model, tokenizer, [list(p) for p in rows["prompt_ids"]], max_new_tokens=max_new_tokens,
+                             key=key, temperature=temperature, batch_size=batch_size, pad_id=pad_id)
+    texts = [s[0] for s in samples]
+    return gsm8k.accuracy(texts, refs), list(zip(refs, texts))
+
+
 def sample_responses(model, tokenizer, rows: Sequence[Mapping[str, str]], *, num_samples: int,
                      max_new_tokens: int, key=None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                      batch_size: int = 64, use_chat_template: bool = False,

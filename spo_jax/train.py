@@ -44,9 +44,9 @@ from spo_jax import config as config_lib
 from spo_jax import inputs, models, objectives, sampling
 from spo_jax import reference as reference_lib
 from spo_jax import sharding as sharding_lib
-from spo_jax.checkpoint import Checkpointer
-from spo_jax.data import gsm8k
-from spo_jax.metrics import MetricWriter, Progress, TrainingHealth, measure_peak_flops, mfu
+from spo_jax.checkpoint import Checkpointer, check_resume_config
+from spo_jax.metrics import (MetricWriter, Progress, TrainingHealth, degenerate_error, measure_peak_flops, mfu,
+                             pooled_mean)
 from spo_jax.optim import make_optimizer
 
 logger = logging.getLogger("spo_jax.train")
@@ -199,16 +199,6 @@ def _logps_fn(config, graphdef) -> Callable:
 # --------------------------------------------------------------------------- #
 
 
-class DegenerateTrainingError(FloatingPointError):
-    """Training degenerated (``metrics.TrainingHealth``): non-finite or exploding
-    parameters, a gradient norm of exactly 0 or a frozen loss for several steps.
-    The message names the step, what happened, and the last good checkpoint."""
-
-
-class NonFiniteLossError(DegenerateTrainingError):
-    """Training produced a NaN/Inf loss, gradient norm or parameter norm."""
-
-
 def _config_dict(config) -> dict:
     return json.loads(json.dumps(config.to_dict(), default=str))
 
@@ -298,21 +288,13 @@ class _Loop:
             self._eval_step = make_eval_step(c, self.policy, self.mesh, sft_data=self.eval_kind == "sft")
         it = inputs.make_iterator(c, self.eval_ds, batch_size=c.data.eval_batch_size, shuffle=False, num_epochs=1, seed=0,
                            pad_id=self.pad_id)
-        totals: dict[str, float] = {}
-        weight_total = 0.0
+        per_batch = []
         for i, local in enumerate(it):
             if c.eval.num_batches and i >= c.eval.num_batches:
                 break
             batch = sharding_lib.make_global_batch(self.reference.add_to(local, "eval"), self.mesh)
-            m = jax.device_get(self._eval_step(params, self.reference.params, batch, self.state.frozen))
-            w = float(m.get("num_pairs", m.get("num_seqs", 1.0)))
-            for k, v in m.items():
-                if k in ("num_pairs", "num_seqs"):
-                    totals[k] = totals.get(k, 0.0) + float(v)
-                else:
-                    totals[k] = totals.get(k, 0.0) + w * float(v)
-            weight_total += w
-        out = {k: (v if k in ("num_pairs", "num_seqs") else v / max(weight_total, 1e-12)) for k, v in totals.items()}
+            per_batch.append(jax.device_get(self._eval_step(params, self.reference.params, batch, self.state.frozen)))
+        out = pooled_mean(per_batch)
         if c.eval.generation:
             out.update(self._generation_accuracy(params))
         logger.info("eval at step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in sorted(out.items())))
@@ -321,25 +303,15 @@ class _Loop:
         return out
 
     def _generation_accuracy(self, params) -> dict:
-        """GSM8K-style accuracy of sampled / greedy answers on the first ``eval.num_prompts``
-        held-out prompts (``spo_jax.sampling.generate_texts``: left-padded fixed-shape batches,
-        stopping on the tokenizer's and the model config's EOS ids), scored with
-        ``spo_jax.data.gsm8k.accuracy`` against the reference response (chosen response or SFT
-        completion, which ends in ``#### N``)."""
+        """``sampling.tokenized_accuracy`` on the first ``eval.num_prompts`` held-out rows."""
         c = self.config
         n = min(int(c.eval.num_prompts), len(self.eval_ds))
-        rows = self.eval_ds.select(range(n))
-        ref_col = "chosen_ids" if "chosen_ids" in rows.column_names else "completion_ids"
-        refs = [self.tokenizer.decode(r, skip_special_tokens=True) for r in rows[ref_col]]
-        samples = sampling.generate_texts(
+        accuracy, self.last_generations = sampling.tokenized_accuracy(
             (self.policy.eval_graphdef, adapters.full_state(params, self.state.frozen)), self.tokenizer,
-            [list(p) for p in rows["prompt_ids"]],
-            max_new_tokens=int(c.eval.max_new_tokens), key=jax.random.fold_in(jax.random.PRNGKey(int(c.seed)), 7),
-            temperature=float(c.eval.temperature), batch_size=min(int(c.data.eval_batch_size), n),
-            pad_id=self.pad_id)
-        texts = [s[0] for s in samples]
-        self.last_generations = list(zip(refs, texts))
-        return {"gen/accuracy": gsm8k.accuracy(texts, refs), "gen/num_prompts": float(n)}
+            self.eval_ds.select(range(n)), max_new_tokens=int(c.eval.max_new_tokens),
+            key=jax.random.fold_in(jax.random.PRNGKey(int(c.seed)), 7), temperature=float(c.eval.temperature),
+            batch_size=min(int(c.data.eval_batch_size), n), pad_id=self.pad_id)
+        return {"gen/accuracy": accuracy, "gen/num_prompts": float(n)}
 
     # --------------------------------------------------------------- train
 
@@ -366,26 +338,8 @@ class _Loop:
         return int(step)
 
     def _check_resume_config(self, saved: dict) -> None:
-        """The checkpoint's config must match in every section that shapes the state or
-        the data order; ``optim`` may change with ``checkpoint.allow_optim_change``
-        (logged: e.g. resuming a diverged run with a lower learning rate)."""
-        now = _config_dict(self.config)
-        allow = bool(self.config.checkpoint.allow_optim_change)
-        for section in ("model", "data", "loss", "spo", "optim", "stage"):
-            if saved.get(section) is None or saved.get(section) == now.get(section):
-                continue
-            if section == "optim" and allow:
-                changed = {k: (saved["optim"].get(k), v) for k, v in now["optim"].items()
-                           if saved["optim"].get(k) != v}
-                logger.warning("resuming with changed optimizer settings (checkpoint.allow_optim_change=True): %s",
-                               ", ".join(f"optim.{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
-                continue
-            hint = ("; to resume with new optimizer settings (e.g. a lower learning rate after a divergence) "
-                    "set checkpoint.allow_optim_change=True") if section == "optim" else ""
-            raise config_lib.ConfigError(
-                f"config.{section} differs from the checkpoint in {self.checkpointer.directory} "
-                f"(saved {saved.get(section)!r}, now {now.get(section)!r}); use a new run_dir or set "
-                f"checkpoint.resume=False{hint}")
+        check_resume_config(saved, _config_dict(self.config), self.checkpointer.directory,
+                            allow_optim_change=bool(self.config.checkpoint.allow_optim_change))
 
     def _save(self, step: int, it) -> None:
         self.writer.flush()  # every record up to this checkpoint is on disk before it exists
@@ -472,22 +426,14 @@ class _Loop:
         """Stop (or, with train.on_degenerate='warn', log once and go on) on degenerate
         training; non-finite values always stop. The state is never saved."""
         kind, what = problem
-        c = self.config
-        if kind != "non_finite" and c.train.on_degenerate == "warn":
+        if kind != "non_finite" and self.config.train.on_degenerate == "warn":
             if kind not in self._warned:
                 self._warned.add(kind)
                 logger.warning("%s; continuing (train.on_degenerate='warn')", what)
             return
         self.checkpointer.wait()
         good = [s for s in self.checkpointer.all_steps() if s < first_bad]
-        where = (f"The last good checkpoint is step {good[-1]} ({os.path.join(self.checkpointer.directory, str(good[-1]))})"
-                 if good else "No checkpoint was written before it (a rerun starts from step 0)")
-        fix = ("Resume from it with a lower optim.learning_rate (and optim.grad_clip > 0): rerun with those and "
-               "checkpoint.allow_optim_change=True" if good else "Rerun with a lower optim.learning_rate (and "
-               "optim.grad_clip > 0) in a new run_dir")
-        cls = NonFiniteLossError if kind == "non_finite" else DegenerateTrainingError
-        more = "" if kind == "non_finite" else "; train.on_degenerate='warn' continues instead"
-        raise cls(f"{what}; this state was not saved. {where}. {fix}, or check the data{more}.")
+        raise degenerate_error(problem, good, self.checkpointer.directory)
 
     def _export(self) -> str | None:
         """The final policy in HF format (``models.save_pretrained``) under <run_dir>/hf_final; under LoRA

@@ -16,7 +16,7 @@ from spo_jax import config as config_lib
 from spo_jax.checkpoint import CheckpointRestoreError, CheckpointSaveError
 from spo_jax.data import DataError
 from spo_jax.models import ModelPathError
-from spo_jax.train import DegenerateTrainingError, NonFiniteLossError
+from spo_jax.metrics import DegenerateTrainingError, NonFiniteLossError
 from spo_jax.validation import ConfigError
 from tests.test_train import ROOT, write_pairs
 

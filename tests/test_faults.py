@@ -30,7 +30,7 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
 from spo_jax import config as config_lib
-from spo_jax import sharding, train
+from spo_jax import metrics, sharding, train
 from spo_jax.checkpoint import (Checkpointer, CheckpointRestoreError, CheckpointSaveError, abstract_like)
 from tests.test_train import ROOT, tiny_config, write_pairs
 
@@ -322,7 +322,7 @@ def test_divergence_names_a_good_checkpoint_that_resumes_with_a_lower_learning_r
     run_dir = tmp_path / "diverged"
     bad = dict(train__num_steps=6, checkpoint__every=1, optim__learning_rate=1e30, optim__warmup_steps=4,
                optim__grad_clip=0.0, optim__schedule="constant")
-    with pytest.raises(train.DegenerateTrainingError, match=r"at step 2: .*not saved\. The last good checkpoint "
+    with pytest.raises(metrics.DegenerateTrainingError, match=r"at step 2: .*not saved\. The last good checkpoint "
                                                             r"is step 1 .*checkpoint\.allow_optim_change=True"):
         train.train(tiny_config(run_dir, pairs, **bad))
     ck = Checkpointer(str(run_dir / "checkpoints"))
@@ -350,7 +350,7 @@ def test_huge_learning_rate_with_clipping_is_stopped_not_silent(pairs, tmp_path,
     """lr 1e6 with clipping saturated the model silently (gradient norm exactly 0, exit 0):
     now the parameter explosion stops the run at step 2; on_degenerate='warn' logs it."""
     huge = dict(train__num_steps=4, optim__learning_rate=1e6, optim__schedule="constant")
-    with pytest.raises(train.DegenerateTrainingError, match=r"parameters exploding at step 2: parameter norm "):
+    with pytest.raises(metrics.DegenerateTrainingError, match=r"parameters exploding at step 2: parameter norm "):
         train.train(tiny_config(tmp_path / "stop", pairs, **huge))
     with caplog.at_level(logging.WARNING, logger="spo_jax.train"):
         res = train.train(tiny_config(tmp_path / "warn", pairs, train__on_degenerate="warn",
