@@ -114,20 +114,16 @@ def config_summary(c) -> str:
             f"lr={c.optim.learning_rate:g} seed={c.seed} run_dir={os.path.abspath(os.path.expanduser(c.run_dir))}")
 
 
+#: Exception classes of the expected failures and their kinds (checked in order).
+_KINDS = ((KeyboardInterrupt, "interrupted"), (ConfigError, "config"), (DataError, "data"), (ModelPathError, "model"),
+          (CheckpointError, "checkpoint"), (DegenerateTrainingError, "diverged"))
+
+
 def classify(e: BaseException) -> str | None:
     """The kind of an expected failure (a key of ``EXIT_CODES``), None for a bug."""
-    if isinstance(e, KeyboardInterrupt):
-        return "interrupted"
-    if isinstance(e, ConfigError):
-        return "config"
-    if isinstance(e, DataError):
-        return "data"
-    if isinstance(e, ModelPathError):
-        return "model"
-    if isinstance(e, CheckpointError):
-        return "checkpoint"
-    if isinstance(e, DegenerateTrainingError):
-        return "diverged"
+    for cls, kind in _KINDS:
+        if isinstance(e, cls):
+            return kind
     if isinstance(e, OSError) and e.errno is None and _raised_in(e, ("/transformers/", "/huggingface_hub/")):
         return "model"  # a Hub id that cannot be fetched, a directory without config.json / tokenizer files
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EACCES, errno.EPERM, errno.ENOENT, errno.EROFS,
