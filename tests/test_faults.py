@@ -254,26 +254,42 @@ def test_trainer_resumes_from_previous_checkpoint_when_newest_is_corrupt(pairs, 
 
 @contextlib.contextmanager
 def small_filesystem(path, size_kib: int):
-    """A tmpfs of ``size_kib`` at ``path`` (yields a remount function to grow it), or
-    None where this process may not mount (not root)."""
+    """A tmpfs of ``size_kib`` at ``path`` (yields True), or None where this process may
+    not mount (not root)."""
     os.makedirs(path, exist_ok=True)
     if os.geteuid() != 0 or shutil.which("mount") is None or subprocess.run(
             ["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(path)], capture_output=True).returncode:
         yield None
         return
     try:
-        yield lambda kib: subprocess.run(["mount", "-o", f"remount,size={kib}k", str(path)], check=True)
+        yield True
     finally:
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
+def _fill(directory) -> None:
+    """Write a filler file into ``directory`` until its filesystem is full (bounded)."""
+    chunk = b"\0" * (64 * 1024)
+    with open(os.path.join(directory, ".filler"), "wb") as f:
+        for _ in range(100_000):
+            try:
+                f.write(chunk)
+                f.flush()
+            except OSError as e:
+                assert e.errno == errno.ENOSPC, e
+                return
+    raise AssertionError("the small filesystem never filled up")
+
+
 def test_disk_full_while_checkpointing_keeps_last_checkpoint_and_resumes(pairs, tmp_path, monkeypatch, capfd):
-    """A real full disk (a small tmpfs, where the test may mount one) or a writer that
-    fails with ENOSPC: one message naming the step, the cause and the intact last
-    checkpoint; the rerun after freeing space resumes from it with continuous metrics."""
-    with small_filesystem(tmp_path / "small", 3200) as grow:
-        run_dir = tmp_path / "small" / "run"
-        if grow is None:  # inject: the second save fails as a full disk would
+    """A real full disk (a tmpfs under the checkpoints, filled after the first run, where the
+    test may mount one) or a writer that fails with ENOSPC: one message naming the step, the
+    cause and the intact last checkpoint; the rerun after freeing space resumes from it with
+    continuous metrics (which live outside the full filesystem)."""
+    run_dir = tmp_path / "run"
+    config = tiny_config(run_dir, pairs, train__num_steps=20, metrics__tensorboard=True)
+    with small_filesystem(run_dir / "checkpoints", 16384) as mounted:
+        if mounted is None:  # inject: the second save fails as a full disk would
             real_save = Checkpointer.save
 
             def failing_save(self, step, *a, **k):
@@ -283,29 +299,28 @@ def test_disk_full_while_checkpointing_keeps_last_checkpoint_and_resumes(pairs, 
                 return real_save(self, step, *a, **k)
 
             monkeypatch.setattr(Checkpointer, "save", failing_save)
+            last = 5
+        else:  # a complete run to step 10, then the disk under the checkpoints fills up
+            train.train(config, stop_at=10)
+            last = Checkpointer(str(run_dir / "checkpoints")).all_steps()[-1]
+            assert last == 10
+            _fill(run_dir / "checkpoints")
         capfd.readouterr()
         with pytest.raises(CheckpointSaveError) as err:
-            train.train(tiny_config(run_dir, pairs, train__num_steps=20, metrics__tensorboard=True))
+            train.train(config)
         msg = str(err.value)
-        complete = Checkpointer(str(run_dir / "checkpoints")).all_steps()
-        failed = int(msg.split("checkpoint step ")[1].split()[0])
         assert "no space left on device" in msg and "\n" not in msg, msg
-        # a save's peak footprint varies (TensorStore's temporary files): usually one or two checkpoints
-        # fit before one does not; if even the first does not, the message says so
-        last = complete[-1] if complete else 0
-        if complete:
-            assert failed > last and f"the last complete checkpoint, step {last} " in msg and "intact" in msg, msg
-        else:
-            assert "there is no complete checkpoint yet" in msg, msg
+        assert f"the last complete checkpoint, step {last} " in msg and "intact" in msg, msg
+        assert Checkpointer(str(run_dir / "checkpoints")).all_steps()[-1] == last
         stderr = capfd.readouterr().err
         assert "Event loop is closed" not in stderr and "Traceback" not in stderr, stderr[-2000:]
         assert not [n for n in os.listdir(run_dir / "checkpoints") if "tmp" in n]  # partial files removed
         before = train_records(run_dir / "metrics.jsonl")
-        if grow is None:
+        if mounted is None:
             monkeypatch.undo()
         else:
-            grow(8192)  # space freed
-        resumed = train.train(tiny_config(run_dir, pairs, train__num_steps=20, metrics__tensorboard=True))
+            os.remove(run_dir / "checkpoints" / ".filler")  # space freed
+        resumed = train.train(config)
         assert resumed.start_step == last
         assert_continuous(run_dir, 20, before)
 
