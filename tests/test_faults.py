@@ -270,11 +270,10 @@ def small_filesystem(path, size_kib: int):
 def _fill(directory) -> None:
     """Write a filler file into ``directory`` until its filesystem is full (bounded)."""
     chunk = b"\0" * (64 * 1024)
-    with open(os.path.join(directory, ".filler"), "wb") as f:
+    with open(os.path.join(directory, ".filler"), "wb", buffering=0) as f:  # unbuffered: close flushes nothing
         for _ in range(100_000):
             try:
                 f.write(chunk)
-                f.flush()
             except OSError as e:
                 assert e.errno == errno.ENOSPC, e
                 return
