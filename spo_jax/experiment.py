@@ -52,6 +52,7 @@ import logging
 import os
 import platform
 import re
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -62,7 +63,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from spo_jax import evaluate, losses, sampling
+from spo_jax import evaluate, losses, models, sampling
 from spo_jax.compile_cache import CompileStats, enable_compile_cache
 from spo_jax.config import get_default_config
 from spo_jax.data import BatchIterator, prepare_dataset, synthetic
@@ -419,13 +420,18 @@ def reading(points: Mapping[str, Sequence[float]], diffs: Callable[[str, str], S
 
 
 def compare(methods: Sequence[Method], *, make_config: Callable[[Method, str], Any], train_data,
-            measure: Callable[[Method, Any, Any], dict], out_dir: str, eval_data=None) -> dict[str, dict]:
+            measure: Callable[[Method, Any, Any], dict], out_dir: str, eval_data=None,
+            resume: bool = False) -> dict[str, dict]:
     """Train every method from the same start and measure it.
 
     ``make_config(method, run_dir)`` returns the preference-stage trainer config (same start,
     seed, steps and optimiser for every method: only :func:`apply_method`'s fields may differ);
     ``measure(method, graphdef, params)`` returns the method's measurements. Returns
-    ``{label: {**measurements, "seconds", "final_train_loss", "steps"}}`` in ``methods`` order."""
+    ``{label: {**measurements, "seconds", "final_train_loss", "steps"}}`` in ``methods`` order.
+
+    Each finished arm is written to ``<run_dir>/arm.json`` (atomically). With ``resume``, an arm
+    whose ``arm.json`` exists is read back instead of trained (its method must match, else
+    ValueError), and an arm a killed run left half-done is started again from scratch."""
     labels = [m.label for m in methods]
     if len(set(labels)) != len(labels):
         raise ValueError(f"compare: duplicate method labels {labels}; give each arm its own hyperparameters")
@@ -433,6 +439,19 @@ def compare(methods: Sequence[Method], *, make_config: Callable[[Method, str], A
     for m in methods:
         t = time.perf_counter()
         run_dir = os.path.join(out_dir, re.sub(r"[^A-Za-z0-9_.=-]+", "_", m.label))
+        done = os.path.join(run_dir, "arm.json")
+        spec = dataclasses.asdict(m)
+        if resume and os.path.exists(done):
+            with open(done) as f:
+                rec = json.load(f)
+            if rec["method"] != json.loads(json.dumps(spec)):
+                raise ValueError(f"{done} holds a different method ({rec['method']}) than {spec}; "
+                                 "resume only with the same settings, or use a new --out")
+            out[m.label] = rec["result"]
+            logger.info("%s: read back from %s", m.label, done)
+            continue
+        if resume and os.path.isdir(run_dir):
+            shutil.rmtree(run_dir)  # half-done by a killed run: start the arm again
         res = train(make_config(m, run_dir), train_data=train_data, eval_data=eval_data)
         params = jax.device_get(res.state.params)
         hist = [h for h in res.history if h["split"] == "train"]
@@ -440,6 +459,7 @@ def compare(methods: Sequence[Method], *, make_config: Callable[[Method, str], A
         r.update(final_train_loss=float(hist[-1]["loss"]) if hist else float("nan"), steps=len(hist),
                  seconds=time.perf_counter() - t)
         out[m.label] = r
+        _write_json(done, {"method": spec, "result": r})
         logger.info("%s: %s (%.0f s)", m.label, {k: round(v, 4) for k, v in r.items() if isinstance(v, float)},
                     r["seconds"])
         del res, params
@@ -596,7 +616,21 @@ def _dataset(rows):
     return datasets.Dataset.from_list(list(rows))
 
 
-def run_world_seed(s: WorldSettings, seed: int, arms: Mapping[str, Sequence[Method]], out_dir: str) -> dict:
+def _write_json(path: str, obj) -> None:
+    """Write ``obj`` as JSON atomically (a kill leaves the old file or the new one, never half)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, default=float)
+    os.replace(tmp, path)
+
+
+def _read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def run_world_seed(s: WorldSettings, seed: int, arms: Mapping[str, Sequence[Method]], out_dir: str,
+                   resume: bool = False) -> dict:
     """One whole-pipeline seed: task split -> SFT (levelled off) -> on-policy samples -> the pairs
     of each setting -> every arm of that setting from the same SFT model, pairs, order and seed
     -> measurements. ``arms[setting]`` lists the methods of each setting to run.
@@ -604,7 +638,12 @@ def run_world_seed(s: WorldSettings, seed: int, arms: Mapping[str, Sequence[Meth
     Per arm: ``accuracy``, ``correct`` [n_test] (greedy, held-out), ``reward`` [n_test] (style
     reward of the same greedy responses), ``win`` [n_test] (against the SFT model's), the
     :func:`pair_shift` of the setting's own pairs (vectors as lists), plus for the correctness
-    setting the probability-mass split of sampled answers on the pairs' prompts."""
+    setting the probability-mass split of sampled answers on the pairs' prompts.
+
+    With ``resume``, what an earlier (killed or smaller) run of the same seed finished in
+    ``out_dir`` is read back instead of recomputed: the SFT model (``sft/hf_final`` +
+    ``sft/sft.json``), each setting's pairs (``pairs_<setting>.jsonl`` + ``.stats.json``) and each finished arm
+    (:func:`compare`); everything else is recomputed (deterministic)."""
     unknown = sorted(set(arms) - set(SETTINGS))
     if unknown:
         raise ValueError(f"unknown setting(s) {unknown}; the settings are {list(SETTINGS)}")
@@ -623,12 +662,25 @@ def run_world_seed(s: WorldSettings, seed: int, arms: Mapping[str, Sequence[Meth
 
     # ---- SFT
     t = time.perf_counter()
-    sft = train(sft_config(s, os.path.join(out_dir, "sft"), seed), train_data=_dataset(sft_rows),
-                eval_data=_dataset(val_rows))
-    timings["sft"] = time.perf_counter() - t
-    curve = {int(h["step"]): float(h["gen/accuracy"]) for h in sft.history
-             if h["split"] == "eval" and "gen/accuracy" in h}
-    sft_graphdef, sft_params = sft.graphdef, jax.device_get(sft.state.params)
+    sft_dir = os.path.join(out_dir, "sft")
+    sft_record = os.path.join(sft_dir, "sft.json")
+    if resume and os.path.exists(sft_record):
+        rec = _read_json(sft_record)
+        sft_export, curve = rec["export_dir"], {int(k): v for k, v in rec["curve"].items()}
+        sft_graphdef, sft_params = nnx.split(models.from_pretrained(sft_export))
+        timings["sft"] = rec["seconds"]
+        logger.info("seed %d: SFT model read back from %s", seed, sft_export)
+    else:
+        if resume and os.path.isdir(sft_dir):
+            shutil.rmtree(sft_dir)  # half-done by a killed run
+        sft = train(sft_config(s, sft_dir, seed), train_data=_dataset(sft_rows), eval_data=_dataset(val_rows))
+        timings["sft"] = time.perf_counter() - t
+        curve = {int(h["step"]): float(h["gen/accuracy"]) for h in sft.history
+                 if h["split"] == "eval" and "gen/accuracy" in h}
+        sft_graphdef, sft_params, sft_export = sft.graphdef, jax.device_get(sft.state.params), sft.export_dir
+        del sft
+        _write_json(sft_record, {"export_dir": sft_export, "seconds": timings["sft"],
+                                 "curve": {str(k): v for k, v in curve.items()}})
     sft_model = nnx.merge(sft_graphdef, sft_params)
 
     def greedy(model) -> tuple[np.ndarray, np.ndarray]:
@@ -646,11 +698,17 @@ def run_world_seed(s: WorldSettings, seed: int, arms: Mapping[str, Sequence[Meth
     key = jax.random.PRNGKey(1000 + seed)
     pairs: dict[str, list[dict]] = {}
     pair_stats: dict[str, dict] = {}
-    if "correctness" in arms:
+    for name in arms:
+        saved = os.path.join(out_dir, f"pairs_{name}.stats.json")  # written after pairs_<setting>.jsonl
+        if resume and os.path.exists(saved):
+            with open(os.path.join(out_dir, f"pairs_{name}.jsonl")) as f:
+                pairs[name] = [json.loads(line) for line in f]
+            pair_stats[name] = _read_json(saved)
+    if "correctness" in arms and "correctness" not in pairs:
         pairs["correctness"], pair_stats["correctness"] = sampling.sample_pairs(
             sft_model, tok, prompt_rows["correctness"], num_samples=s.num_samples, key=jax.random.fold_in(key, 0),
             temperature=s.temperature, score_fn=synthetic.score, seed=seed, **gen)
-    if "style" in arms:
+    if "style" in arms and "style" not in pairs:
         prompts, samples = sampling.sample_responses(
             sft_model, tok, prompt_rows["style"], num_samples=s.num_samples, key=jax.random.fold_in(key, 1),
             temperature=s.temperature, **gen)
@@ -663,6 +721,7 @@ def run_world_seed(s: WorldSettings, seed: int, arms: Mapping[str, Sequence[Meth
                                "steps, the task difficulty or n_pair_prompts.")
         with open(os.path.join(out_dir, f"pairs_{name}.jsonl"), "w") as f:
             f.writelines(json.dumps(x) + "\n" for x in p)
+        _write_json(os.path.join(out_dir, f"pairs_{name}.stats.json"), pair_stats[name])
 
     out: dict[str, Any] = {
         "seed": seed, "sft": {"accuracy": float(sft_correct.mean()), "reward": float(sft_reward.mean()),
@@ -694,8 +753,8 @@ def run_world_seed(s: WorldSettings, seed: int, arms: Mapping[str, Sequence[Meth
             return r
 
         t = time.perf_counter()
-        runs = compare(methods, make_config=lambda m, d: preference_config(s, m, d, sft.export_dir, seed),
-                       train_data=ds, measure=measure, out_dir=os.path.join(out_dir, name))
+        runs = compare(methods, make_config=lambda m, d: preference_config(s, m, d, sft_export, seed),
+                       train_data=ds, measure=measure, out_dir=os.path.join(out_dir, name), resume=resume)
         timings[f"methods_{name}"] = time.perf_counter() - t
         out["settings"][name] = {"runs": runs, **extra,
                                  "methods": {m.label: {"family": m.family, "loss": m.loss, "hparams": m.hp,
@@ -768,19 +827,37 @@ def choose(runs: Mapping[str, dict], methods: Sequence[Method], setting: str) ->
 
 def run_grid(s: WorldSettings, out_dir: str, *, families_: Sequence[str], report_seeds: Sequence[int],
              validation_seed: int | None = None, settings: Sequence[str] = SETTINGS,
-             fixed: Mapping[str, Mapping[str, float]] | None = None, n_boot: int = 2000) -> dict:
+             fixed: Mapping[str, Mapping[str, float]] | None = None, n_boot: int = 2000,
+             resume: bool = False) -> dict:
     """The whole comparison, written to ``out_dir`` (``results.json``, ``report.md``, ``pareto_style.png``).
 
     With ``validation_seed``: every family at every value of :data:`SWEEP` runs on that seed,
     each family's value is chosen there (:func:`choose`) and only the chosen arms run on the
     ``report_seeds`` (which must not include the validation seed). Without it: each family runs
-    at its defaults, or at ``fixed[family]`` (e.g. ``{"RPO": {"lam": 10}}``), chosen before running."""
+    at its defaults, or at ``fixed[family]`` (e.g. ``{"RPO": {"lam": 10}}``), chosen before running.
+
+    ``resume``: continue a grid in ``out_dir`` that was killed, or extend it (more families or
+    seeds): the world settings must equal the stored ones (``grid.json``); finished SFT models,
+    pairs and arms are read back (:func:`run_world_seed`), the rest runs, and the results and
+    report are written again from all of them."""
     out_dir = os.path.abspath(out_dir)
-    taken = [n for n in sorted(os.listdir(out_dir)) if n in ("results.json", "report.md", "pareto_style.png")
-             or re.fullmatch(r"seed\d+", n)] if os.path.isdir(out_dir) else []
-    if taken:
-        raise FileExistsError(f"{out_dir} already holds results ({', '.join(taken)}); pass a new --out directory "
-                              "(or delete that one) -- earlier results are not overwritten")
+    grid_file = os.path.join(out_dir, "grid.json")
+    if resume:
+        if not os.path.exists(grid_file):
+            raise FileNotFoundError(f"--resume: {grid_file} not found; resume a directory an earlier grid run wrote, "
+                                    "or drop --resume to start one")
+        stored = _read_json(grid_file)["settings"]
+        if stored != json.loads(json.dumps(dataclasses.asdict(s))):
+            diff = sorted(k for k in stored if stored[k] != json.loads(json.dumps(dataclasses.asdict(s))).get(k))
+            raise ValueError(f"--resume: {out_dir} was run with other world settings (differ: {diff}); resume with "
+                             "the same size (--quick or not), or use a new --out")
+    else:
+        taken = [n for n in sorted(os.listdir(out_dir)) if n in ("results.json", "report.md", "pareto_style.png",
+                                                                  "grid.json")
+                 or re.fullmatch(r"seed\d+", n)] if os.path.isdir(out_dir) else []
+        if taken:
+            raise FileExistsError(f"{out_dir} already holds results ({', '.join(taken)}); pass a new --out directory "
+                                  "(or --resume it) -- earlier results are not overwritten")
     if not report_seeds:
         raise ValueError("report_seeds is empty; pass at least one seed")
     if validation_seed is not None and validation_seed in report_seeds:
@@ -789,13 +866,15 @@ def run_grid(s: WorldSettings, out_dir: str, *, families_: Sequence[str], report
     for f in families_:
         method(f)  # validates the names before anything runs
     os.makedirs(out_dir, exist_ok=True)
-    t0 = time.perf_counter()
+    if not resume:
+        _write_json(grid_file, {"settings": dataclasses.asdict(s)})
+    t0, cpu0, load0 = time.perf_counter(), _cpu_seconds(), os.getloadavg()[0]
     chosen: dict[str, dict[str, Method]] = {}
     validation = None
     if validation_seed is not None:
         arms = sweep_arms(families_)
         validation = run_world_seed(s, validation_seed, {k: arms for k in settings},
-                                    os.path.join(out_dir, f"seed{validation_seed}"))
+                                    os.path.join(out_dir, f"seed{validation_seed}"), resume=resume)
         for k in settings:
             chosen[k] = choose(validation["settings"][k]["runs"], arms, k)
     else:
@@ -803,7 +882,7 @@ def run_grid(s: WorldSettings, out_dir: str, *, families_: Sequence[str], report
             chosen[k] = {f: method(f, **dict((fixed or {}).get(f if not f.endswith("+SPO") else "+SPO", {})))
                          for f in families_}
     per_seed = [run_world_seed(s, seed, {k: list(chosen[k].values()) for k in settings},
-                               os.path.join(out_dir, f"seed{seed}")) for seed in report_seeds]
+                               os.path.join(out_dir, f"seed{seed}"), resume=resume) for seed in report_seeds]
     result = {"settings": dataclasses.asdict(s), "families": list(families_), "report_seeds": list(report_seeds),
               "validation_seed": validation_seed, "sweep": {k: {a: list(v) for a, v in d.items()}
                                                             for k, d in SWEEP.items()} if validation else None,
@@ -811,7 +890,14 @@ def run_grid(s: WorldSettings, out_dir: str, *, families_: Sequence[str], report
               "criteria": {k: CRITERIA[k][0] for k in settings},
               "validation": validation, "per_seed": per_seed}
     result["summary"] = summarize(result, n_boot=n_boot)
-    result["timings_s"] = {"total": time.perf_counter() - t0}
+    # this invocation's wall and CPU seconds (all threads), and the arms' own seconds summed over every
+    # invocation (a resumed grid reads earlier arms back: their seconds are the time they took then)
+    arm_s = sum(r["seconds"] for run in ([validation] if validation else []) + per_seed
+                for st in run["settings"].values() for r in st["runs"].values())
+    result["timings_s"] = {"total": time.perf_counter() - t0, "cpu": _cpu_seconds() - cpu0, "arms_all_runs": arm_s,
+                           "sft_all_runs": sum(run["timings_s"]["sft"] for run in
+                                               ([validation] if validation else []) + per_seed),
+                           "load_start": load0, "load_end": os.getloadavg()[0], "resumed": bool(resume)}
     result["machine"] = _machine()
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(result, f, default=float)
@@ -891,6 +977,12 @@ def _reading_correctness(st: Mapping) -> str:
         parts.append(f"{a}: {acc[a]['mean']:.3f} [{acc[a]['lo']:.3f}, {acc[a]['hi']:.3f}], {d:+.3f} "
                      f"[{lo:+.3f}, {hi:+.3f}] vs {best}: {word} the best baseline{tail}.")
     return " ".join(parts)
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process (all its threads) so far."""
+    t = os.times()
+    return t.user + t.system
 
 
 def _machine() -> dict:
@@ -1021,10 +1113,15 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="report seeds")
     p.add_argument("--families", nargs="+", default=None, help=f"subset of {families()}")
     p.add_argument("--quick", action="store_true", help="test-sized world")
+    p.add_argument("--resume", action="store_true",
+                   help="continue (or extend with more --families / --seeds) the grid in --out: finished SFT models, "
+                        "pairs and arms are read back, the rest runs, the report is written again")
     p.add_argument("--compile-cache", default=None,
                    help="JAX compilation cache directory, or 'off' (default: $SPO_JAX_COMPILE_CACHE, else "
                         "~/.cache/spo_jax/jax_cache; see spo_jax.compile_cache)")
     a = p.parse_args(argv)
+    if a.resume and not a.out:
+        p.error("--resume needs --out (the grid directory to continue)")
     enable_compile_cache(a.compile_cache)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("absl", "orbax", "jax", "spo_jax.train", "datasets"):
@@ -1034,8 +1131,8 @@ def main(argv=None) -> None:
     try:
         with CompileStats() as compiles:
             res = run_grid(s, out, families_=a.families or families(), report_seeds=a.seeds,
-                           validation_seed=a.validation_seed)
-    except (FileExistsError, ValueError) as e:  # bad --out / --families / --seeds: one line, exit code 2
+                           validation_seed=a.validation_seed, resume=a.resume)
+    except (FileExistsError, FileNotFoundError, ValueError) as e:  # bad --out / --families / --seeds: one line, exit code 2
         p.exit(2, f"{p.prog}: error: {e}\n")
     print(f"report: {os.path.join(os.path.abspath(out), 'report.md')}  (wall {res['timings_s']['total']:.0f} s; "
           f"{compiles.summary()})")

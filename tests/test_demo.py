@@ -7,6 +7,7 @@ the correctness pairs: DPO pushes the chosen log-prob of more pairs below the SF
 violation fraction) and raises the chosen log-prob less than DPO+SPO does.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -92,3 +93,36 @@ def test_demo_names_an_unknown_family(tmp_path):
     with pytest.raises(ValueError, match="unknown method family 'XPO'"):
         demo.run_demo(str(tmp_path / "new"), experiment.WorldSettings.quick(), families=("DPO", "XPO"))
     assert not (tmp_path / "new").exists()
+
+
+def test_grid_resume_reads_back_finished_work_and_runs_only_new_arms(quick_run, tmp_path, monkeypatch):
+    """A killed or extended grid continues with --resume: the SFT model, the pairs and every finished
+    arm are read back (the resumed SFT model reproduces its held-out answers exactly), only new arms
+    train, and a half-done arm left by a kill is started again."""
+    import shutil
+
+    src, res = quick_run
+    out = tmp_path / "grid"
+    shutil.copytree(src, out)
+    half_done = out / "seed0" / "style" / "RFT"  # what a kill in the middle of training RFT leaves
+    half_done.mkdir(parents=True)
+    (half_done / "metrics.jsonl").write_text('{"step": 1}\n')
+    trained = []
+    real_train = experiment.train
+    monkeypatch.setattr(experiment, "train", lambda c, **kw: trained.append(c.run_dir) or real_train(c, **kw))
+    s = experiment.WorldSettings.quick()
+    again = experiment.run_grid(s, str(out), families_=[*FAMILIES, "RFT"], report_seeds=[0], fixed=demo.FIXED,
+                                settings=["style"], resume=True)  # one setting: half the cost
+    assert [os.path.relpath(d, out) for d in trained] == ["seed0/style/RFT"]
+    new, old = again["per_seed"][0], res["per_seed"][0]
+    assert new["sft"] == old["sft"] and new["pairs"]["style"] == old["pairs"]["style"]
+    for k in ["style"]:
+        for label, r in old["settings"][k]["runs"].items():
+            assert new["settings"][k]["runs"][label] == r, (k, label)
+        assert "RFT" in new["settings"][k]["runs"] and "RFT" in again["summary"][k]["accuracy"]
+    assert again["timings_s"]["resumed"] and "RFT" in (out / "report.md").read_text()
+    with pytest.raises(ValueError, match="other world settings.*n_test"):
+        experiment.run_grid(dataclasses.replace(s, n_test=s.n_test + 1), str(out), families_=list(FAMILIES),
+                            report_seeds=[0], fixed=demo.FIXED, resume=True)
+    with pytest.raises(FileNotFoundError, match="grid.json not found"):
+        experiment.run_grid(s, str(tmp_path / "nothing"), families_=list(FAMILIES), report_seeds=[0], resume=True)
