@@ -55,10 +55,18 @@ data.pack_length           packed row length (0 = data.max_length)
 data.shuffle               reshuffle every epoch
 data.batch_size            global examples (pairs, or SFT examples) per optimizer step
 data.eval_batch_size       global examples per evaluation batch
+data.sft_path              SFT data for preference training ("" = none): an SFT-format dataset (prompt/completion,
+                           messages or question/answer) batched beside the pairs as batch["sft"] (own iterator,
+                           length buckets and checkpointed position); read by loss.sft_data_weight and by SPO's lower
+                           level (spo.value="inner_sft", or the unrolled / implicit solvers)
+data.sft_split             split of sft_path
+data.sft_batch_size        global SFT examples per optimizer step (0 = data.batch_size)
 
 loss.name                  a registered loss (spo_jax.losses.get_loss); stage "sft" ignores it
 loss.hparams               its hyperparameters (unlocked dict, validated by get_loss)
-loss.sft_weight            > 0 adds sft_weight * token-mean NLL of the chosen response ("DPO + λ·NLL")
+loss.sft_weight            > 0 adds sft_weight * token-mean NLL of the chosen responses ("DPO + λ·NLL", RPO)
+loss.sft_data_weight       > 0 adds sft_data_weight * token-mean NLL of the SFT data (data.sft_path; "DPO +
+                           λ·SFT-data NLL", mixing the SFT objective into preference training; metric sft_data/nll)
 
 spo.enabled                wrap the preference loss in SPO (spo_jax.objectives.make_spo_solver)
 spo.<field>                spo_jax.bilevel.SPOConfig fields: solver, gamma, epsilon, value, per_sample,
@@ -146,8 +154,8 @@ def get_default_config() -> ml_collections.ConfigDict:
         "train_path": "", "train_split": "train", "eval_path": "", "eval_split": "test", "format": "auto",
         "max_length": 512, "min_prompt_length": 64, "use_chat_template": False, "packing": False,
         "length_bucket": 64, "pack_rows": 0, "pack_length": 0, "shuffle": True, "batch_size": 8,
-        "eval_batch_size": 8})
-    c.loss = section({"name": "dpo", "hparams": section({"beta": 0.1}), "sft_weight": 0.0})
+        "eval_batch_size": 8, "sft_path": "", "sft_split": "train", "sft_batch_size": 0})
+    c.loss = section({"name": "dpo", "hparams": section({"beta": 0.1}), "sft_weight": 0.0, "sft_data_weight": 0.0})
     c.spo = section({"enabled": False, **dataclasses.asdict(bilevel.SPOConfig())})
     c.optim = section({
         "learning_rate": 1e-5, "schedule": "cosine", "warmup_steps": 0, "min_lr_ratio": 0.0, "weight_decay": 0.0,
@@ -351,6 +359,15 @@ def _validate_devices(c, num_devices: int, process_count: int) -> None:
             fail("data.batch_size", d.batch_size, f"{k * micro} sequences per micro-batch do not split over "
                  f"mesh.data*mesh.fsdp = {shards} devices; use a batch_size (per accumulation step) whose "
                  f"{'2x ' if k == 2 else ''}is a multiple of {shards}")
+        if d.sft_path:
+            sft_micro = (d.sft_batch_size or d.batch_size)
+            if sft_micro % accum:
+                fail("data.sft_batch_size", d.sft_batch_size, f"must be divisible by optim.grad_accum_steps={accum}")
+            sft_micro //= accum
+            if sft_micro % process_count or (not d.packing and sft_micro % shards):
+                fail("data.sft_batch_size", d.sft_batch_size, f"the SFT micro-batch of {sft_micro} examples must split "
+                     f"over {process_count} process(es) and (padded) over mesh.data*mesh.fsdp = {shards} devices; "
+                     f"use a multiple of {max(process_count, 1 if d.packing else shards) * accum}")
         if d.packing and d.pack_rows == 0:
             fail("data.pack_rows", 0, "packed batches need an explicit pack_rows (rows per process) so that "
                  f"the rows split over the {shards} data*fsdp devices")

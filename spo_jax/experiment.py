@@ -7,7 +7,10 @@ One pipeline, used by the demo (``python -m spo_jax.demo``), by the evidence gri
    paper's Table 2 (DPO, CPO, DPOP, R-DPO, SimPO, AlphaDPO), each alone or ``+SPO``
    (penalty solver, reference value, per-sample relu, weight ``spo_gamma``), and the
    baselines a reviewer asks for: **RFT** (fine-tuning on the chosen responses alone,
-   loss ``sft``), **RPO** (DPO + λ·NLL of the chosen, loss ``rpo``) and **DPOP**.
+   loss ``sft``), **RPO** (DPO + λ·NLL of the chosen, loss ``rpo``), **DPOP** and
+   **SFT-mix** (DPO + λ·NLL of the SFT data, ``loss.sft_data_weight``), and
+   **DPO+SPO(SFT)**: SPO whose lower level is the SFT objective on the SFT data (penalty
+   solver, value ``inner_sft``).
    :func:`apply_method` writes a method into a trainer config; every method of a
    comparison gets the same start, pairs, order, seed, steps and optimiser
    (:func:`compare`).
@@ -90,10 +93,19 @@ BT_LOSSES: dict[str, tuple[str, dict]] = {
 BASELINES: dict[str, tuple[str, dict]] = {
     "RFT": ("sft", {}),                          # fine-tuning on the chosen responses alone
     "RPO": ("rpo", {"beta": 0.1, "lam": 1.0}),   # DPO + lam * token-mean NLL of the chosen
+    "SFT-mix": ("dpo", {"beta": 0.1}),           # DPO + lam * token-mean NLL of the SFT data (SFT_MIX_LAMBDA)
 }
 #: Baseline families whose frontier decides the claim (item 6 of issue 14).
-FRONTIER_BASELINES = ("RFT", "RPO", "DPOP")
+FRONTIER_BASELINES = ("RFT", "RPO", "DPOP", "SFT-mix")
 SPO_GAMMA = 10.0  # the prototype's weight (docs/METHOD.md)
+SFT_MIX_LAMBDA = 1.0  # SFT-mix's default weight λ of the SFT-data NLL (swept in SWEEP)
+#: SPO with the SFT objective on the SFT data as its lower level: family -> (its loss, the SPO settings
+#: beyond apply_method's penalty defaults). One inner SGD step keeps it cheap in the 2-core grid; with
+#: epsilon 0, q_i > 0 for nearly every SFT sequence, so its direction is close to that of SFT-mix at
+#: lambda = gamma (docs/METHOD.md).
+SPO_SFT_FAMILIES: dict[str, tuple[str, dict]] = {
+    "DPO+SPO(SFT)": ("DPO", {"value": "inner_sft", "inner_steps": 1, "inner_lr": 1e-2}),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +113,9 @@ class Method:
     """One arm of a comparison: a family (``"DPO+SPO"``, ``"RPO"``, ...) at given hyperparameters.
 
     ``loss``/``hparams``: the registered loss (``spo_jax.losses``); ``spo_gamma`` > 0 wraps it in
-    SPO's penalty solver (reference value, per-sample relu, epsilon 0) with that weight.
+    SPO's penalty solver (per-sample relu, epsilon 0) with that weight, its value ``"reference"``
+    or, for the ``+SPO(SFT)`` families, ``"inner_sft"`` on the SFT data (``spo_extra``: the
+    further ``spo.*`` settings); ``sft_data_weight`` > 0 adds λ·NLL of the SFT data (SFT-mix).
     ``label``: the family plus the hyperparameters that differ from the family's defaults.
     """
 
@@ -110,6 +124,8 @@ class Method:
     hparams: tuple[tuple[str, float], ...]
     spo_gamma: float = 0.0
     label: str = ""
+    sft_data_weight: float = 0.0
+    spo_extra: tuple[tuple[str, Any], ...] = ()
 
     @property
     def hp(self) -> dict:
@@ -120,28 +136,56 @@ class Method:
         return self.spo_gamma > 0
 
     @property
+    def uses_sft_data(self) -> bool:
+        """Whether the arm trains on the SFT data too (SFT-mix, the +SPO(SFT) families)."""
+        return self.sft_data_weight > 0 or dict(self.spo_extra).get("value") == "inner_sft"
+
+    def spec(self) -> dict:
+        """The fields that define the arm (``arm.json``'s ``method``); the SFT-data fields only for
+        the arms that read SFT data, so an arm recorded before those fields existed still matches."""
+        spec = dataclasses.asdict(self)
+        if not self.uses_sft_data:
+            del spec["sft_data_weight"], spec["spo_extra"]
+        return spec
+
+    @property
     def base(self) -> str:
-        """The family without ``+SPO``."""
-        return self.family[:-4] if self.family.endswith("+SPO") else self.family
+        """The family without its SPO suffix (``+SPO``, ``+SPO(SFT)``)."""
+        return plain_family(self.family)
+
+
+def is_spo_family(family: str) -> bool:
+    """``<loss>+SPO`` or a ``+SPO(SFT)`` family."""
+    return family.endswith("+SPO") or family in SPO_SFT_FAMILIES
+
+
+def plain_family(family: str) -> str:
+    """The loss alone of an SPO family (``"DPO+SPO(SFT)"`` -> ``"DPO"``); other families unchanged."""
+    if family in SPO_SFT_FAMILIES:
+        return SPO_SFT_FAMILIES[family][0]
+    return family[:-4] if family.endswith("+SPO") else family
 
 
 def families() -> list[str]:
-    return [f for b in BT_LOSSES for f in (b, b + "+SPO")] + list(BASELINES)
+    return [f for b in BT_LOSSES for f in (b, b + "+SPO")] + list(BASELINES) + list(SPO_SFT_FAMILIES)
 
 
 def method(family: str, **overrides) -> Method:
-    """``method("DPO+SPO", spo_gamma=30)``, ``method("RPO", lam=10)``, ``method("RFT")``.
+    """``method("DPO+SPO", spo_gamma=30)``, ``method("RPO", lam=10)``, ``method("RFT")``,
+    ``method("SFT-mix", lam=3)``, ``method("DPO+SPO(SFT)", spo_gamma=3)``.
 
-    Overrides are loss hyperparameters or ``spo_gamma`` (only for ``+SPO`` families).
-    Raises ValueError naming the family / hyperparameter and the accepted ones.
+    Overrides are loss hyperparameters, SFT-mix's ``lam`` (the SFT-data weight) or ``spo_gamma``
+    (only for SPO families). Raises ValueError naming the family / hyperparameter and the accepted ones.
     """
-    spo = family.endswith("+SPO")
-    base = family[:-4] if spo else family
+    spo = is_spo_family(family)
+    base = plain_family(family)
     table = {**BT_LOSSES, **BASELINES}
     if base not in table or (spo and base not in BT_LOSSES):
         raise ValueError(f"unknown method family {family!r}; choose from {families()}")
     loss, hp = table[base]
     hp = dict(hp)
+    mix = base == "SFT-mix"
+    sft_weight = SFT_MIX_LAMBDA if mix else 0.0
     gamma = SPO_GAMMA if spo else 0.0
     shown = []
     for k, v in overrides.items():
@@ -149,24 +193,30 @@ def method(family: str, **overrides) -> Method:
             if not spo:
                 raise ValueError(f"{family!r} has no SPO term; spo_gamma only applies to '<loss>+SPO' families")
             gamma = float(v)
+        elif mix and k == "lam":
+            sft_weight = float(v)
         elif k in hp:
             hp[k] = float(v)
         else:
             raise ValueError(f"{family!r} has no hyperparameter {k!r}; accepted: "
-                             f"{sorted(hp) + (['spo_gamma'] if spo else [])}")
+                             f"{sorted(hp) + (['lam'] if mix else []) + (['spo_gamma'] if spo else [])}")
         shown.append(f"{'γ' if k == 'spo_gamma' else 'λ' if k == 'lam' else 'β' if k == 'beta' else k}={v:g}")
     label = family + (" " + ",".join(shown) if shown else "")
-    return Method(family, loss, tuple(sorted(hp.items())), gamma, label)
+    extra = tuple(sorted(SPO_SFT_FAMILIES[family][1].items())) if family in SPO_SFT_FAMILIES else ()
+    return Method(family, loss, tuple(sorted(hp.items())), gamma, label, sft_weight, extra)
 
 
 def apply_method(c, m: Method):
     """Write method ``m`` into a preference-stage trainer config ``c`` (in place; returns it):
-    loss name and hyperparameters, no extra NLL term, SPO on/off, and the reference mode
-    (``cached`` when the loss or SPO reads reference log-probs, else ``none``)."""
+    loss name and hyperparameters, no NLL term of the chosen, the SFT-data weight, SPO on/off,
+    and the reference mode (``cached`` when the loss or SPO reads reference log-probs, else
+    ``none``). Arms with ``m.uses_sft_data`` need the SFT data (``train(..., sft_data=)``:
+    :func:`compare` passes it to those arms only)."""
     c.stage = "preference"
     c.loss.name = m.loss
     c.loss.hparams = ml_collections.ConfigDict(m.hp)
     c.loss.sft_weight = 0.0
+    c.loss.sft_data_weight = float(m.sft_data_weight)
     c.spo.enabled = m.spo
     if m.spo:
         c.spo.solver = "penalty"
@@ -175,7 +225,10 @@ def apply_method(c, m: Method):
         c.spo.epsilon = 0.0
         c.spo.per_sample = True
         c.spo.squared = False
-    c.reference.mode = "cached" if (losses.uses_reference(m.loss) or m.spo) else "none"
+        for k, v in m.spo_extra:
+            c.spo[k] = v
+    spo_reads_reference = m.spo and c.spo.value == "reference"
+    c.reference.mode = "cached" if (losses.uses_reference(m.loss) or spo_reads_reference) else "none"
     return c
 
 
@@ -421,12 +474,14 @@ def reading(points: Mapping[str, Sequence[float]], diffs: Callable[[str, str], S
 
 def compare(methods: Sequence[Method], *, make_config: Callable[[Method, str], Any], train_data,
             measure: Callable[[Method, Any, Any], dict], out_dir: str, eval_data=None,
-            resume: bool = False) -> dict[str, dict]:
+            resume: bool = False, sft_data=None) -> dict[str, dict]:
     """Train every method from the same start and measure it.
 
     ``make_config(method, run_dir)`` returns the preference-stage trainer config (same start,
     seed, steps and optimiser for every method: only :func:`apply_method`'s fields may differ);
-    ``measure(method, graphdef, params)`` returns the method's measurements. Returns
+    ``measure(method, graphdef, params)`` returns the method's measurements; ``sft_data``: the
+    SFT rows of every arm, batched beside the pairs for the arms that read them
+    (``Method.uses_sft_data``; the others train exactly as without them). Returns
     ``{label: {**measurements, "seconds", "final_train_loss", "steps"}}`` in ``methods`` order.
 
     Each finished arm is written to ``<run_dir>/arm.json`` (atomically). With ``resume``, an arm
@@ -435,12 +490,15 @@ def compare(methods: Sequence[Method], *, make_config: Callable[[Method, str], A
     labels = [m.label for m in methods]
     if len(set(labels)) != len(labels):
         raise ValueError(f"compare: duplicate method labels {labels}; give each arm its own hyperparameters")
+    need = [m.label for m in methods if m.uses_sft_data]
+    if need and sft_data is None:
+        raise ValueError(f"compare: arms {need} train on SFT data; pass sft_data= (the SFT training rows)")
     out = {}
     for m in methods:
         t = time.perf_counter()
         run_dir = os.path.join(out_dir, re.sub(r"[^A-Za-z0-9_.=-]+", "_", m.label))
         done = os.path.join(run_dir, "arm.json")
-        spec = dataclasses.asdict(m)
+        spec = m.spec()
         if resume and os.path.exists(done):
             with open(done) as f:
                 rec = json.load(f)
@@ -452,7 +510,8 @@ def compare(methods: Sequence[Method], *, make_config: Callable[[Method, str], A
             continue
         if resume and os.path.isdir(run_dir):
             shutil.rmtree(run_dir)  # half-done by a killed run: start the arm again
-        res = train(make_config(m, run_dir), train_data=train_data, eval_data=eval_data)
+        res = train(make_config(m, run_dir), train_data=train_data, eval_data=eval_data,
+                    sft_data=sft_data if m.uses_sft_data else None)
         params = jax.device_get(res.state.params)
         hist = [h for h in res.history if h["split"] == "train"]
         r = dict(measure(m, res.graphdef, params))
@@ -597,12 +656,14 @@ def sft_config(s: WorldSettings, run_dir: str, seed: int):
 
 
 def preference_config(s: WorldSettings, m: Method, run_dir: str, sft_path: str, seed: int):
-    """The preference stage from the SFT export (also the cached reference); only the method differs."""
+    """The preference stage from the SFT export (also the cached reference); only the method differs
+    (the arms that read SFT data get them from ``train(..., sft_data=)``, see :func:`compare`)."""
     c = _base_config(s, run_dir, seed)
     c.model.path = sft_path
     apply_method(c, m)
     c.data.batch_size = s.pref_batch
     c.data.eval_batch_size = s.pref_batch
+    c.data.sft_batch_size = s.pref_batch  # SFT examples per step of the arms that read the SFT data
     c.data.shuffle = True
     c.optim.learning_rate = s.pref_lr
     c.optim.warmup_steps = 0
@@ -723,6 +784,7 @@ def run_world_seed(s: WorldSettings, seed: int, arms: Mapping[str, Sequence[Meth
             f.writelines(json.dumps(x) + "\n" for x in p)
         _write_json(os.path.join(out_dir, f"pairs_{name}.stats.json"), pair_stats[name])
 
+    sft_ds = _dataset(sft_rows)  # the SFT data of the arms that train on them (SFT-mix, +SPO(SFT))
     out: dict[str, Any] = {
         "seed": seed, "sft": {"accuracy": float(sft_correct.mean()), "reward": float(sft_reward.mean()),
                               "curve": {str(k): v for k, v in sorted(curve.items())},
@@ -754,11 +816,16 @@ def run_world_seed(s: WorldSettings, seed: int, arms: Mapping[str, Sequence[Meth
 
         t = time.perf_counter()
         runs = compare(methods, make_config=lambda m, d: preference_config(s, m, d, sft_export, seed),
-                       train_data=ds, measure=measure, out_dir=os.path.join(out_dir, name), resume=resume)
+                       train_data=ds, measure=measure, out_dir=os.path.join(out_dir, name), resume=resume,
+                       sft_data=sft_ds if any(m.uses_sft_data for m in methods) else None)
         timings[f"methods_{name}"] = time.perf_counter() - t
         out["settings"][name] = {"runs": runs, **extra,
                                  "methods": {m.label: {"family": m.family, "loss": m.loss, "hparams": m.hp,
-                                                       "spo_gamma": m.spo_gamma} for m in methods}}
+                                                       "spo_gamma": m.spo_gamma, **(
+                                                           {"sft_data_weight": m.sft_data_weight,
+                                                            "spo_extra": dict(m.spo_extra)}
+                                                           if m.uses_sft_data else {})}
+                                             for m in methods}}
     timings["total"] = time.perf_counter() - t0
     out["timings_s"] = timings
     return out
@@ -786,10 +853,12 @@ def _grad_diagnostics(graphdef, params, tok_pairs, s: WorldSettings) -> dict:
 # --------------------------------------------------------------------------- #
 
 #: The hyperparameters swept on the validation seed (every other one stays at its default):
-#: SPO's weight gamma for every "+SPO" family, RPO's and DPOP's lambda, DPO's beta.
+#: SPO's weight gamma for every SPO family ("+SPO", "+SPO(SFT)"), RPO's, SFT-mix's and DPOP's
+#: lambda, DPO's beta.
 SWEEP: dict[str, dict[str, tuple[float, ...]]] = {
     "+SPO": {"spo_gamma": (3.0, 10.0, 30.0)},
     "RPO": {"lam": (0.3, 1.0, 3.0, 10.0)},
+    "SFT-mix": {"lam": (0.3, 1.0, 3.0, 10.0)},
     "DPOP": {"lam": (5.0, 50.0, 500.0)},
     "DPO": {"beta": (0.03, 0.1, 0.3)},
 }
@@ -805,7 +874,7 @@ def sweep_arms(families_: Sequence[str], sweep: Mapping[str, Mapping[str, Sequen
     """Every family at every swept value (families without a sweep entry: their defaults)."""
     out = []
     for f in families_:
-        entry = sweep.get("+SPO" if f.endswith("+SPO") else f, {})
+        entry = sweep.get("+SPO" if is_spo_family(f) else f, {})
         if not entry:
             out.append(method(f))
             continue
@@ -879,7 +948,7 @@ def run_grid(s: WorldSettings, out_dir: str, *, families_: Sequence[str], report
             chosen[k] = choose(validation["settings"][k]["runs"], arms, k)
     else:
         for k in settings:
-            chosen[k] = {f: method(f, **dict((fixed or {}).get(f if not f.endswith("+SPO") else "+SPO", {})))
+            chosen[k] = {f: method(f, **dict((fixed or {}).get(f if not is_spo_family(f) else "+SPO", {})))
                          for f in families_}
     per_seed = [run_world_seed(s, seed, {k: list(chosen[k].values()) for k in settings},
                                os.path.join(out_dir, f"seed{seed}"), resume=resume) for seed in report_seeds]
@@ -952,7 +1021,7 @@ def _reading_style(st: Mapping) -> str:
 
     fam = st["family"]
     return reading(pts, diffs, ("held-out accuracy", "win rate vs SFT"),
-                   spo_families=[f for f in set(fam.values()) if f.endswith("+SPO")],
+                   spo_families=[f for f in set(fam.values()) if is_spo_family(f)],
                    baseline_families=[f for f in FRONTIER_BASELINES if f in fam.values()], family_of=fam)
 
 
@@ -967,11 +1036,11 @@ def _reading_correctness(st: Mapping) -> str:
     parts = [f"Best baseline by held-out accuracy: {best} ({acc[best]['mean']:.3f} "
              f"[{acc[best]['lo']:.3f}, {acc[best]['hi']:.3f}]; SFT {acc['SFT']['mean']:.3f})."]
     for a in st["labels"]:
-        if not fam[a].endswith("+SPO"):
+        if not is_spo_family(fam[a]):
             continue
         d, lo, hi = diff_interval(acc[a], acc[best])  # paired: the same bootstrap draws
         word = "AHEAD OF" if lo > 0 else "BEHIND" if hi < 0 else "LEVEL WITH (the interval includes 0)"
-        plain = fam[a][:-4]
+        plain = plain_family(fam[a])
         alone = acc.get(next((b for b in st["labels"] if fam[b] == plain), ""), None)
         tail = (f"; the loss alone reaches {alone['mean']:.3f}" if alone else "")
         parts.append(f"{a}: {acc[a]['mean']:.3f} [{acc[a]['lo']:.3f}, {acc[a]['hi']:.3f}], {d:+.3f} "
@@ -1087,7 +1156,7 @@ def pareto_figure(result: Mapping, path: str) -> None:
         acc, win = st["accuracy"][a], st["win_rate"][a]
         f = st["family"][a]
         ax.errorbar(acc["mean"], win["mean"], xerr=[[acc["mean"] - acc["lo"]], [acc["hi"] - acc["mean"]]],
-                    yerr=[[win["mean"] - win["lo"]], [win["hi"] - win["mean"]]], fmt="o" if "+SPO" in f else "s",
+                    yerr=[[win["mean"] - win["lo"]], [win["hi"] - win["mean"]]], fmt="o" if is_spo_family(f) else "s",
                     color="black" if a == "SFT" else color[f], capsize=3, ms=6)
         ax.annotate(a, (acc["mean"], win["mean"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
     ax.set_xlabel("held-out greedy accuracy (ability)")

@@ -15,6 +15,7 @@ from flax import nnx
 from spo_jax import adapters, models
 from spo_jax import sharding as sharding_lib
 from spo_jax.data import FORMATS, BatchIterator, prepare_dataset, synthetic
+from spo_jax.data.loading import SFT_FORMATS
 from spo_jax.validation import check_bool, check_choice, check_int, check_source, fail
 
 JNP_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -61,13 +62,16 @@ def _validate_data(c) -> None:
         check_source("data.train_path", d.train_path)
     if d.eval_path:
         check_source("data.eval_path", d.eval_path)
+    if d.sft_path:
+        check_source("data.sft_path", d.sft_path)
     if c.stage == "eval" and not d.eval_path:
         fail("data.eval_path", d.eval_path, "stage 'eval' needs a held-out set")
     if d.format != "auto" and d.format not in FORMATS:
         fail("data.format", d.format, f"must be 'auto' or one of {FORMATS}")
     check_int(c, ("data.max_length",), 2)
     check_int(c, ("data.batch_size", "data.eval_batch_size"), 1)
-    check_int(c, ("data.min_prompt_length", "data.length_bucket", "data.pack_rows", "data.pack_length"), 0)
+    check_int(c, ("data.min_prompt_length", "data.length_bucket", "data.pack_rows", "data.pack_length",
+                  "data.sft_batch_size"), 0)
     if d.pack_length and d.pack_length < d.max_length:
         fail("data.pack_length", d.pack_length, f"must be >= data.max_length={d.max_length} (or 0)")
     check_bool(c, "data.packing", "data.shuffle", "data.use_chat_template")
@@ -112,12 +116,15 @@ def build_model(config, source: str | None = None):
     return model
 
 
-def load_split(config, tokenizer, path: str, split: str, data=None):
+def load_split(config, tokenizer, path: str, split: str, data=None, *, sft: bool = False):
     """Tokenized dataset (``spo_jax.data.prepare_dataset``) and its stats; ``data`` (an
-    in-memory dataset) replaces ``path``."""
+    in-memory dataset) replaces ``path``. ``sft``: the SFT data of a preference run
+    (``data.sft_path``), read with ``data.format`` only when that names an SFT format
+    (else "auto")."""
     d = config.data
+    fmt = d.format if not sft or d.format in SFT_FORMATS else "auto"
     return prepare_dataset(
-        data if data is not None else path, tokenizer, max_length=int(d.max_length), format=d.format,
+        data if data is not None else path, tokenizer, max_length=int(d.max_length), format=fmt,
         split=split, min_prompt_length=int(d.min_prompt_length), use_chat_template=bool(d.use_chat_template))
 
 
@@ -145,10 +152,14 @@ def batch_devices_per_process(config) -> int:
 
 def stack_micro(batches: list[dict]) -> dict:
     """Stack A Contract-1 batches on a new leading (micro-batch) axis, padding [R, T]
-    arrays to the longest T (padding columns are valid padding: segment 0, mask 0)."""
+    arrays to the longest T (padding columns are valid padding: segment 0, mask 0).
+    A nested batch (``batch["sft"]``) is stacked the same way, with its own T."""
     t = max(b["input_ids"].shape[1] for b in batches)
     out = {}
     for k in batches[0]:
+        if isinstance(batches[0][k], dict):
+            out[k] = stack_micro([b[k] for b in batches])
+            continue
         arrs = []
         for b in batches:
             x = b[k]

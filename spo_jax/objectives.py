@@ -5,7 +5,8 @@ One path, each step defined once (docs/DESIGN.md, Contracts 3-5)::
     batch (Contract 1)
       -> make_logps_fn(graphdef)            (sums_S, counts_S): summed response log-probs, token counts
       -> losses.pair_stats                  PairStats [P] (chosen / rejected interleaved)
-      -> upper loss  f                      make_upper_loss: a registered BT loss (+ sft_weight · losses.sft)
+      -> upper loss  f                      make_upper_loss: a registered BT loss (+ sft_weight · losses.sft),
+                                            + sft_data_weight · g(batch["sft"]) (make_terms)
       -> SPO constraint  c                  make_terms: q from the reference gap or an inner SFT loop,
                                             c = losses.spo_penalty(q)
       -> lower objective  g                 make_lower: mean of per-sequence token-mean NLLs
@@ -24,6 +25,14 @@ Two NLL normalisations, each with one meaning:
   ℓ_n = −sums_n / counts_n, averaged over sequences. SPO's constraint is per sample
   (q_i compares sequence i's token-mean log-prob with its reference value), so its
   lower objective g weighs every sequence the same, matching q's normalisation.
+  The SFT-data term of the upper objective (``loss.sft_data_weight``, metric
+  ``sft_data/nll``) is this g on ``batch["sft"]``, so that "DPO + λ·SFT-data NLL" and
+  SPO's inner_sft penalty on the same SFT batch measure the same quantity.
+
+The SFT batch ``batch["sft"]`` (Contract 1, one sequence per example; the trainer fills
+it from ``data.sft_path`` when ``reads_sft_data``): when present it is the lower level
+(g, the inner_sft value's q, the unrolled / implicit inner loop) and the data of the
+``sft_data_weight`` term; without it the lower level is the chosen responses.
 
 Everything returned is pure and jit-able.
 """
@@ -46,6 +55,7 @@ LogpsFn = Callable[[Params, Batch], tuple[jax.Array, jax.Array]]
 
 __all__ = [
     "validate_config", "make_logps_fn", "batch_pair_stats", "make_upper_loss", "spo_config", "needs_reference",
+    "reads_sft_data",
     "sft_objective", "sequence_nll", "make_lower", "make_terms", "make_spo_solver", "make_solver",
     "make_eval_metrics",
 ]
@@ -114,8 +124,10 @@ def validate_config(config) -> None:
             losses.get_loss(c.loss.name, **dict(c.loss.hparams))
         except (ValueError, TypeError, KeyError) as e:
             fail("loss", {"name": c.loss.name, "hparams": dict(c.loss.hparams)}, str(e))
-    if not is_num(c.loss.sft_weight) or c.loss.sft_weight < 0:
-        fail("loss.sft_weight", c.loss.sft_weight, "must be a finite number >= 0")
+    for field in ("loss.sft_weight", "loss.sft_data_weight"):
+        value = c.loss[field.split(".")[1]]
+        if not is_num(value) or value < 0:
+            fail(field, value, "must be a finite number >= 0")
     check_bool(c, "spo.enabled")
     if c.spo.enabled and c.stage == "sft":
         fail("spo.enabled", True, "SPO wraps a preference loss; use stage='preference'")
@@ -123,7 +135,37 @@ def validate_config(config) -> None:
         spo_config(c)
     except ValueError as e:
         raise ConfigError(f"config.spo: {e}") from None
+    _validate_sft_data(c)
     check_int(c, ("logprobs.seq_chunk", "logprobs.vocab_chunk"), 0, " (0 = no chunking)")
+
+
+def reads_sft_data(config) -> bool:
+    """Whether the objective reads an SFT batch ``batch["sft"]`` when SFT data are given: the
+    SFT-data term (``loss.sft_data_weight > 0``), or SPO with a lower level (value
+    "inner_sft" with a used constraint, or the unrolled / implicit solvers' inner loop)."""
+    if config.stage != "preference":
+        return False
+    if config.loss.sft_data_weight > 0:
+        return True
+    spo = spo_config(config)
+    return spo is not None and (spo.solver in ("unrolled", "implicit")
+                                or (spo.value == "inner_sft" and spo.constraint_used))
+
+
+def _validate_sft_data(c) -> None:
+    """``data.sft_path`` against the objective: SFT data need a reader, the SFT-data term needs data."""
+    has = bool(c.data.sft_path)
+    if has and c.stage != "preference":
+        fail("data.sft_path", c.data.sft_path, f"the SFT batch is for preference training; stage {c.stage!r} "
+             "does not read it (stage 'sft' trains on data.train_path): clear data.sft_path")
+    if has and not reads_sft_data(c):
+        fail("data.sft_path", c.data.sft_path, "nothing reads the SFT data: set loss.sft_data_weight > 0 (preference "
+             "loss + λ·NLL of the SFT data) or spo.enabled=True with spo.value='inner_sft' (SPO's lower level on "
+             "the SFT data), or clear data.sft_path")
+    if c.stage == "preference" and c.loss.sft_data_weight > 0 and not has:
+        fail("loss.sft_data_weight", c.loss.sft_data_weight, "the SFT-data NLL term needs SFT data: set "
+             "data.sft_path (an SFT dataset: prompt/completion, messages or question/answer rows), or "
+             "train(config, sft_data=...); loss.sft_weight is the NLL of the chosen responses instead")
 
 
 def needs_reference(config) -> bool:
@@ -199,15 +241,18 @@ def _upper(logps_fn: LogpsFn, upper_loss, params, batch):
     return stats, f, dict(metrics)
 
 
-def make_terms(logps_fn: LogpsFn, upper_loss, cfg: bilevel.SPOConfig | None) -> bilevel.Terms:
+def make_terms(logps_fn: LogpsFn, upper_loss, cfg: bilevel.SPOConfig | None,
+               sft_data_weight: float = 0.0) -> bilevel.Terms:
     """terms(θ, batch) -> ((f, c), metrics) for a BT loss and the SPO constraint.
 
-    f = upper_loss(PairStats(θ)); ``cfg`` None: no constraint (c = 0, the plain
-    preference objective). Otherwise q per ``cfg.value`` (see ``bilevel.SPOConfig``)
+    f = upper_loss(PairStats(θ)), plus ``sft_data_weight`` · g(θ, batch["sft"]) (the
+    weighted mean of ``sequence_nll`` on the SFT batch, which must then be present;
+    metrics ``sft_data/nll`` = g, ``loss/preference`` = the preference loss alone,
+    ``loss`` = f); ``cfg`` None: no constraint (c = 0, the plain preference objective). Otherwise q per ``cfg.value`` (see ``bilevel.SPOConfig``)
     and c, metrics = losses.spo_penalty(q, epsilon, per_sample, squared, weight).
     One model forward for f and c (``inner_sft`` adds K inner steps and one forward
     at θ_K, both without gradient, plus one forward on ``batch["sft"]`` when
-    present). Metrics: the loss's, spo_penalty's, and for inner_sft spo/g_star
+    present; the SFT-data term shares that forward). Metrics: the loss's, spo_penalty's, and for inner_sft spo/g_star
     (weighted mean ℓ at θ_K), spo/inner_loss_first, spo/inner_loss_last.
 
     With value="reference" the batch must carry ``ref_logps``, except when the
@@ -216,9 +261,22 @@ def make_terms(logps_fn: LogpsFn, upper_loss, cfg: bilevel.SPOConfig | None) -> 
     lower = make_lower(logps_fn)
     optimizer = None if cfg is None else bilevel.make_inner_optimizer(cfg.inner_optimizer, cfg.inner_lr)
     zero = jnp.zeros((), jnp.float32)
+    sft_data_weight = float(sft_data_weight)
+    inner_sft = cfg is not None and cfg.value == "inner_sft"
 
     def terms(params, batch):
         stats, f, metrics = _upper(logps_fn, upper_loss, params, batch)
+        sft_nll = None  # (ℓ_n, weight) of the SFT batch at θ, when something reads it
+        if "sft" in batch and (sft_data_weight > 0 or inner_sft):
+            sft_nll = sequence_nll(logps_fn, params, batch)
+            metrics["sft_data/nll"] = losses.weighted_mean(*sft_nll)
+        if sft_data_weight > 0:
+            if sft_nll is None:
+                raise ValueError(f"loss.sft_data_weight={sft_data_weight} needs an SFT batch batch['sft'] "
+                                 "(the trainer builds it from data.sft_path)")
+            metrics["loss/preference"] = f
+            f = f + sft_data_weight * metrics["sft_data/nll"]
+            metrics["loss"] = f
         if cfg is None:
             return (f, zero), metrics
         if cfg.value == "reference":
@@ -236,8 +294,8 @@ def make_terms(logps_fn: LogpsFn, upper_loss, cfg: bilevel.SPOConfig | None) -> 
                                                  steps=cfg.inner_steps, optimizer=optimizer, remat=False)
             theta_k = jax.lax.stop_gradient(theta_k)
             nll_k, weight = sequence_nll(logps_fn, theta_k, batch)
-            if "sft" in batch:
-                nll, weight = sequence_nll(logps_fn, params, batch)
+            if sft_nll is not None:  # the SFT batch at θ, computed above
+                nll, weight = sft_nll
             else:  # the chosen responses: reuse this forward pass
                 nll = -stats.chosen_logps / stats.chosen_len
             q = nll - nll_k
@@ -264,17 +322,20 @@ def _upper_objective(terms: bilevel.Terms) -> bilevel.Objective:
 # --------------------------------------------------------------------------- #
 
 
-def make_spo_solver(logps_fn: LogpsFn, upper_loss, cfg: bilevel.SPOConfig | Mapping[str, Any]) -> bilevel.Solver:
+def make_spo_solver(logps_fn: LogpsFn, upper_loss, cfg: bilevel.SPOConfig | Mapping[str, Any],
+                    sft_data_weight: float = 0.0) -> bilevel.Solver:
     """``solver(params, batch) -> (direction, metrics)`` of SPO (Contract 5).
 
     ``logps_fn(params, batch) -> (sums_S, counts_S)``; ``upper_loss(PairStats) ->
     (scalar, metrics)`` (e.g. ``losses.get_loss("dpo", beta=0.1)``); ``cfg`` an
-    SPOConfig or a mapping of its fields. The direction goes to optax as the
+    SPOConfig or a mapping of its fields; ``sft_data_weight``: the SFT-data term of
+    the upper objective (``make_terms``). With ``batch["sft"]`` the lower level of
+    every solver is the SFT data (inner_sft's q, the unrolled / implicit inner loop). The direction goes to optax as the
     gradient; metrics are fp32 scalars (see the bilevel solvers for the names).
     """
     if not isinstance(cfg, bilevel.SPOConfig):
         cfg = bilevel.SPOConfig.from_dict(cfg)
-    terms = make_terms(logps_fn, upper_loss, cfg)
+    terms = make_terms(logps_fn, upper_loss, cfg, sft_data_weight)
     if cfg.solver == "penalty":
         return bilevel.penalty_solver(terms, cfg.gamma)
     if cfg.solver == "barrier":
@@ -293,14 +354,16 @@ def make_solver(config, logps_fn: LogpsFn) -> bilevel.Solver:
     """``solver(params, batch) -> (direction, metrics)`` for the config's stage: the
     gradient of the SFT NLL, of the preference loss, or the SPO solver of
     ``spo.solver``. ``metrics["loss"]`` is the objective's value (spo/objective
-    under SPO)."""
+    under SPO). ``loss.sft_data_weight`` > 0 adds λ·NLL of ``batch["sft"]`` to the
+    upper objective (``make_terms``)."""
     if config.stage == "sft":
         return bilevel.gradient_solver(sft_objective(logps_fn))
     upper = make_upper_loss(config.loss.name, config.loss.hparams, config.loss.sft_weight)
     spo = spo_config(config)
+    weight = float(config.loss.sft_data_weight)
     if spo is None:
-        return bilevel.gradient_solver(_upper_objective(make_terms(logps_fn, upper, None)))
-    solver = make_spo_solver(logps_fn, upper, spo)
+        return bilevel.gradient_solver(_upper_objective(make_terms(logps_fn, upper, None, weight)))
+    solver = make_spo_solver(logps_fn, upper, spo, weight)
 
     def with_loss(params, batch):
         grads, metrics = solver(params, batch)

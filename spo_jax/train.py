@@ -12,7 +12,7 @@ data-iterator position. The command line is ``spo_jax.cli``
 
 Public Python API (what the demo, the experiments and the benchmarks call):
 
-* ``train(config, *, train_data=None, eval_data=None, stop_at=None) -> TrainResult``
+* ``train(config, *, train_data=None, eval_data=None, sft_data=None, stop_at=None) -> TrainResult``
 * ``make_step_fn(config, graphdef, tx, schedule) -> step(state, batch) -> (state, metrics)`` (pure)
 * ``make_train_step(config, graphdef, tx, schedule, mesh, state_shardings)`` -> the jitted step
 * ``make_eval_step(config, graphdef, mesh)`` -> jitted ``(params, ref_params, batch) -> metrics``
@@ -149,7 +149,10 @@ def make_step_fn(config, graphdef, tx: optax.GradientTransformation, schedule) -
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["param_norm"] = optax.tree.norm(params)  # of the updated parameters (checked before a save)
         metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
-        metrics["tokens"] = jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32)  # global, non-padding
+        tokens = jnp.sum(batch["segment_ids"] > 0)  # global, non-padding (and the SFT batch's)
+        if "sft" in batch:
+            tokens = tokens + jnp.sum(batch["sft"]["segment_ids"] > 0)
+        metrics["tokens"] = tokens.astype(jnp.float32)
         rng = jax.random.fold_in(state.rng, state.step)
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
         return new, metrics
@@ -158,8 +161,9 @@ def make_step_fn(config, graphdef, tx: optax.GradientTransformation, schedule) -
 
 
 def make_train_step(config, graphdef, tx, schedule, mesh, shardings: TrainState) -> Callable:
-    """``jax.jit`` of ``make_step_fn`` with state in/out shardings, the batch sharded
-    over ``("data", "fsdp")`` and the state donated."""
+    """``jax.jit`` of ``make_step_fn`` with state in/out shardings, the batch (and its
+    SFT batch ``batch["sft"]``, when present) sharded over ``("data", "fsdp")`` and the
+    state donated."""
     step = make_step_fn(config, graphdef, tx, schedule)
     accum = int(config.optim.grad_accum_steps) > 1
     micro = sharding_lib.P(None, sharding_lib.BATCH_AXES) if accum else sharding_lib.P(sharding_lib.BATCH_AXES)
@@ -207,10 +211,33 @@ def _count_params(params) -> int:
     return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(params)))
 
 
+class _Batches:
+    """The training batches' sources: the main iterator and, with SFT data (``data.sft_path``),
+    the SFT iterator that fills ``batch["sft"]``. One position for both (checkpointed with the
+    state): the main iterator's state, with the SFT iterator's under ``"sft"``."""
+
+    def __init__(self, main: inputs.BatchIterator, sft: inputs.BatchIterator | None = None):
+        self.main, self.sft = main, sft
+
+    def get_state(self) -> dict:
+        state = self.main.get_state()
+        return state if self.sft is None else {**state, "sft": self.sft.get_state()}
+
+    def set_state(self, state: dict) -> None:
+        if (self.sft is not None) != ("sft" in state):
+            raise config_lib.ConfigError(
+                f"the checkpoint's data position {'has no' if self.sft is not None else 'has an'} SFT-data iterator "
+                f"but this run {'reads' if self.sft is not None else 'has no'} SFT data (config.data.sft_path); "
+                "use the run's original data settings or a new run_dir")
+        self.main.set_state({k: v for k, v in state.items() if k != "sft"})
+        if self.sft is not None:
+            self.sft.set_state(state["sft"])
+
+
 class _Loop:
     """Holds the run's objects; ``run()`` is the training loop."""
 
-    def __init__(self, config, train_data=None, eval_data=None):
+    def __init__(self, config, train_data=None, eval_data=None, sft_data=None):
         self.config = c = config
         self.run_dir = os.path.abspath(os.path.expanduser(c.run_dir))
         self.is_main = jax.process_index() == 0
@@ -224,11 +251,19 @@ class _Loop:
         self.accum = int(c.optim.grad_accum_steps)
 
         # data
-        self.train_ds = self.eval_ds = None
+        self.train_ds = self.eval_ds = self.sft_ds = None
         if c.stage != "eval":
             self.train_ds, stats = inputs.load_split(c, self.tokenizer, c.data.train_path, c.data.train_split,
                                                      train_data)
             self._check_kind(stats, "data.train_path", c.data.train_path)
+        if c.data.sft_path or sft_data is not None:  # validated: a preference run whose objective reads it
+            self.sft_ds, stats = inputs.load_split(c, self.tokenizer, c.data.sft_path, c.data.sft_split, sft_data,
+                                                   sft=True)
+            if stats.get("kind") != "sft":
+                raise config_lib.ConfigError(
+                    f"config.data.sft_path={c.data.sft_path or '<in-memory sft_data>'!r}: holds {stats.get('kind')} "
+                    f"data (format {stats.get('format')!r}) but the SFT batch needs SFT data (prompt/completion, "
+                    "messages or question/answer rows); point it at an SFT dataset")
         if c.data.eval_path or eval_data is not None:
             self.eval_ds, stats = inputs.load_split(c, self.tokenizer, c.data.eval_path, c.data.eval_split,
                                                     eval_data)
@@ -272,10 +307,14 @@ class _Loop:
     def _shard(self, params):
         return jax.device_put(params, sharding_lib.param_shardings(jax.eval_shape(lambda: params), self.mesh))
 
-    def _next_local(self, it) -> dict:
+    def _next_local(self, batches: _Batches) -> dict:
+        def one():
+            local = self.reference.add_to(next(batches.main), "train")
+            return local if batches.sft is None else {**local, "sft": next(batches.sft)}
+
         if self.accum == 1:
-            return self.reference.add_to(next(it), "train")
-        return inputs.stack_micro([self.reference.add_to(next(it), "train") for _ in range(self.accum)])
+            return one()
+        return inputs.stack_micro([one() for _ in range(self.accum)])
 
     # --------------------------------------------------------------- eval
 
@@ -350,8 +389,12 @@ class _Loop:
         num_steps = int(c.train.num_steps)
         last = num_steps if stop_at is None else min(int(stop_at), num_steps)
         micro_bs = c.data.batch_size // self.accum
-        it = inputs.make_iterator(c, self.train_ds, batch_size=micro_bs, shuffle=c.data.shuffle, num_epochs=None,
-                           seed=int(c.seed), pad_id=self.pad_id)
+        it = _Batches(inputs.make_iterator(c, self.train_ds, batch_size=micro_bs, shuffle=c.data.shuffle,
+                                           num_epochs=None, seed=int(c.seed), pad_id=self.pad_id))
+        if self.sft_ds is not None:  # its own order (seed + 1), batch size and length buckets
+            it.sft = inputs.make_iterator(c, self.sft_ds, batch_size=(c.data.sft_batch_size or c.data.batch_size)
+                                          // self.accum, shuffle=c.data.shuffle, num_epochs=None,
+                                          seed=int(c.seed) + 1, pad_id=self.pad_id)
         health = TrainingHealth(float(optax.tree.norm(self.state.params)), int(c.train.degenerate_steps))
         start = self.restore_if_any(it)
         self.writer.start(start)  # drops records after the resumed step (recomputed now)
@@ -473,27 +516,27 @@ class _Loop:
         return TrainResult(self.state, self.graphdef, self.history, out, self.run_dir, None, start, self.policy)
 
 
-def train(config, *, train_data=None, eval_data=None, stop_at: int | None = None) -> TrainResult:
-    """Validate ``config``, then run its stage. ``train_data`` / ``eval_data``
+def train(config, *, train_data=None, eval_data=None, sft_data=None, stop_at: int | None = None) -> TrainResult:
+    """Validate ``config``, then run its stage. ``train_data`` / ``eval_data`` / ``sft_data``
     (optional ``datasets.Dataset`` in any supported row format) replace the
-    ``data.train_path`` / ``data.eval_path`` sources (the fields may then be
-    empty). ``stop_at``: end this invocation after that optimizer step (with a
+    ``data.train_path`` / ``data.eval_path`` / ``data.sft_path`` sources (the fields may then be
+    empty; ``sft_data``: SFT rows batched as ``batch["sft"]`` beside the pairs). ``stop_at``: end this invocation after that optimizer step (with a
     checkpoint there, as a pre-empted job would; a later call resumes). The run
     resumes from the latest complete checkpoint in ``run_dir`` when
     ``checkpoint.resume``. Returns a ``TrainResult``."""
     c = config
     sharding_lib.initialize_distributed(c.distributed.coordinator_address, c.distributed.num_processes,
                                         c.distributed.process_id, c.distributed.cpu_collectives)
-    validate_for_run(c, train_data=train_data, eval_data=eval_data)
-    loop = _Loop(c, train_data=train_data, eval_data=eval_data)
+    validate_for_run(c, train_data=train_data, eval_data=eval_data, sft_data=sft_data)
+    loop = _Loop(c, train_data=train_data, eval_data=eval_data, sft_data=sft_data)
     if c.stage == "eval":
         return loop.run_eval()
     return loop.run(stop_at=stop_at)
 
 
-def validate_for_run(config, *, train_data=None, eval_data=None) -> None:
+def validate_for_run(config, *, train_data=None, eval_data=None, sft_data=None) -> None:
     """``config.validate_config`` with in-memory datasets standing in for paths."""
-    if train_data is None and eval_data is None:
+    if train_data is None and eval_data is None and sft_data is None:
         config_lib.validate_config(config)
         return
     c = config.copy_and_resolve_references()
@@ -501,6 +544,8 @@ def validate_for_run(config, *, train_data=None, eval_data=None) -> None:
         c.data.train_path = "<in-memory>"
     if eval_data is not None and not c.data.eval_path:
         c.data.eval_path = "<in-memory>"
+    if sft_data is not None and not c.data.sft_path:
+        c.data.sft_path = "<in-memory sft_data>"
     config_lib.validate_config(c)
 
 

@@ -487,6 +487,39 @@ def test_penalty_inner_sft_matches_finite_differences_with_frozen_value(with_sft
         _assert_directional(grads, jax.jit(oracle), params, seeds=(3, 4), rtol=1e-5)
 
 
+@pytest.mark.parametrize("spo", [False, True])
+def test_sft_data_weight_adds_lambda_nll_of_the_sft_batch(spo):
+    """loss.sft_data_weight = λ: F = DPO + λ·g(batch["sft"]); with SPO's inner_sft penalty at ε = 0
+    and every q_i > 0 on the SFT batch, the direction is ∇DPO + (λ + γ)·∇g (docs/METHOD.md)."""
+    with jax.enable_x64(True):
+        params, batch = _lm_params(0), _pref_batch(with_sft=True)
+        lam, gamma = 0.7, 2.0
+        cfg = _trainer_config(spo=dict(solver="penalty", value="inner_sft", gamma=gamma, epsilon=0.0,
+                                       inner_steps=2, inner_lr=0.5) if spo else None)
+        cfg.loss.sft_data_weight = lam
+        grads, metrics = jax.jit(objectives.make_solver(cfg, _lm_logps))(params, batch)
+        upper = losses.get_loss("dpo", beta=0.5)
+        weight = lam + (gamma if spo else 0.0)
+
+        def oracle(p):
+            return upper(_oracle_stats(p, batch))[0] + weight * _oracle_lower(p, batch)
+
+        np.testing.assert_allclose(float(metrics["sft_data/nll"]), float(_oracle_lower(params, batch)), rtol=1e-6)  # metrics are fp32
+        if spo:
+            assert float(metrics["spo/violation_frac"]) == 1.0  # every q_i > 0: the relu is the identity
+            np.testing.assert_allclose(float(metrics["spo/upper_loss"]), float(
+                upper(_oracle_stats(params, batch))[0] + lam * _oracle_lower(params, batch)), rtol=1e-6)
+        else:
+            np.testing.assert_allclose(float(metrics["loss"]), float(
+                upper(_oracle_stats(params, batch))[0] + lam * _oracle_lower(params, batch)), rtol=1e-6)
+            _, expected = jax.value_and_grad(oracle)(params)
+            for k in params:
+                np.testing.assert_allclose(np.asarray(grads[k]), np.asarray(expected[k]), rtol=1e-9, atol=1e-12)
+        _assert_directional(grads, jax.jit(oracle), params, seeds=(11, 12), rtol=1e-5)
+        with pytest.raises(ValueError, match="needs an SFT batch"):
+            objectives.make_solver(cfg, _lm_logps)(params, {k: v for k, v in batch.items() if k != "sft"})
+
+
 def test_barrier_direction_matches_finite_differences_on_tiny_lm():
     with jax.enable_x64(True):
         params, batch = _lm_params(0), _pref_batch()

@@ -11,6 +11,7 @@ tests/test_demo.py.
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -30,7 +31,19 @@ def test_method_labels_defaults_and_overrides():
     assert (r.loss, r.hp, r.spo, r.label) == ("rpo", {"beta": 0.1, "lam": 10.0}, False, "RPO λ=10")
     assert E.method("RFT").loss == "sft" and E.method("DPOP").hp == {"beta": 0.1, "lam": 50.0}
     assert set(E.families()) == {"DPO", "DPO+SPO", "CPO", "CPO+SPO", "DPOP", "DPOP+SPO", "R-DPO", "R-DPO+SPO",
-                                 "SimPO", "SimPO+SPO", "AlphaDPO", "AlphaDPO+SPO", "RFT", "RPO"}
+                                 "SimPO", "SimPO+SPO", "AlphaDPO", "AlphaDPO+SPO", "RFT", "RPO", "SFT-mix",
+                                 "DPO+SPO(SFT)"}
+    mix = E.method("SFT-mix", lam=3)
+    assert (mix.loss, mix.hp, mix.sft_data_weight, mix.spo, mix.uses_sft_data, mix.label) == (
+        "dpo", {"beta": 0.1}, 3.0, False, True, "SFT-mix λ=3")
+    assert E.method("SFT-mix").sft_data_weight == E.SFT_MIX_LAMBDA
+    inner = E.method("DPO+SPO(SFT)", spo_gamma=3)
+    assert (inner.loss, inner.spo_gamma, inner.base, inner.uses_sft_data, inner.label) == (
+        "dpo", 3.0, "DPO", True, "DPO+SPO(SFT) γ=3")
+    assert dict(inner.spo_extra)["value"] == "inner_sft"
+    assert not any(E.method(f).uses_sft_data for f in ("DPO", "DPO+SPO", "RPO", "RFT", "DPOP"))
+    with pytest.raises(ValueError, match="'SFT-mix' has no hyperparameter 'gamma'; accepted: \\['beta', 'lam'\\]"):
+        E.method("SFT-mix", gamma=1)
     with pytest.raises(ValueError, match="unknown method family 'RFT\\+SPO'"):
         E.method("RFT+SPO")
     with pytest.raises(ValueError, match="spo_gamma only applies"):
@@ -40,7 +53,8 @@ def test_method_labels_defaults_and_overrides():
 
 
 @pytest.mark.parametrize("family, ref", [("DPO+SPO", "cached"), ("SimPO", "none"), ("SimPO+SPO", "cached"),
-                                         ("RFT", "none"), ("RPO", "cached"), ("CPO", "none")])
+                                         ("RFT", "none"), ("RPO", "cached"), ("CPO", "none"), ("SFT-mix", "cached"),
+                                         ("DPO+SPO(SFT)", "cached")])
 def test_apply_method_sets_loss_spo_and_reference_and_validates(family, ref, tmp_path):
     c = config_lib.get_default_config()
     c.run_dir = str(tmp_path)
@@ -49,15 +63,30 @@ def test_apply_method_sets_loss_spo_and_reference_and_validates(family, ref, tmp
     E.apply_method(c, m)
     assert (c.stage, c.loss.name, dict(c.loss.hparams), c.loss.sft_weight) == ("preference", m.loss, m.hp, 0.0)
     assert c.spo.enabled == m.spo and c.reference.mode == ref
+    assert c.loss.sft_data_weight == m.sft_data_weight
     if m.spo:
         assert (c.spo.solver, c.spo.value, c.spo.gamma, c.spo.epsilon, c.spo.per_sample) == (
-            "penalty", "reference", 10.0, 0.0, True)
+            "penalty", "inner_sft" if m.uses_sft_data else "reference", 10.0, 0.0, True)
+    c.data.train_path = str(tmp_path)  # an existing path stands in for the pairs
+    c.model.path = str(tmp_path)
+    if m.sft_data_weight:  # SFT-mix refuses to run without SFT data
+        with pytest.raises(config_lib.ConfigError, match=r"config\.loss\.sft_data_weight=1\.0: .*needs SFT data"):
+            config_lib.validate_config(c, num_devices=1, process_count=1)
+    c.data.sft_path = str(tmp_path) if m.uses_sft_data else ""
+    config_lib.validate_config(c, num_devices=1, process_count=1)
+    if not m.uses_sft_data:  # the other arms have no reader for SFT data
+        c.data.sft_path = str(tmp_path)
+        with pytest.raises(config_lib.ConfigError, match=r"config\.data\.sft_path=.*nothing reads the SFT data"):
+            config_lib.validate_config(c, num_devices=1, process_count=1)
 
 
 def test_sweep_arms_and_choose_per_family():
     arms = E.sweep_arms(["DPO+SPO", "RPO", "RFT"])
     assert [a.label for a in arms] == ["DPO+SPO γ=3", "DPO+SPO γ=10", "DPO+SPO γ=30", "RPO λ=0.3", "RPO λ=1",
                                        "RPO λ=3", "RPO λ=10", "RFT"]
+    assert [a.label for a in E.sweep_arms(["SFT-mix", "DPO+SPO(SFT)"])] == [
+        "SFT-mix λ=0.3", "SFT-mix λ=1", "SFT-mix λ=3", "SFT-mix λ=10", "DPO+SPO(SFT) γ=3", "DPO+SPO(SFT) γ=10",
+        "DPO+SPO(SFT) γ=30"]
     runs = {a.label: {"accuracy": 0.5, "win_rate": 0.5} for a in arms}
     runs["DPO+SPO γ=10"]["accuracy"] = 0.7
     runs["RPO λ=3"].update(accuracy=0.4, win_rate=0.9)  # best for style (win + acc), not for correctness
@@ -237,6 +266,28 @@ def test_summarize_report_and_figure_on_stored_results(tmp_path):
     assert text.count("-- levelled off") == 2
     assert "| DPO+SPO | 0.9" in text and "![Pareto](pareto_style.png)" in text
     assert (tmp_path / "pareto_style.png").stat().st_size > 5000
+
+
+def test_sft_mix_is_a_frontier_baseline_and_spo_sft_an_spo_arm():
+    """SFT-mix decides the frontier like RPO / DPOP / RFT; DPO+SPO(SFT) is read as an SPO arm."""
+    res = _stored_results(100)
+    rng = np.random.default_rng(1)
+    for run in res["per_seed"]:
+        for k in ("correctness", "style"):
+            runs, methods = run["settings"][k]["runs"], run["settings"][k]["methods"]
+            for label, family, p, reward in (("SFT-mix λ=3", "SFT-mix", 0.99, 1.0),
+                                             ("DPO+SPO(SFT) γ=3", "DPO+SPO(SFT)", 0.5, 0.5)):
+                runs[label] = {**runs["RPO"], "correct": (rng.random(100) < p).astype(int).tolist(),
+                               "reward_items": np.full(100, reward).tolist()}
+                methods[label] = {"family": family}
+    summ = E.summarize(res, n_boot=300)
+    assert "Best baseline by held-out accuracy: SFT-mix λ=3" in summ["correctness"]["reading"]
+    assert "DPO+SPO(SFT) γ=3: " in summ["correctness"]["reading"]
+    style = summ["style"]["reading"]
+    assert "Frontier of the baselines (RFT, RPO, DPOP, SFT-mix)" not in style  # only the families present
+    assert "Frontier of the baselines (RPO, SFT-mix)" in style
+    assert "DPO+SPO(SFT) γ=3 (" in style and "0 of 2 SPO points ahead" in style
+    assert re.search(r"DPO\+SPO\(SFT\) γ=3 \([^)]*\) is BEHIND the frontier \(dominated by [^;]*SFT-mix λ=3", style)
 
 
 def test_summarize_refuses_unpaired_seeds():
