@@ -6,10 +6,10 @@ of ``spo_jax.logprobs`` / ``objectives.sequence_nll``) and its ``jax.grad``, sep
 (the same identities on a float64 toy LM against finite differences, and the unrolled solver's
 inner loop on ``batch["sft"]``, are in tests/test_bilevel.py):
 
-* the mixed objective's gradient = ∇DPO (the batch without its SFT part) + λ·∇NLL(SFT batch);
-* inner_sft on the SFT batch: g* = the naive NLL after K hand-written SGD steps, the penalty
-  = mean relu(ℓ_i(θ) − ℓ_i(θ_K)), and with every q_i > 0 (ε = 0) the direction is
-  ∇DPO + γ·∇NLL(SFT batch) (docs/METHOD.md);
+* DPO + λ·SFT-data NLL with SPO's inner_sft penalty on the same SFT batch: g* = the naive NLL
+  after K hand-written SGD steps, the penalty = mean relu(ℓ_i(θ) − ℓ_i(θ_K)), and with every
+  q_i > 0 (ε = 0) the direction is ∇DPO (the batch without its SFT part) + (λ + γ)·∇NLL(SFT
+  batch) (docs/METHOD.md);
 * the trainer: step 1's loss = log 2 + λ·NLL of the SFT batch, a stopped-and-resumed run
   equals a straight one bitwise (both iterators' positions are checkpointed), gradient
   accumulation equals one batch; the CLI with a JSONL SFT file; the bad-input messages.
@@ -99,27 +99,15 @@ def _combine(a, scale, b):
     return jax.tree.map(lambda x, y: x + scale * y, a, b)
 
 
-def test_mixed_objective_gradient_is_dpo_plus_lambda_sft_nll(setup):
-    c, graphdef, params, batch, sft_batch, logps_fn = setup
-    mixed = jax.jit(objectives.make_solver(_config(c, loss__sft_data_weight=LAM), logps_fn))
-    dpo = jax.jit(objectives.make_solver(c, logps_fn))
-    nll = jax.jit(jax.value_and_grad(lambda p: naive_nll(graphdef, p, sft_batch)[1]))
-    g_mix, m = mixed(params, {**batch, "sft": sft_batch})
-    g_dpo, m_dpo = dpo(params, batch)
-    value, g_nll = nll(params)
-    np.testing.assert_allclose(m["sft_data/nll"], value, rtol=1e-5)
-    np.testing.assert_allclose(m["loss/preference"], np.log(2.0), rtol=1e-6)  # π = π_ref
-    np.testing.assert_allclose(m["loss"], np.log(2.0) + LAM * value, rtol=1e-5)
-    _close(g_mix, _combine(g_dpo, LAM, g_nll))
-    # the NLL term moves the direction (the check is not DPO against itself)
-    assert max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(g_nll)) > 1e-3
-
-
-def test_inner_sft_on_the_sft_batch_matches_hand_written_inner_steps(setup):
+def test_mixed_objective_and_inner_sft_on_the_sft_batch_match_hand_written_pieces(setup):
+    """DPO + λ·SFT-data NLL, wrapped in SPO's penalty with the inner_sft value on the same SFT batch:
+    g* = the naive NLL after K hand-written SGD steps, the penalty = mean relu(ℓ_i(θ) − ℓ_i(θ_K)), the
+    upper objective = log 2 + λ·NLL (π = π_ref), and with every q_i > 0 (ε = 0) the direction is
+    ∇DPO + (λ + γ)·∇NLL of the SFT batch, each piece jitted on its own."""
     c, graphdef, params, batch, sft_batch, logps_fn = setup
     gamma, lr, steps = 3.0, 0.05, 2
     cfg = _config(c, spo__enabled=True, spo__value="inner_sft", spo__gamma=gamma, spo__inner_steps=steps,
-                  spo__inner_lr=lr, spo__epsilon=0.0)
+                  spo__inner_lr=lr, spo__epsilon=0.0, loss__sft_data_weight=LAM)
     solver = jax.jit(objectives.make_solver(cfg, logps_fn))
     grads, m = solver(params, {**batch, "sft": sft_batch})
 
@@ -132,37 +120,27 @@ def test_inner_sft_on_the_sft_batch_matches_hand_written_inner_steps(setup):
     np.testing.assert_allclose(m["spo/g_star"], gk, rtol=1e-5)
     np.testing.assert_allclose(m["spo/inner_loss_first"], g0, rtol=1e-5)
     np.testing.assert_allclose(m["sft_data/nll"], g0, rtol=1e-5)
+    np.testing.assert_allclose(m["loss/preference"], np.log(2.0), rtol=1e-6)
+    np.testing.assert_allclose(m["spo/upper_loss"], np.log(2.0) + LAM * g0, rtol=1e-5)
     np.testing.assert_allclose(m["spo/penalty"], jnp.mean(jax.nn.relu(per0 - perk)), rtol=1e-4)
-    # ε = 0 and every q_i > 0: the direction is ∇DPO + γ·∇NLL of the SFT batch
-    assert float(m["spo/violation_frac"]) == 1.0
+    assert float(m["spo/violation_frac"]) == 1.0  # ε = 0: every q_i > 0, the relu is the identity
     g_dpo, _ = jax.jit(objectives.make_solver(c, logps_fn))(params, batch)
-    _close(grads, _combine(g_dpo, gamma, grad_g(params)))
-
-
-def test_trainer_step_one_loss_is_log2_plus_lambda_sft_nll(files, setup, tmp_path):
-    pairs, sft = files
-    c, graphdef, params, _, sft_batch, _ = setup
-    res = train.train(tiny_config(tmp_path / "r", pairs, data__sft_path=sft, data__sft_batch_size=16,
-                                  data__shuffle=False, loss__sft_data_weight=LAM, train__num_steps=1,
-                                  optim__warmup_steps=0))
-    first = [h for h in res.history if h["split"] == "train"][0]
-    value = float(naive_nll(graphdef, params, sft_batch)[1])  # all 16 SFT rows, the initial model
-    np.testing.assert_allclose(first["sft_data/nll"], value, rtol=1e-5)
-    np.testing.assert_allclose(first["loss"], np.log(2.0) + LAM * value, rtol=1e-5)
-    tokens = int(np.sum(sft_batch["segment_ids"] > 0))
-    assert first["tokens"] > tokens  # the SFT tokens count with the pairs'
+    g_nll = grad_g(params)
+    _close(grads, _combine(g_dpo, LAM + gamma, g_nll))
+    # the NLL terms move the direction (the check is not DPO against itself)
+    assert max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(g_nll)) > 1e-3
 
 
 def test_resume_with_the_sft_iterator_is_bitwise_identical(files, tmp_path):
     pairs, sft = files
-    # 8 SFT rows per step from 16: the SFT iterator starts a new epoch at step 3, inside the resumed part
-    kw = dict(data__sft_path=sft, data__sft_batch_size=8, loss__sft_data_weight=LAM, spo__enabled=True,
-              spo__value="inner_sft", spo__inner_steps=1, train__num_steps=6, checkpoint__every=3)
+    # 8 SFT rows per step from 16: the SFT iterator starts its second epoch at step 3, after the resume
+    kw = dict(data__sft_path=sft, data__sft_batch_size=8, loss__sft_data_weight=LAM, train__num_steps=4,
+              checkpoint__every=2)
     straight = train.train(tiny_config(tmp_path / "a", pairs, **kw))
-    first = train.train(tiny_config(tmp_path / "b", pairs, **kw), stop_at=3)
-    assert Checkpointer(str(tmp_path / "b" / "checkpoints")).latest_step() == 3
+    first = train.train(tiny_config(tmp_path / "b", pairs, **kw), stop_at=2)
+    assert Checkpointer(str(tmp_path / "b" / "checkpoints")).latest_step() == 2
     resumed = train.train(tiny_config(tmp_path / "b", pairs, **kw))
-    assert resumed.start_step == 3
+    assert resumed.start_step == 2
     a, b = flat_params(straight.state.params), flat_params(resumed.state.params)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
@@ -171,11 +149,19 @@ def test_resume_with_the_sft_iterator_is_bitwise_identical(files, tmp_path):
     assert len(set(nll)) == len(nll)  # the SFT batch changes from step to step
 
 
-def test_gradient_accumulation_with_sft_batches_matches_one_batch(files, tmp_path):
+def test_trainer_step_one_and_gradient_accumulation_with_sft_batches(files, setup, tmp_path):
+    """Step 1's SFT batch is all 16 SFT rows: its loss = log 2 + λ·NLL of them under the initial model
+    (naive oracle); two micro-batches of 4 pairs + 8 SFT rows equal one batch of 8 + 16."""
     pairs, sft = files
+    _, graphdef, params, _, sft_batch, _ = setup
     kw = dict(data__sft_path=sft, data__sft_batch_size=16, loss__sft_data_weight=LAM, data__shuffle=False,
               data__batch_size=8, train__num_steps=2)
     one = train.train(tiny_config(tmp_path / "one", pairs, **kw))
+    first = [h for h in one.history if h["split"] == "train"][0]
+    value = float(naive_nll(graphdef, params, sft_batch)[1])
+    np.testing.assert_allclose(first["sft_data/nll"], value, rtol=1e-5)
+    np.testing.assert_allclose(first["loss"], np.log(2.0) + LAM * value, rtol=1e-5)
+    assert first["tokens"] > int(np.sum(sft_batch["segment_ids"] > 0))  # the SFT tokens count with the pairs'
     acc = train.train(tiny_config(tmp_path / "acc", pairs, optim__grad_accum_steps=2, **kw))
     np.testing.assert_allclose(train_losses(acc), train_losses(one), rtol=1e-5, atol=1e-6)
     _close(acc.state.params, one.state.params, rtol=1e-5, atol=1e-6)
@@ -185,12 +171,13 @@ def test_cli_with_a_jsonl_sft_file(files, tmp_path):
     pairs, sft = files
     args = [sys.executable, "-m", "spo_jax.train", f"--config={os.path.join(ROOT, 'experiments', 'tiny_test.py')}",
             f"--config.run_dir={tmp_path}", f"--config.data.train_path={pairs}", f"--config.data.sft_path={sft}",
-            "--config.data.sft_batch_size=8", "--config.loss.sft_data_weight=2.0", "--config.train.num_steps=2"]
+            "--config.data.sft_batch_size=8", "--config.loss.sft_data_weight=2.0", "--config.train.num_steps=1",
+            "--config.optim.warmup_steps=0"]
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl") if '"train"' in x]
-    assert [r["step"] for r in rows] == [1, 2]
+    assert [r["step"] for r in rows] == [1]
     for r in rows:
         np.testing.assert_allclose(r["loss"], r["loss/preference"] + 2.0 * r["sft_data/nll"], rtol=1e-5)
 
