@@ -134,10 +134,14 @@ class Bench:
     ``step()`` runs one step on the next batch (cycling) and returns its wall
     time in seconds (dispatch -> ``block_until_ready``) and its real tokens.
     ``num_batches=None``: the batches of one pass over ``rows`` (in order).
-    ``config.model.remat`` and ``config.model.attention`` are honoured.
+    ``config.model.remat`` and ``config.model.attention`` are honoured. ``all_positions``: the
+    batches go without ``score_index``, so the log-probs are computed at every position (the
+    step before score_index; ``logprobs.scored_sequence_logps`` derives N = T), for before/after
+    comparisons in one process.
     """
 
-    def __init__(self, config, rows: list[dict], *, num_batches: int | None, seed: int = 0):
+    def __init__(self, config, rows: list[dict], *, num_batches: int | None, seed: int = 0,
+                 all_positions: bool = False):
         c = self.config = config
         self.mesh = sharding_lib.make_mesh((-1, 1, 1))
         mcfg = models.ModelConfig.from_hf(dict(c.model.config))
@@ -168,6 +172,8 @@ class Bench:
         ref_fn = jax.jit(lambda p, b: make_logps_fn(self.graphdef, seq_chunk=c.logprobs.seq_chunk,
                                                     vocab_chunk=c.logprobs.vocab_chunk)(p, b)[0])
         for local in it:
+            if all_positions:
+                local = {k: v for k, v in local.items() if k != "score_index"}
             if c.reference.mode == "cached":
                 local = dict(local, ref_logps=np.asarray(ref_fn(self.state.params,
                                                                 sharding_lib.make_global_batch(local, self.mesh))))

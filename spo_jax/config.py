@@ -49,7 +49,9 @@ data.max_length            tokens per sequence (prompt + one response)
 data.min_prompt_length     prompt truncation floor in tokens
 data.use_chat_template     render prompts with the tokenizer's chat template
 data.packing               packed (True) or padded (False) batches
-data.length_bucket         padded T rounded up to a multiple of this; 0 = next power of two
+data.length_bucket         padded T, and the scored positions per row N (the log-probs are computed only
+                           there: Contract 1's score_index), rounded up to a multiple of this;
+                           0 = next power of two (N: 4 steps per octave)
 data.pack_rows             packed rows per process and micro-batch (0 = automatic)
 data.pack_length           packed row length (0 = data.max_length)
 data.shuffle               reshuffle every epoch

@@ -31,7 +31,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from spo_jax import objectives, sampling
-from spo_jax.data import BatchIterator, gsm8k
+from spo_jax.data import BatchIterator, bucket_scored, gsm8k, score_index
 
 __all__ = [
     "batch_logps",
@@ -61,14 +61,14 @@ def _check_padded(batch: Mapping[str, np.ndarray], need_pairs: bool = True) -> N
 
 
 def _row_logp_fn(graphdef) -> Callable:
-    """``f(params, ids[T], targets[T], mask[T], positions[T], segments[T]) -> s`` (fp32 scalar):
-    ``objectives.make_logps_fn`` on a one-row batch (vmapped over rows by the callers)."""
+    """``f(params, ids[T], targets[T], mask[T], positions[T], segments[T], score_index[N]) -> s``
+    (fp32 scalar): ``objectives.make_logps_fn`` on a one-row batch (vmapped over rows by the callers)."""
     logps_fn = objectives.make_logps_fn(graphdef)
 
-    def f(params, ids, tgt, mask, pos, seg):
+    def f(params, ids, tgt, mask, pos, seg, idx):
         row = {"input_ids": ids[None], "targets": tgt[None], "loss_mask": mask[None], "positions": pos[None],
                "segment_ids": seg[None], "seq_ids": jnp.zeros_like(ids)[None],
-               "seq_valid": jnp.ones((1,), jnp.float32)}
+               "seq_valid": jnp.ones((1,), jnp.float32), "score_index": idx[None]}
         sums, _ = logps_fn(params, row)
         return sums[0].astype(jnp.float32)
 
@@ -76,7 +76,12 @@ def _row_logp_fn(graphdef) -> Callable:
 
 
 def _rows(batch):
-    return tuple(jnp.asarray(batch[k]) for k in _ROW_KEYS)
+    """The row arrays and ``score_index`` (derived from ``loss_mask`` at the exact most scored
+    count when the batch has none, e.g. a hand-built one)."""
+    mask = np.asarray(batch["loss_mask"])
+    idx = batch["score_index"] if "score_index" in batch else score_index(
+        mask, bucket_scored(int((mask != 0).sum(1).max(initial=0)), None, mask.shape[1]))
+    return tuple(jnp.asarray(batch[k]) for k in _ROW_KEYS) + (jnp.asarray(idx),)
 
 
 def batch_logps(graphdef, params, batch) -> tuple[np.ndarray, np.ndarray]:
@@ -95,10 +100,10 @@ def _jitted(graphdef, what: str):
     if key not in _CACHE:
         f = _row_logp_fn(graphdef)
         if what == "logps":
-            fn = jax.jit(jax.vmap(f, in_axes=(None, 0, 0, 0, 0, 0)))
+            fn = jax.jit(jax.vmap(f, in_axes=(None, 0, 0, 0, 0, 0, 0)))
         else:
             def g(params, *rows):
-                grads = jax.vmap(jax.grad(f), in_axes=(None, 0, 0, 0, 0, 0))(params, *rows)
+                grads = jax.vmap(jax.grad(f), in_axes=(None, 0, 0, 0, 0, 0, 0))(params, *rows)
                 return jax.vmap(lambda t: ravel_pytree(t)[0])(grads)
             fn = jax.jit(g)
         _CACHE[key] = (graphdef, fn)

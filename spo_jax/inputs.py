@@ -14,7 +14,7 @@ from flax import nnx
 
 from spo_jax import adapters, models
 from spo_jax import sharding as sharding_lib
-from spo_jax.data import FORMATS, BatchIterator, prepare_dataset, synthetic
+from spo_jax.data import FORMATS, BatchIterator, prepare_dataset, score_index, synthetic
 from spo_jax.data.loading import SFT_FORMATS
 from spo_jax.validation import check_bool, check_choice, check_int, check_source, fail
 
@@ -152,9 +152,11 @@ def batch_devices_per_process(config) -> int:
 
 def stack_micro(batches: list[dict]) -> dict:
     """Stack A Contract-1 batches on a new leading (micro-batch) axis, padding [R, T]
-    arrays to the longest T (padding columns are valid padding: segment 0, mask 0).
-    A nested batch (``batch["sft"]``) is stacked the same way, with its own T."""
+    arrays to the longest T (padding columns are valid padding: segment 0, mask 0) and
+    rebuilding ``score_index`` at the largest N of the A batches. A nested batch
+    (``batch["sft"]``) is stacked the same way, with its own T and N."""
     t = max(b["input_ids"].shape[1] for b in batches)
+    n = max(b["score_index"].shape[1] for b in batches)
     out = {}
     for k in batches[0]:
         if isinstance(batches[0][k], dict):
@@ -163,7 +165,9 @@ def stack_micro(batches: list[dict]) -> dict:
         arrs = []
         for b in batches:
             x = b[k]
-            if x.ndim == 2 and x.shape[1] < t:
+            if k == "score_index":
+                x = score_index(np.pad(b["loss_mask"], ((0, 0), (0, t - b["loss_mask"].shape[1]))), n)
+            elif x.ndim == 2 and x.shape[1] < t:
                 x = np.pad(x, ((0, 0), (0, t - x.shape[1])))
             arrs.append(x)
         out[k] = np.stack(arrs)

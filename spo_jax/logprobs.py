@@ -28,6 +28,14 @@ NaN in both paths when traced, never a silently wrong number.
 :func:`sequence_logps` turns token log-probs into per-sequence sums and token
 counts with segment sums over ``seq_ids`` (Contract 1's batch layout); token means
 and NLLs are taken from these by ``spo_jax.losses`` / ``spo_jax.objectives``.
+
+:func:`scored_sequence_logps` is what the trainer calls: it gathers the hidden
+states of the scored positions only (``loss_mask`` 1: response tokens) into a
+``[B, N, D]`` block through the batch's ``score_index`` ``[B, N]`` (Contract 1;
+``N`` is a bucketed static count, so a handful of shapes compile), then runs
+:func:`token_logps` and :func:`sequence_logps` on that block. Prompt and padding
+positions never reach the unembedding: on prompt 64 + response 64 pairs that
+halves the log-prob work, the largest part of a training step.
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ import numpy as np
 
 from spo_jax.numerics import accumulation_dtype
 
-__all__ = ["token_logps", "naive_token_logps", "sequence_logps"]
+__all__ = ["token_logps", "naive_token_logps", "sequence_logps", "scored_sequence_logps"]
 
 
 # ----------------------------------------------------------------------------- boundary checks
@@ -158,7 +166,9 @@ def token_logps(hidden_BTD, w_DV, targets_BT, b_V=None, *, seq_chunk: int = 128,
       w_DV: [D, V] unembedding matrix (cast to the hidden dtype for the matmul).
       targets_BT: [B, T] int token ids in [0, V), the token predicted at each position.
       b_V: optional [V] output bias.
-      seq_chunk: positions per chunk (0, or >= T: one chunk). T need not be divisible.
+      seq_chunk: most positions per chunk (0, or >= T: one chunk). T need not be divisible:
+        the ``ceil(T / seq_chunk)`` chunks are balanced (``ceil(T / n)`` positions each), so
+        fewer than one position per chunk is padding.
       vocab_chunk: vocabulary columns per inner chunk (None / 0, or >= V: the whole vocabulary).
 
     Peak memory (forward and backward) O(B · seq_chunk · min(V, vocab_chunk)) plus
@@ -176,10 +186,10 @@ def token_logps(hidden_BTD, w_DV, targets_BT, b_V=None, *, seq_chunk: int = 128,
             return _chunk_vocab_scan(h, t, w, b, vocab_chunk)
     else:
         chunk_fn = _chunk_full_vocab
-    C = T if not seq_chunk or seq_chunk >= T else seq_chunk
-    if C == T:
+    if not seq_chunk or seq_chunk >= T:
         return jax.checkpoint(chunk_fn)(hidden_BTD, targets_BT, w_DV, b_V)
-    n = -(-T // C)
+    n = -(-T // seq_chunk)
+    C = -(-T // n)
     pad = n * C - T
     h_NBCD = jnp.pad(hidden_BTD, ((0, 0), (0, pad), (0, 0))).reshape(B, n, C, D).swapaxes(0, 1)
     t_NBC = jnp.pad(targets_BT, ((0, 0), (0, pad))).reshape(B, n, C).swapaxes(0, 1)
@@ -224,3 +234,64 @@ def sequence_logps(logps_BT, loss_mask_BT, seq_ids_BT, num_seqs: int):
     sums = jax.ops.segment_sum(masked.reshape(-1), ids, num_segments=num_seqs)
     counts = jax.ops.segment_sum(mask.reshape(-1), ids, num_segments=num_seqs)
     return sums, counts
+
+
+def _check_score_index(score_index_BN, loss_mask_BT) -> None:
+    """Shape and dtype of ``score_index_BN``; when it and the mask are concrete, that it lists
+    every scored position of its row once, inside [0, T)."""
+    B, T = jnp.shape(loss_mask_BT)
+    if jnp.ndim(score_index_BN) != 2 or jnp.shape(score_index_BN)[0] != B or jnp.shape(score_index_BN)[1] > T:
+        raise ValueError(f"score_index_BN must be [B, N] with B = {B} and N <= T = {T}; got shape "
+                         f"{jnp.shape(score_index_BN)} (build it with spo_jax.data.score_index(loss_mask, N))")
+    if not jnp.issubdtype(jnp.result_type(score_index_BN), jnp.integer):
+        raise ValueError(f"score_index_BN must be integer positions; got dtype {jnp.result_type(score_index_BN)}")
+    if _concrete(score_index_BN) and _concrete(loss_mask_BT):
+        idx, scored = np.asarray(score_index_BN), np.asarray(loss_mask_BT) != 0
+        if ((idx < 0) | (idx >= T)).any():
+            raise ValueError(f"score_index_BN must lie in [0, T = {T}); got {idx[(idx < 0) | (idx >= T)][:5].tolist()}")
+        if (np.diff(np.sort(idx, axis=1), axis=1) == 0).any():
+            raise ValueError("score_index_BN repeats a position within a row; build it with "
+                             "spo_jax.data.score_index(loss_mask, N)")
+        hit = np.zeros_like(scored)
+        np.put_along_axis(hit, idx, True, axis=1)
+        missing = scored & ~hit
+        if missing.any():
+            r, t = np.argwhere(missing)[0]
+            raise ValueError(f"score_index_BN misses scored positions (loss_mask 1), e.g. row {r} position {t}; "
+                             "N must cover the row with the most scored positions: build it with "
+                             "spo_jax.data.score_index(loss_mask, N)")
+
+
+def scored_sequence_logps(hidden_BTD, w_DV, targets_BT, loss_mask_BT, seq_ids_BT, num_seqs: int, *,
+                          score_index_BN=None, b_V=None, seq_chunk: int = 128, vocab_chunk: int | None = None):
+    """Per-sequence sums of masked token log-probs and token counts, fp32 ([S], [S]), computing
+    the unembedding only at the ``N`` positions ``score_index_BN`` gathers from each row.
+
+    Equal to ``sequence_logps(token_logps(hidden, w, targets, ...), loss_mask, seq_ids, S)``
+    whenever ``score_index_BN`` lists every position with ``loss_mask != 0`` of its row once
+    (``spo_jax.data.score_index``: scored positions first, then unscored ones that gather with
+    mask 0). ``score_index_BN=None`` derives it inside the computation with ``N = T``
+    (correct, but no saving: batches from ``spo_jax.data.BatchIterator`` carry a bucketed one).
+    A concrete index that misses a scored position raises; a traced one gives NaN sums for
+    the sequences whose count it misses, never a silently wrong number.
+
+    Gradients flow to ``hidden_BTD`` through the gather (zero at unscored positions).
+    Chunking and memory as :func:`token_logps`, on the gathered ``[B, N]`` block.
+    """
+    _check(hidden_BTD, w_DV, targets_BT, b_V)
+    if jnp.shape(loss_mask_BT) != jnp.shape(targets_BT):
+        raise ValueError(f"loss_mask_BT must be [B, T] = {jnp.shape(targets_BT)}; got {jnp.shape(loss_mask_BT)}")
+    if score_index_BN is None:
+        score_index_BN = jnp.argsort(jnp.asarray(loss_mask_BT) == 0, axis=1, stable=True)
+    _check_score_index(score_index_BN, loss_mask_BT)
+    idx = jnp.asarray(score_index_BN).astype(jnp.int32)
+
+    def take(x_BT):
+        return jnp.take_along_axis(jnp.asarray(x_BT), idx, axis=1)
+
+    hidden_BND = jnp.take_along_axis(hidden_BTD, idx[..., None], axis=1)
+    logps_BN = token_logps(hidden_BND, w_DV, take(targets_BT), b_V, seq_chunk=seq_chunk, vocab_chunk=vocab_chunk)
+    sums, counts = sequence_logps(logps_BN, take(loss_mask_BT), take(seq_ids_BT), num_seqs)
+    _, all_counts = sequence_logps(jnp.zeros(jnp.shape(loss_mask_BT), sums.dtype), loss_mask_BT, seq_ids_BT,
+                                   num_seqs)
+    return jnp.where(counts == all_counts, sums, jnp.nan), all_counts

@@ -70,17 +70,19 @@ def make_logps_fn(graphdef, *, seq_chunk: int = 128, vocab_chunk: int = 0) -> Lo
     """``logps_fn(params, batch) -> (sums_S, counts_S)``, at least fp32 [S] (Contract 3).
 
     hidden = models.apply(graphdef, params, input_ids, positions, segment_ids);
-    token log-probs of ``targets`` from the unembedding (``logprobs.token_logps``,
-    chunked, never [B, T, V]), summed per sequence over ``loss_mask``.
+    token log-probs of ``targets`` from the unembedding at the scored positions only
+    (``logprobs.scored_sequence_logps`` through ``batch["score_index"]``; chunked, never
+    [B, T, V]), summed per sequence over ``loss_mask``. A batch without ``score_index``
+    gets one with N = T (every position; correct, no saving).
     """
 
     def logps_fn(params, batch):
         hidden = models.apply(graphdef, params, batch["input_ids"], batch["positions"], batch["segment_ids"])
         w, b = models.unembedding(graphdef, params)
-        logps = logprobs.token_logps(hidden, w, batch["targets"], b_V=b, seq_chunk=int(seq_chunk),
-                                     vocab_chunk=int(vocab_chunk))
         num_seqs = batch["seq_valid"].shape[0]
-        sums, counts = logprobs.sequence_logps(logps, batch["loss_mask"], batch["seq_ids"], num_seqs=num_seqs)
+        sums, counts = logprobs.scored_sequence_logps(
+            hidden, w, batch["targets"], batch["loss_mask"], batch["seq_ids"], num_seqs,
+            score_index_BN=batch.get("score_index"), b_V=b, seq_chunk=int(seq_chunk), vocab_chunk=int(vocab_chunk))
         sums = at_least_f32(sums)
         return sums, counts.astype(sums.dtype)
 

@@ -13,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from spo_jax.data import BATCH_KEYS, BatchIterator, bucket_length
+from spo_jax.data import BATCH_KEYS, BatchIterator, bucket_length, bucket_scored
 
 VOCAB, MAX_LEN = 50, 40
 
@@ -84,6 +84,17 @@ def _check_dtypes(batch, S):
     assert batch["loss_mask"].shape == (R, T) and batch["loss_mask"].dtype == np.float32
     assert batch["example_index"].shape == (S,) and batch["example_index"].dtype == np.int32
     assert batch["seq_valid"].shape == (S,) and batch["seq_valid"].dtype == np.float32
+    # score_index: every scored position of its row once (first, ascending), then unscored ones
+    idx, scored = batch["score_index"], batch["loss_mask"] > 0
+    N = idx.shape[1]
+    assert idx.shape == (R, N) and idx.dtype == np.int32 and 1 <= N <= T
+    most = int(scored.sum(1).max())
+    assert most <= N
+    for r in range(R):
+        n = int(scored[r].sum())
+        np.testing.assert_array_equal(idx[r, :n], np.flatnonzero(scored[r]))
+        assert len(set(idx[r].tolist())) == N and not scored[r, idx[r, n:]].any()
+    return most, N
 
 
 @pytest.mark.parametrize("kind", ["preference", "sft"])
@@ -95,7 +106,9 @@ def test_layout_matches_rows_and_covers_the_epoch(kind, packing):
                        num_epochs=1, seed=3, process_index=0, process_count=1)
     seen = []
     for batch in it:
-        _check_dtypes(batch, 4 * K)
+        most, N = _check_dtypes(batch, 4 * K)
+        # N: the most scored positions of a row, bucketed (a multiple of 16 unless capped at T)
+        assert N == bucket_scored(most, 16, batch["input_ids"].shape[1])
         if packing:
             assert batch["input_ids"].shape == (it.pack_rows, MAX_LEN)
         else:
@@ -105,6 +118,13 @@ def test_layout_matches_rows_and_covers_the_epoch(kind, packing):
         seqs = _check_against_rows(batch, rows, kind)
         seen += [e for (e, k) in seqs if k == 0]
     assert sorted(seen) == sorted(r["example_index"] for r in rows)
+
+
+def test_bucket_scored():
+    assert [bucket_scored(n, "pow2", 1000) for n in (0, 1, 7, 9, 64, 65, 129, 192, 193)] == \
+        [1, 1, 7, 10, 64, 80, 160, 192, 224]  # 4 steps per octave
+    assert bucket_scored(65, 64, 512) == 128 and bucket_scored(250, 64, 200) == 250
+    assert bucket_scored(300, "pow2", 310) == 310 and bucket_scored(7, None, 512) == 7
 
 
 def test_bucket_length():
@@ -252,7 +272,7 @@ def test_process_slices_disjoint_and_covering(packing, process_count):
             ids = batch["seq_ids"][batch["segment_ids"] > 0]
             assert np.all((ids >= p * S) & (ids < (p + 1) * S))  # global numbering
             seen += [e for (e, k) in seqs if k == 0]
-            shapes.append(batch["input_ids"].shape)
+            shapes.append((batch["input_ids"].shape, batch["score_index"].shape))
         per_process.append((seen, shapes))
     steps = {len(s) for _, s in per_process}
     assert len(steps) == 1  # lockstep: every process takes the same number of steps

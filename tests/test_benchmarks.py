@@ -44,20 +44,29 @@ def test_bench_tokens_match_real_tokens():
 def test_reference_cost_cached_equals_online():
     """reference_cost: dpo_cached (reference log-probs computed before training, in the batch) and dpo (the
     reference forward inside the step) take the same steps: same initial parameters and batches, a frozen
-    reference, so the same parameters after the same number of steps."""
+    reference, so the same parameters after the same number of steps; so does dpo_cached_all (log-probs at
+    every position: batches without score_index), while the scored-only step counts fewer FLOPs."""
     import numpy as np
     import reference_cost
     res = reference_cost.measure(pairs=8, prompt_len=5, response_len=3, rounds=2, model_config=TINY,
-                                 log=lambda s: None)
+                                 extra={"data.length_bucket": 4}, log=lambda s: None)  # N = 4 of T = 8
     online, cached = res["benches"]["dpo"], res["benches"]["dpo_cached"]
     assert "ref_logps" in cached.batches[0] and "ref_logps" not in online.batches[0]
     assert cached.state.ref_params is None and online._i == cached._i == 4
     for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
         np.testing.assert_allclose(float(cached.last_metrics[key]), float(online.last_metrics[key]), rtol=1e-5,
                                    atol=1e-7, err_msg=key)
-    for a, b in zip(jax.tree.leaves(cached.state.params), jax.tree.leaves(online.state.params)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
-    assert len(res["ratio_cpu"]) == 2 and all(r > 0 for r in res["ratio_wall"])
+    every = res["benches"]["dpo_cached_all"]
+    assert "score_index" in cached.batches[0] and "score_index" not in every.batches[0]
+    assert cached.batches[0]["score_index"].shape[1] < cached.batches[0]["input_ids"].shape[1]
+    for other in (online, every):
+        for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
+            np.testing.assert_allclose(float(cached.last_metrics[key]), float(other.last_metrics[key]), rtol=1e-5,
+                                       atol=1e-7, err_msg=key)
+        for a, b in zip(jax.tree.leaves(cached.state.params), jax.tree.leaves(other.state.params)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    assert res["dpo_cached"]["gflop"] < res["dpo_cached_all"]["gflop"]
+    assert len(res["ratio_cpu"]) == 2 and all(r > 0 for r in res["ratio_wall"] + res["gain_cpu"])
 
 
 def test_solver_cost_measure_interleaves_variants():

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from spo_jax import logprobs
+from spo_jax.data import score_index
 
 B, T, D, V = 2, 37, 16, 50  # T and V prime-ish: no chunk below divides them
 
@@ -157,6 +158,76 @@ def test_padding_masked_end_to_end_sums_equal_numpy():
     ref = (np_logp(h, w, None, y)[0] * mask).sum(1)
     np.testing.assert_allclose(np.asarray(sums), ref, rtol=1e-5)
     np.testing.assert_array_equal(np.asarray(counts), mask.sum(1))
+
+
+def _scored_batch():
+    """Row 0: three packed sequences (a masked prompt each) and padding; row 1: nothing scored;
+    row 2: one padded sequence whose scored count (22) is the most of any row."""
+    b = 3
+    h, w, bias, y, _ = make_inputs(9, b=b)
+    seq_ids = np.zeros((b, T), np.int32)
+    mask = np.zeros((b, T), np.float32)
+    seq_ids[0, :10], seq_ids[0, 10:24], seq_ids[0, 24:33] = 0, 1, 2
+    mask[0, 3:9], mask[0, 14:23], mask[0, 27:32] = 1, 1, 1  # 20 scored in row 0
+    seq_ids[1, :12] = 3  # a sequence with an empty response: no scored position
+    seq_ids[2, :30] = 4
+    mask[2, 7:29] = 1  # 22 scored
+    return h, w, bias, y, mask, seq_ids, 5
+
+
+@pytest.mark.parametrize("n,seq_chunk,vocab_chunk", [(22, 8, 13), (24, 128, None)])
+def test_scored_positions_equal_the_full_path_values_counts_and_grads(n, seq_chunk, vocab_chunk):
+    """Gathering only the scored positions (N = the most scored of a row: the bucket boundary,
+    or more) gives the full-logits path's sums, counts and gradients w.r.t. h, W and b."""
+    h, w, bias, y, mask, seq_ids, S = _scored_batch()
+    h, w, bias = (jnp.asarray(x, jnp.float32) for x in (h, w, bias))
+    c = jnp.asarray(np.random.default_rng(1).normal(size=S), jnp.float32)
+    mask_j, ids_j, y_j = jnp.asarray(mask), jnp.asarray(seq_ids), jnp.asarray(y)
+
+    def full(h_, w_, b_):
+        lp = logprobs.token_logps(h_, w_, y_j, b_, seq_chunk=seq_chunk, vocab_chunk=vocab_chunk)
+        return logprobs.sequence_logps(lp, mask_j, ids_j, S)
+
+    def scored(h_, w_, b_, idx):
+        return logprobs.scored_sequence_logps(h_, w_, y_j, mask_j, ids_j, S, score_index_BN=idx, b_V=b_,
+                                              seq_chunk=seq_chunk, vocab_chunk=vocab_chunk)
+
+    idx = jnp.asarray(score_index(mask, n))
+    (s_full, c_full), (s_sc, c_sc) = full(h, w, bias), jax.jit(scored)(h, w, bias, idx)
+    np.testing.assert_allclose(np.asarray(s_sc), np.asarray(s_full), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(c_sc), np.asarray(c_full))
+    np.testing.assert_array_equal(np.asarray(c_full), [6, 9, 5, 0, 22])
+    assert np.asarray(s_sc)[3] == 0.0  # the sequence with nothing scored sums to 0, not NaN
+    # the NumPy oracle for the values, too
+    np.testing.assert_allclose(np.asarray(s_sc)[4], (np_logp(*map(np.asarray, (h, w, bias)), y)[0] * mask)[2].sum(),
+                               rtol=1e-5)
+    g_full = jax.grad(lambda *a: jnp.dot(full(*a)[0], c), argnums=(0, 1, 2))(h, w, bias)
+    g_sc = jax.jit(jax.grad(lambda *a: jnp.dot(scored(*a, idx)[0], c), argnums=(0, 1, 2)))(h, w, bias)
+    for a_, b_ in zip(g_sc, g_full):
+        np.testing.assert_allclose(np.asarray(a_), np.asarray(b_), rtol=1e-4, atol=1e-6)
+    assert not np.asarray(g_sc[0])[mask == 0].any()  # no gradient reaches unscored positions
+    # no index: derived inside the computation (N = T), same numbers
+    s_none, c_none = jax.jit(lambda *a: scored(*a, None))(h, w, bias)
+    np.testing.assert_allclose(np.asarray(s_none), np.asarray(s_full), rtol=1e-5, atol=1e-5)
+
+
+def test_a_score_index_that_misses_scored_positions_raises_or_gives_nan():
+    h, w, bias, y, mask, seq_ids, S = _scored_batch()
+    args = (jnp.asarray(h, jnp.float32), jnp.asarray(w, jnp.float32), jnp.asarray(y), jnp.asarray(mask),
+            jnp.asarray(seq_ids), S)
+    short = np.argsort(mask == 0, axis=1, kind="stable")[:, :21].astype(np.int32)  # row 2 has 22 scored
+    with pytest.raises(ValueError, match="score_index_BN misses scored positions .* row 2 position 28"):
+        logprobs.scored_sequence_logps(*args, score_index_BN=short)
+    with pytest.raises(ValueError, match="repeats a position"):
+        logprobs.scored_sequence_logps(*args, score_index_BN=np.zeros((3, 22), np.int32))
+    with pytest.raises(ValueError, match=r"score_index_BN must be \[B, N\] with B = 3 and N <= T = 37"):
+        logprobs.scored_sequence_logps(*args, score_index_BN=np.zeros((3, 38), np.int32))
+    with pytest.raises(ValueError, match=r"size=21 must be an int in \[22, T = 37\]"):
+        score_index(mask, 21)
+    sums, counts = jax.jit(lambda i: logprobs.scored_sequence_logps(*args, score_index_BN=i))(jnp.asarray(short))
+    sums = np.asarray(sums)
+    assert np.isnan(sums[4]) and np.isfinite(sums[:4]).all()  # only the sequence that lost a position
+    np.testing.assert_array_equal(np.asarray(counts), [6, 9, 5, 0, 22])
 
 
 def test_out_of_range_targets_raise_when_concrete_and_give_nan_when_traced():

@@ -1,6 +1,7 @@
 """Data: datasets -> tokenized rows -> padded / packed Contract-1 batches."""
 
-from spo_jax.data.batching import BATCH_KEYS, BatchIterator, TokenizedExamples, bucket_length
+from spo_jax.data.batching import (BATCH_KEYS, BatchIterator, TokenizedExamples, bucket_length, bucket_scored,
+                                   score_index)
 from spo_jax.data.loading import FORMATS, DataError, detect_format, extract_prompt, load_rows, render_chat, standardize
 from spo_jax.data.tokenize import prepare_dataset, tokenize_dataset
 from spo_jax.data import gsm8k, synthetic

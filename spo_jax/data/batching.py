@@ -13,6 +13,8 @@ key                shape   dtype    meaning
 ``seq_ids``        [R, T]  int32    global sequence id ``process_index * S + s``; 0 on padding
 ``example_index``  [S]     int32    dataset row (``stats``' row numbering) of each sequence; -1 filler
 ``seq_valid``      [S]     float32  1 real sequence, 0 filler
+``score_index``    [R, N]  int32    row r's scored positions (``loss_mask`` 1), ascending, then
+                                    unscored ones (:func:`score_index`)
 =================  ======  =======  ============================================
 
 Here ``S`` is the *local* number of sequences (``S = K * batch_size / process_count``
@@ -23,6 +25,12 @@ response, ``2i + 1`` its rejected one; ``K = 1`` for SFT).
   of the *global* batch rounded up to a bucket (a multiple of ``length_bucket``
   or the next power of two), capped at ``max_length``. All processes agree on
   ``T`` because every process knows every sequence length.
+* Scored positions: ``N`` is the most ``loss_mask`` positions of any row of the *global*
+  batch rounded up by :func:`bucket_scored` (same ``length_bucket``), capped at ``T``:
+  the log-prob path computes the unembedding only at the ``N`` gathered positions
+  (``spo_jax.logprobs.scored_sequence_logps``). All processes agree on ``N`` because
+  every process knows every sequence's prompt and response lengths (packed: every
+  process plans every process's rows).
 * Packed: fixed ``[R, T] = [pack_rows, pack_length]``; pairs are taken in order
   and placed first-fit, both sequences of a pair in the same batch; the batch
   closes at ``batch_size / process_count`` pairs or at the first pair that does
@@ -48,7 +56,7 @@ import datasets
 import numpy as np
 
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "positions", "segment_ids", "seq_ids",
-              "example_index", "seq_valid")
+              "example_index", "seq_valid", "score_index")
 _STATE_VERSION = 1
 
 
@@ -56,7 +64,8 @@ class TokenizedExamples:
     """Flat NumPy view of a tokenized dataset (no Python lists per row).
 
     ``prompt(i)``, ``response(i, k)``: token arrays; ``seq_lengths``: [N, K] int64
-    lengths of ``prompt + response_k``; ``example_index``: [N] int64 dataset rows.
+    lengths of ``prompt + response_k``; ``scored_lengths``: [N, K] its ``loss_mask``
+    positions; ``example_index``: [N] int64 dataset rows.
     """
 
     def __init__(self, dataset: datasets.Dataset):
@@ -84,6 +93,8 @@ class TokenizedExamples:
         lengths = [np.diff(o) for o in self._offsets]
         self.prompt_lengths = lengths[0]
         self.seq_lengths = np.stack([lengths[0] + r for r in lengths[1:]], axis=1)  # [N, K]
+        # loss_mask positions of each sequence (write_sequence): t in [max(prompt - 1, 0), L - 2]
+        self.scored_lengths = np.maximum(self.seq_lengths - 1 - np.maximum(self.prompt_lengths - 1, 0)[:, None], 0)
 
     def __len__(self) -> int:
         return len(self.example_index)
@@ -115,8 +126,36 @@ def bucket_length(n: int, bucket: int | str | None, cap: int) -> int:
     return int(max(min(t, cap), n))
 
 
-def empty_batch(num_rows: int, length: int, num_seqs: int, pad_id: int = 0) -> dict[str, np.ndarray]:
-    """An all-padding Contract-1 batch: fillers only."""
+def bucket_scored(n: int, bucket: int | str | None, cap: int) -> int:
+    """Round a row's scored-position count up, to bound the compiled shapes: to a multiple of
+    ``bucket`` (int), to the next of 4 steps per octave (``"pow2"``: 1, 1.25, 1.5, 1.75 x 2^k,
+    so at most 1/4 of the gathered positions are unscored) or not at all (``None``);
+    at least 1, never above ``cap`` (the row length T)."""
+    n = max(int(n), 1)
+    if bucket == "pow2":
+        step = max((1 << (n - 1).bit_length()) // 8, 1)
+        return int(max(min(-(-n // step) * step, cap), n))
+    return bucket_length(n, bucket, cap)
+
+
+def score_index(loss_mask: np.ndarray, size: int) -> np.ndarray:
+    """``[R, size]`` int32: each row's scored positions (``loss_mask != 0``) in ascending order,
+    then its unscored positions in ascending order (they gather with mask 0, contributing
+    nothing). ``size`` must hold the row with the most scored positions and be <= T."""
+    m = np.asarray(loss_mask) != 0
+    if m.ndim != 2:
+        raise ValueError(f"loss_mask must be [R, T]; got shape {m.shape}")
+    most = int(m.sum(1).max(initial=0))
+    if not (isinstance(size, (int, np.integer)) and most <= size <= m.shape[1]):
+        raise ValueError(f"score_index size={size!r} must be an int in [{most}, T = {m.shape[1]}] (the most scored "
+                         "positions of a row, up to the row length)")
+    return np.argsort(~m, axis=1, kind="stable")[:, :size].astype(np.int32)
+
+
+def empty_batch(num_rows: int, length: int, num_seqs: int, pad_id: int = 0,
+                num_scored: int = 1) -> dict[str, np.ndarray]:
+    """An all-padding Contract-1 batch: fillers only (``score_index`` [R, num_scored]:
+    unscored positions; builders rewrite it with :func:`score_index` once the rows are written)."""
     return {
         "input_ids": np.full((num_rows, length), pad_id, np.int32),
         "targets": np.zeros((num_rows, length), np.int32),
@@ -126,6 +165,7 @@ def empty_batch(num_rows: int, length: int, num_seqs: int, pad_id: int = 0) -> d
         "seq_ids": np.zeros((num_rows, length), np.int32),
         "example_index": np.full((num_seqs,), -1, np.int32),
         "seq_valid": np.zeros((num_seqs,), np.float32),
+        "score_index": np.tile(np.arange(num_scored, dtype=np.int32), (num_rows, 1)),
     }
 
 
@@ -285,6 +325,14 @@ class BatchIterator:
             cursor += 1
         return placements, cursor
 
+    def _most_scored_per_row(self, placements) -> int:
+        """The most ``loss_mask`` positions in one packed row of ``placements``."""
+        per_row = [0] * self.pack_rows
+        for e, spots in placements:
+            for k, (row, _) in enumerate(spots):
+                per_row[row] += int(self.data.scored_lengths[e, k])
+        return max(per_row)
+
     def _next_plan(self):
         """The next step's local plan, advancing the state; None at the end of data."""
         while True:
@@ -294,16 +342,17 @@ class BatchIterator:
             n = len(order)
             if self.packing:
                 if self._cursor < n:
-                    mine, cursor = None, self._cursor
+                    mine, cursor, most = None, self._cursor, 0
                     for p in range(self.process_count):
                         placements, new_cursor = self._pack_plan(order, cursor)
                         if new_cursor == cursor and cursor < n and p == 0:
                             raise RuntimeError("packing made no progress; pack_rows/pack_length too small.")
                         if p == self.process_index:
                             mine = placements
+                        most = max(most, self._most_scored_per_row(placements))
                         cursor = new_cursor
                     self._cursor = cursor
-                    return ("packed", mine)
+                    return ("packed", (mine, bucket_scored(most, self.length_bucket, self.pack_length)))
             else:
                 remaining = n - self._cursor
                 if remaining > 0 and not (self.drop_remainder and remaining < self.batch_size):
@@ -312,7 +361,9 @@ class BatchIterator:
                     lo = self.process_index * self.local_examples
                     mine = chunk[lo:lo + self.local_examples]
                     global_len = int(self.data.seq_lengths[chunk].max())
-                    return ("padded", (mine, bucket_length(global_len, self.length_bucket, self.max_length)))
+                    length = bucket_length(global_len, self.length_bucket, self.max_length)
+                    most = int(self.data.scored_lengths[chunk].max())
+                    return ("padded", (mine, length, bucket_scored(most, self.length_bucket, length)))
             self._epoch, self._cursor = self._epoch + 1, 0
 
     # ---------------------------------------------------------------- materialising
@@ -321,7 +372,7 @@ class BatchIterator:
         prompt = self.data.prompt(e)
         return np.concatenate([prompt, self.data.response(e, k)]), len(prompt)
 
-    def _build_padded(self, examples: np.ndarray, length: int) -> dict[str, np.ndarray]:
+    def _build_padded(self, examples: np.ndarray, length: int, num_scored: int) -> dict[str, np.ndarray]:
         b = empty_batch(self.num_seqs, length, self.num_seqs, self.pad_id)
         base = self.process_index * self.num_seqs
         for j, e in enumerate(examples):
@@ -331,9 +382,10 @@ class BatchIterator:
                 write_sequence(b, s, 0, tokens, plen, segment_id=1, seq_id=base + s)
                 b["example_index"][s] = self.data.example_index[e]
                 b["seq_valid"][s] = 1.0
+        b["score_index"] = score_index(b["loss_mask"], num_scored)
         return b
 
-    def _build_packed(self, placements) -> dict[str, np.ndarray]:
+    def _build_packed(self, placements, num_scored: int) -> dict[str, np.ndarray]:
         b = empty_batch(self.pack_rows, self.pack_length, self.num_seqs, self.pad_id)
         base = self.process_index * self.num_seqs
         segments = [0] * self.pack_rows
@@ -345,6 +397,7 @@ class BatchIterator:
                 write_sequence(b, row, offset, tokens, plen, segment_id=segments[row], seq_id=base + s)
                 b["example_index"][s] = self.data.example_index[e]
                 b["seq_valid"][s] = 1.0
+        b["score_index"] = score_index(b["loss_mask"], num_scored)
         return b
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
@@ -355,7 +408,7 @@ class BatchIterator:
         if plan is None:
             raise StopIteration
         mode, payload = plan
-        return self._build_packed(payload) if mode == "packed" else self._build_padded(*payload)
+        return self._build_packed(*payload) if mode == "packed" else self._build_padded(*payload)
 
     def num_batches(self, epoch: int = 0) -> int:
         """Steps in ``epoch`` (padded: closed form; packed: simulated on lengths only)."""
