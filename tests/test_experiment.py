@@ -80,6 +80,31 @@ def test_apply_method_sets_loss_spo_and_reference_and_validates(family, ref, tmp
             config_lib.validate_config(c, num_devices=1, process_count=1)
 
 
+def test_compare_gives_sft_data_to_the_arms_that_read_them_only(tmp_path, monkeypatch):
+    calls = []
+
+    class Trained(Exception):
+        pass
+
+    def fake_train(config, **kw):  # records what the arm got, then stops compare
+        calls.append(kw)
+        raise Trained
+
+    monkeypatch.setattr(E, "train", fake_train)
+    arms = [E.method("DPO"), E.method("SFT-mix")]
+    with pytest.raises(ValueError, match=r"arms \['SFT-mix'\] train on SFT data; pass sft_data="):
+        E.compare(arms, make_config=lambda m, d: None, train_data="pairs", measure=None, out_dir=str(tmp_path))
+    assert not calls  # refused before anything trained
+    for m in arms:
+        with pytest.raises(Trained):
+            E.compare([m], make_config=lambda m, d: None, train_data="pairs", measure=None, out_dir=str(tmp_path),
+                      sft_data="sft rows")
+    assert [c["sft_data"] for c in calls] == [None, "sft rows"]
+    # an arm recorded (arm.json) before the SFT-data fields existed still matches its method
+    assert set(E.method("DPO+SPO").spec()) == {"family", "loss", "hparams", "spo_gamma", "label"}
+    assert E.method("SFT-mix", lam=3).spec()["sft_data_weight"] == 3.0
+
+
 def test_sweep_arms_and_choose_per_family():
     arms = E.sweep_arms(["DPO+SPO", "RPO", "RFT"])
     assert [a.label for a in arms] == ["DPO+SPO γ=3", "DPO+SPO γ=10", "DPO+SPO γ=30", "RPO λ=0.3", "RPO λ=1",
