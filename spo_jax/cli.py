@@ -109,8 +109,11 @@ def config_summary(c) -> str:
     """One line: what this run is."""
     model = c.model.path or f"inline {dict(c.model.config or {}).get('model_type', '?')} config"
     loss = "sft (token NLL)" if c.stage == "sft" else c.loss.name + (" + SPO" if c.spo.enabled else "")
+    if c.stage != "sft" and c.loss.sft_data_weight:
+        loss += f" + {c.loss.sft_data_weight:g}·SFT-data NLL"
+    sft = f"sft_data={c.data.sft_path} " if c.data.sft_path else ""
     return (f"stage={c.stage} model={model} loss={loss} train={c.data.train_path or '-'} "
-            f"eval={c.data.eval_path or '-'} steps={c.train.num_steps} batch={c.data.batch_size} "
+            f"eval={c.data.eval_path or '-'} {sft}steps={c.train.num_steps} batch={c.data.batch_size} "
             f"lr={c.optim.learning_rate:g} seed={c.seed} run_dir={os.path.abspath(os.path.expanduser(c.run_dir))}")
 
 

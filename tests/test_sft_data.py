@@ -176,6 +176,7 @@ def test_cli_with_a_jsonl_sft_file(files, tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"loss=dpo + 2·SFT-data NLL train={pairs} eval=- sft_data={sft} " in proc.stdout + proc.stderr
     rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl") if '"train"' in x]
     assert [r["step"] for r in rows] == [1]
     for r in rows:
