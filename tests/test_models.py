@@ -497,13 +497,13 @@ def test_sampling_deterministic_and_topk1_is_greedy(loaded, prompts, greedy):
 
 @pytest.fixture
 def decode_calls(monkeypatch):
-    """Records (cache slots, steps run) of every compiled decode chunk ``generate`` runs."""
+    """Records (cache slots, steps run, rows computed) of every compiled decode chunk ``generate`` runs."""
     calls = []
     original = generation._decode_jit
 
     def record(*args):
         out = original(*args)
-        calls.append((args[2][0].shape[2], int(out[7])))
+        calls.append((args[2][1][0].shape[2], int(out[7]), args[2][1][0].shape[0]))  # values [B, KV, S, hd]
         return out
     monkeypatch.setattr(generation, "_decode_jit", record)
     return calls
@@ -518,8 +518,8 @@ def test_greedy_across_chunks_and_cache_growth_matches_transformers(checkpoints,
     toks, m = generate(loaded("llama"), ids, mask, max_new_tokens=30, eos_id=())
     np.testing.assert_array_equal(np.asarray(toks), _hf_greedy(tm, ids, mask, 30))
     assert np.asarray(m).all()
-    assert sum(r for _, r in decode_calls) == 30 and max(r for _, r in decode_calls) <= 8
-    assert sorted({s for s, _ in decode_calls}) == [16, 24, 32, 48], decode_calls  # Tp=8: slots 8..37
+    assert sum(c[1] for c in decode_calls) == 30 and max(c[1] for c in decode_calls) <= 8
+    assert sorted({c[0] for c in decode_calls}) == [16, 24, 32, 48], decode_calls  # Tp=8: slots 8..37
 
 
 def test_generation_stops_computing_when_every_row_is_done(loaded, prompts, greedy, decode_calls):
@@ -528,10 +528,27 @@ def test_generation_stops_computing_when_every_row_is_done(loaded, prompts, gree
     eos = {int(t) for t in g[:, 1]}  # every row ends at its 1st or 2nd token
     ends = [next(j for j, t in enumerate(row) if t in eos) + 1 for row in g]
     toks, m = generate(loaded("llama"), ids, mask, max_new_tokens=200, eos_id=tuple(eos))
-    assert [r for _, r in decode_calls] == [max(ends)], decode_calls
+    assert [c[1] for c in decode_calls] == [max(ends)], decode_calls
     for r, end in enumerate(ends):
         np.testing.assert_array_equal(np.asarray(toks)[r, :end], g[r, :end])
         assert (np.asarray(toks)[r, end:] == 0).all() and np.asarray(m)[r].sum() == end
+
+
+def test_finished_rows_leave_the_batch(checkpoints, loaded, prompts, greedy, decode_calls, monkeypatch):
+    """Between chunks, finished rows stop being computed (3 rows -> 2 -> 1 here) and greedy still equals
+    transformers' generate with the same stop ids (sampling: test_sampling_key_chain_across_chunks)."""
+    monkeypatch.setattr(generation, "DECODE_CHUNK", 4)
+    tm, _ = checkpoints("llama")
+    ids, mask = prompts
+    toks = greedy[0]
+    # stop ids that end row 1 within the first chunk, row 2 within the second and row 0 never
+    a = next(int(t) for t in toks[1, :4] if t not in toks[0, :12] and t not in toks[2, :8])
+    b = next(int(t) for t in toks[2, 4:8] if t not in toks[0, :12] and t not in toks[2, :4] and t != a)
+    eos = [a, b]
+    pad = next(t for t in range(2, VOCAB) if t not in eos)
+    out = np.asarray(generate(loaded("llama"), ids, mask, max_new_tokens=12, eos_id=eos, pad_id=pad)[0])
+    np.testing.assert_array_equal(out, _hf_greedy(tm, ids, mask, 12, eos=eos, pad=pad))
+    assert [c[2] for c in decode_calls] == [3, 2, 1], decode_calls
 
 
 def test_budgets_and_prompt_widths_share_compiled_programs(loaded, prompts):
@@ -552,27 +569,53 @@ def test_budgets_and_prompt_widths_share_compiled_programs(loaded, prompts):
 def _resampled_without_cache(model, ids, mask, n, key, temperature):
     """Oracle for the sampling semantics: the key chain ``key, sub = split(key)`` per step, each step's
     batch drawn with ``categorical(sub, logits / T)`` from a full forward over the sequence so far (no cache,
-    no chunks); rows stop at nothing (eos_id=())."""
-    seq, m = jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)
-    out = []
-    for _ in range(n):
+    no chunks); rows stop at nothing (eos_id=()). The sequence lives in a fixed [B, Tp + n] buffer whose
+    unfilled tail is padding (segment 0) that causal attention never lets a filled position see, so one
+    compiled forward serves every step."""
+    B, Tp = ids.shape
+    seq = jnp.zeros((B, Tp + n), jnp.int32).at[:, :Tp].set(jnp.asarray(ids, jnp.int32))
+    m = jnp.zeros((B, Tp + n), jnp.int32).at[:, :Tp].set(jnp.asarray(mask, jnp.int32))
+    graphdef, params = nnx.split(model)
+
+    @jax.jit
+    def last_logits(params, seq, m, t):
+        model = nnx.merge(graphdef, params)
         pos = jnp.maximum(jnp.cumsum(m, axis=1) - 1, 0)
-        logits = model.logits(model(seq, pos, m))[:, -1]
+        return model.logits(jax.lax.dynamic_slice_in_dim(model(seq, pos, m), t, 1, axis=1))[:, 0]
+
+    out = []
+    for i in range(n):
         key, sub = jax.random.split(key)
-        tok = jax.random.categorical(sub, logits / temperature, axis=-1).astype(jnp.int32)
+        tok = jax.random.categorical(sub, last_logits(params, seq, m, Tp + i - 1) / temperature,
+                                     axis=-1).astype(jnp.int32)
         out.append(tok)
-        seq, m = jnp.concatenate([seq, tok[:, None]], 1), jnp.concatenate([m, jnp.ones_like(m[:, :1])], 1)
+        seq, m = seq.at[:, Tp + i].set(tok), m.at[:, Tp + i].set(1)
     return np.stack(out, 1)
 
 
-def test_sampling_key_chain_across_chunks(loaded, prompts, monkeypatch):
-    """Sampled tokens follow the documented key chain whatever the chunking and cache growth."""
+def test_sampling_key_chain_across_chunks(loaded, prompts, decode_calls, monkeypatch):
+    """Sampled tokens follow the documented key chain whatever the chunking, cache growth and rows that
+    leave the batch."""
     monkeypatch.setattr(generation, "DECODE_CHUNK", 4)
     ids, mask = prompts
     key = jax.random.PRNGKey(11)
     got = np.asarray(generate(loaded("llama"), ids, mask, max_new_tokens=14, key=key, temperature=1.0,
                               eos_id=())[0])
     np.testing.assert_array_equal(got, _resampled_without_cache(loaded("llama"), ids, mask, 14, key, 1.0))
+    # with stop ids, finished rows leave the batch (3 -> 2 -> 1 rows); every row still draws its tokens
+    # of the run above up to its stop
+    eos = [int(got[1, 1]), int(got[2, 5])]
+    pad = next(t for t in range(2, VOCAB) if t not in eos)
+    decode_calls.clear()
+    out, m = map(np.asarray, generate(loaded("llama"), ids, mask, max_new_tokens=14, key=key, temperature=1.0,
+                                      eos_id=eos, pad_id=pad))
+    assert min(c[2] for c in decode_calls) < 3, decode_calls
+    for r in range(3):
+        hits = np.nonzero(np.isin(got[r], eos))[0]
+        stop = int(hits[0]) + 1 if hits.size else 14
+        np.testing.assert_array_equal(out[r, :stop], got[r, :stop], err_msg=f"row {r}")
+        np.testing.assert_array_equal(out[r, stop:], pad)
+        np.testing.assert_array_equal(m[r], (np.arange(14) < stop).astype(np.float32))
 
 
 def test_generate_rejects_bad_settings(loaded, prompts):

@@ -245,9 +245,12 @@ def set_attention(model: Decoder, implementation: str = "einsum") -> None:
     * ``einsum``: explicit scores, fp32 softmax, einsums (the default; checked against transformers);
     * ``xla``: ``jax.nn.dot_product_attention(implementation="xla")``;
     * ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")``, cuDNN's fused (flash) kernel on
-      NVIDIA GPUs, for whole sequences (training, prefill; the packing segment ids go in as its mask); the
-      one-token decode steps over a KV cache use ``xla``. Fails at compile time on other devices and for
-      shapes or dtypes cuDNN does not support (e.g. float32).
+      NVIDIA GPUs, for whole sequences (training, prefill; the packing segment ids go in as its mask).
+      Fails at compile time on other devices and for shapes or dtypes cuDNN does not support (e.g. float32).
+
+    Whole sequences (training, evaluation, generation's prefill) use the setting; generation's one-token
+    decode steps over the KV cache always use ``generation.decode_step``'s einsums (memory-bound work on
+    cache layouts made for them).
     """
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r}: must be one of {ATTENTION_IMPLEMENTATIONS}")

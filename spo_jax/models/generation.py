@@ -4,32 +4,40 @@ Two kinds of compiled program, so that a whole sampling job compiles a handful o
 
 - **prefill** (one per batch size x prompt width x first cache size): the prompt through the decoder with
   attention over the prompt only; writes its keys / values into a fresh cache and samples nothing.
-- **decode chunk** (one per batch size x cache size x sampling settings; the prompt width is traced): up to
+- **decode chunk** (one per rows x cache size x sampling settings; the prompt width is traced): up to
   ``DECODE_CHUNK`` steps in a ``lax.while_loop`` that also ends when every row has finished; each step
-  samples a token from the previous logits, writes its K/V at the next cache slot and attends over the
-  cache's ``S`` slots. The budget (``max_new_tokens``) is a traced argument, never a compile key.
+  samples a token from the previous logits, writes its K/V at the next cache slot in place (the loop
+  carries the cache, donated) and attends over the cache's ``S`` slots. The budget (``max_new_tokens``)
+  is a traced argument, never a compile key.
 
-The cache holds ``S = length_bucket(filled length)`` slots, not prompt + budget: it starts at the bucket
-of the prompt plus one chunk and grows (a copy into the next bucket) only when a chunk would not fit, so
-attention touches at most ~1.5x the filled part, and a job whose rows all stop early never pays for the
-budget it did not use. Between chunks the host reads one flag and stops when every row is done.
+The cache is one array per layer, keys ``[B, KV, hd, S]`` and values ``[B, KV, S, hd]``: a step's
+attention is then two plain batched products per KV head (the query heads grouped by KV head, no
+repeated K/V, no copy of the cache; the earlier stacked ``[L, B, S, KV, hd]`` cache was transposed whole
+for every layer at every step, 40% of a SmolLM2 decode step). It holds ``S = length_bucket(filled
+length)`` slots, not prompt + budget: it starts at the bucket of the prompt plus one chunk and grows (a
+copy into the next bucket) only when a chunk would not fit, so attention touches at most ~1.5x the filled
+part, and a job whose rows all stop early never pays for the budget it did not use. Between chunks the
+host reads the rows' done flags: it stops when every row is done, and when the unfinished rows fit in
+half or a quarter of the batch (``compact_size``) it keeps computing only those (a row gather of the cache).
 
 Sampling randomness: step ``t`` draws the whole batch's tokens with ``jax.random.categorical(sub_t,
 logits [B, V])`` where ``key_0 = key`` and ``key_{t+1}, sub_t = split(key_t)`` -- the chain of the earlier
-single-program implementation, carried across chunks, so samples do not depend on the chunking or the
-cache size (but a row's draw does depend on the batch size B).
+single-program implementation, carried across chunks, so samples do not depend on the chunking, the cache
+size or which rows are still computed (a compacted batch takes its rows of the full batch's Gumbel noise),
+but a row's draw does depend on the batch size B.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from spo_jax.models.decoder import Decoder, layer_masks
+from spo_jax.models.decoder import Decoder, at_least_f32, layer_masks
 
 DECODE_CHUNK = 32  # decode steps per compiled call (the host checks "all rows done" between calls)
 
@@ -54,9 +62,12 @@ def batch_bucket(n: int, batch_size: int) -> int:
 
 
 def _new_cache(model: Decoder, B: int, S: int):
+    """Zero K and V caches, one array per layer: keys [B, KV, hd, S], values [B, KV, S, hd]."""
     cfg = model.config
-    shape = (cfg.num_hidden_layers, B, S, cfg.num_key_value_heads, cfg.head_dim)
-    return jnp.zeros(shape, model.dtype), jnp.zeros(shape, model.dtype)
+    KV, hd = cfg.num_key_value_heads, cfg.head_dim
+    ks = tuple(jnp.zeros((B, KV, hd, S), model.dtype) for _ in range(cfg.num_hidden_layers))
+    vs = tuple(jnp.zeros((B, KV, S, hd), model.dtype) for _ in range(cfg.num_hidden_layers))
+    return ks, vs
 
 
 def prefill_forward(model: Decoder, ids_BT, positions_BT, mask_BT, cache_slots: int):
@@ -69,39 +80,57 @@ def prefill_forward(model: Decoder, ids_BT, positions_BT, mask_BT, cache_slots: 
     masks = layer_masks(model.config, mask, slots, slots)
     x, inv_freq = model.embed_inputs(ids_BT, positions_BT)
     ks, vs = [], []
+    pad = cache_slots - T
     for layer, m in zip(model.layers, masks):
         q, k, v = layer.attn.qkv(layer.input_norm(x), positions_BT, inv_freq)
-        ks.append(k)
-        vs.append(v)
+        # the decode step's layouts (see decode_step): keys [B, KV, hd, S], values [B, KV, S, hd]
+        ks.append(jnp.pad(k.transpose(0, 2, 3, 1).astype(model.dtype), ((0, 0), (0, 0), (0, 0), (0, pad))))
+        vs.append(jnp.pad(v.transpose(0, 2, 1, 3).astype(model.dtype), ((0, 0), (0, 0), (0, pad), (0, 0))))
         x = x + layer.attn.attend(q, k, v, m, is_causal=True)
         x = x + layer.mlp(layer.post_attention_norm(x))
-    ck, cv = _new_cache(model, B, cache_slots)
-    ck = jax.lax.dynamic_update_slice(ck, jnp.stack(ks).astype(ck.dtype), (0, 0, 0, 0, 0))
-    cv = jax.lax.dynamic_update_slice(cv, jnp.stack(vs).astype(cv.dtype), (0, 0, 0, 0, 0))
-    return model.norm(x), (ck, cv)
+    return model.norm(x), (tuple(ks), tuple(vs))
 
 
-def forward_cached(model: Decoder, ids_BT, positions_BT, kv_valid_BS, cache, start):
-    """Run ``ids_BT`` at cache slots [start, start+T): write their K/V, attend over valid earlier slots.
+def _attend_cache(attn, q_BHK, k_BKhS, v_BKSh, mask_BS):
+    """One query per row over a layer's cache: q [B, H, hd], keys [B, KV, hd, S], values [B, KV, S, hd],
+    ``mask_BS`` True where a slot is attended; -> o_proj output [B, D]. GQA groups the H query heads by
+    their KV head (no repeated K/V); scores and softmax in fp32 as ``Attention.attend``'s einsum path."""
+    cfg = attn.cfg
+    B, H, hd = q_BHK.shape
+    KV = cfg.num_key_value_heads
+    q = q_BHK.reshape(B, KV, H // KV, hd)
+    s = jnp.einsum("bkgh,bkhs->bkgs", q, k_BKhS.astype(q.dtype)).astype(at_least_f32(q.dtype)) / math.sqrt(hd)
+    s = jnp.where(mask_BS[:, None, None], s, -1e30)
+    p = jax.nn.softmax(s, axis=-1).astype(q.dtype)
+    o = jnp.einsum("bkgs,bksh->bkgh", p, v_BKSh.astype(q.dtype)).reshape(B, H * hd)
+    return attn.o_proj(o)
 
-    cache = (k [L, B, S, KV, hd], v [L, B, S, KV, hd]). Returns (hidden [B, T, D], cache).
-    """
-    B, T = ids_BT.shape
-    S = cache[0].shape[2]
-    slot_q = start + jnp.arange(T)
-    mask = (jnp.arange(S)[None, :] <= slot_q[:, None])[None] & kv_valid_BS[:, None, :]  # [B, T, S]
-    masks = layer_masks(model.config, mask, slot_q[None], jnp.arange(S)[None])
-    x, inv_freq = model.embed_inputs(ids_BT, positions_BT)
+
+def decode_step(model: Decoder, tok_B, pos_B, kv_valid_BS, cache, slot):
+    """One token per row at cache slot ``slot``: write its K/V there, attend over the valid slots <= slot.
+
+    cache = (keys, values), one array per layer: keys [B, KV, hd, S] (S last, so the scores are a plain
+    [G, hd] x [hd, S] product per KV head), values [B, KV, S, hd]; updated in place (the decode loop
+    carries them, donated). Every attention implementation (``set_attention``) runs this einsum path:
+    one query per row over a cache is memory-bound, and these layouts need no copy of the cache.
+    Returns (hidden [B, D], cache)."""
     ks, vs = cache
-    for i, layer in enumerate(model.layers):
-        h = layer.input_norm(x)
-        q, k, v = layer.attn.qkv(h, positions_BT, inv_freq)
-        # update the stacked cache in place (a per-layer copy + stack would rewrite all of it every step)
-        ks = jax.lax.dynamic_update_slice(ks, k.astype(ks.dtype)[None], (i, 0, start, 0, 0))
-        vs = jax.lax.dynamic_update_slice(vs, v.astype(vs.dtype)[None], (i, 0, start, 0, 0))
-        x = x + layer.attn.attend(q, ks[i].astype(q.dtype), vs[i].astype(q.dtype), masks[i])
+    S = vs[0].shape[2]
+    mask = (jnp.arange(S) <= slot)[None] & kv_valid_BS  # [B, S]
+    masks = layer_masks(model.config, mask[:, None], jnp.reshape(slot, (1, 1)), jnp.arange(S)[None])
+    x, inv_freq = model.embed_inputs(tok_B[:, None], pos_B[:, None])
+    new_ks, new_vs = [], []
+    for layer, k_cache, v_cache, m in zip(model.layers, ks, vs, masks):
+        q, k, v = layer.attn.qkv(layer.input_norm(x), pos_B[:, None], inv_freq)  # [B, 1, heads, hd]
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 3, 1).astype(k_cache.dtype),
+                                               (0, 0, 0, slot))
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype),
+                                               (0, 0, slot, 0))
+        new_ks.append(k_cache)
+        new_vs.append(v_cache)
+        x = x + _attend_cache(layer.attn, q[:, 0], k_cache, v_cache, m[:, 0])[:, None]
         x = x + layer.mlp(layer.post_attention_norm(x))
-    return model.norm(x), (ks, vs)
+    return model.norm(x)[:, 0], (tuple(new_ks), tuple(new_vs))
 
 
 def _filter(logits_BV, temperature, top_k, top_p):
@@ -120,10 +149,24 @@ def _filter(logits_BV, temperature, top_k, top_p):
     return logits
 
 
-def _sample(logits_BV, key, temperature, top_k, top_p):
+def _sample(logits_BV, key, rows, batch, temperature, top_k, top_p):
+    """Greedy (argmax) at temperature 0; else ``jax.random.categorical(key, filtered logits of the whole
+    batch)``, computed as its Gumbel-max for the rows in ``rows``: row ``r`` adds row ``rows[r]`` of
+    ``gumbel(key, (batch, V))``, so a row draws the same token whichever rows run with it."""
     if temperature == 0.0:
         return jnp.argmax(logits_BV, axis=-1)
-    return jax.random.categorical(key, _filter(logits_BV, temperature, top_k, top_p), axis=-1)
+    logits = _filter(logits_BV, temperature, top_k, top_p)
+    noise = jax.random.gumbel(key, (batch, logits.shape[-1]), logits.dtype)
+    if logits.shape[0] != batch:  # a compacted batch (a full one runs rows 0..batch-1 in order)
+        noise = noise[rows]
+    return jnp.argmax(noise + logits, axis=-1)
+
+
+def compact_size(live: int, batch: int) -> int:
+    """Rows to keep computing when ``live`` of a ``batch``-row job have not finished: the smallest of
+    ``batch``, ``batch / 2`` and ``batch / 4`` (rounded up) that holds them. Below a quarter the step
+    costs about the same (reading the weights dominates), so no more programs are compiled for it."""
+    return min(b for b in (batch, -(-batch // 2), -(-batch // 4)) if b >= live)
 
 
 def generate(model: Decoder, prompt_ids, prompt_mask, *, max_new_tokens: int, key=None,
@@ -136,8 +179,9 @@ def generate(model: Decoder, prompt_ids, prompt_mask, *, max_new_tokens: int, ke
     ``eos_id``: an int or a sequence of ints (a row stops at the first of ANY of them); None = the
     model config's ``eos_token_id`` (all of its ids when it is a list, as Llama 3.x has); ``()`` = never stop.
     Returns (tokens [B, max_new_tokens] int32, mask [B, max_new_tokens] float32): after EOS
-    (which is kept) rows emit ``pad_id`` with mask 0. Stops computing once every row has finished.
-    Compiles one prefill per (B, Tp) and one decode chunk per (B, cache bucket, sampling settings).
+    (which is kept) rows emit ``pad_id`` with mask 0. Stops computing once every row has finished, and
+    computes only the unfinished rows once they fit in B/2 or B/4 rows.
+    Compiles one prefill per (B, Tp) and one decode chunk per (rows, cache bucket, sampling settings).
     """
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be > 0; got {max_new_tokens}")
@@ -163,6 +207,7 @@ def generate(model: Decoder, prompt_ids, prompt_mask, *, max_new_tokens: int, ke
     cache, logits, pos = _prefill_jit(graphdef, params, prompt_ids, prompt_mask, S)
     kv_valid = _kv_valid(prompt_mask, S)
     done = jnp.zeros((B,), bool)
+    rows = np.arange(B)  # the batch row each computed row is (rows shrink as rows finish)
     toks = np.full((B, max_new_tokens), int(pad_id), np.int32)
     valid = np.zeros((B, max_new_tokens), np.float32)
     step = 0
@@ -173,13 +218,24 @@ def generate(model: Decoder, prompt_ids, prompt_mask, *, max_new_tokens: int, ke
             kv_valid = _kv_valid(prompt_mask, S)
         limit = min(chunk, max_new_tokens - step, S - Tp - step)
         cache, logits, pos, done, key, t, v, ran, all_done = _decode_jit(
-            graphdef, params, cache, kv_valid, logits, pos, done, key, Tp + step, limit, chunk, *settings)
-        t, v, ran, all_done = jax.device_get((t, v, ran, all_done))
-        toks[:, step:step + ran] = t[:, :ran]
-        valid[:, step:step + ran] = v[:, :ran]
+            graphdef, params, cache, kv_valid, logits, pos, done, key, jnp.asarray(rows, jnp.int32), Tp + step,
+            limit, chunk, B, *settings)
+        t, v, ran, all_done, done_h = jax.device_get((t, v, ran, all_done, done))
+        # a finished row only emits (pad, 0), which is what its later places already hold, so rows that
+        # stand in for finished ones (below) may write theirs
+        toks[rows, step:step + ran] = t[:, :ran]
+        valid[rows, step:step + ran] = v[:, :ran]
         step += int(ran)
         if all_done:
             break
+        live = np.flatnonzero(~done_h)
+        keep = compact_size(len(live), B)
+        if keep < len(rows) and step < max_new_tokens:
+            # drop finished rows: the live ones, then finished ones to fill the bucket
+            take = np.concatenate([live, np.flatnonzero(done_h)[:keep - len(live)]])
+            rows = rows[take]
+            cache, logits, pos, done, kv_valid, prompt_mask = _take_rows_jit(
+                (cache, logits, pos, done, kv_valid, prompt_mask), jnp.asarray(take, jnp.int32))
     return jnp.asarray(toks), jnp.asarray(valid)
 
 
@@ -199,16 +255,25 @@ def _prefill_jit(graphdef, params, prompt_ids, prompt_mask, cache_slots):
 
 @functools.partial(jax.jit, static_argnums=(1,))
 def _grow_jit(cache, slots):
-    pad = ((0, 0), (0, 0), (0, slots - cache[0].shape[2]), (0, 0), (0, 0))
-    return tuple(jnp.pad(c, pad) for c in cache)
+    ks, vs = cache
+    grow = slots - vs[0].shape[2]
+    return (tuple(jnp.pad(k, ((0, 0), (0, 0), (0, 0), (0, grow))) for k in ks),
+            tuple(jnp.pad(v, ((0, 0), (0, 0), (0, grow), (0, 0))) for v in vs))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 10, 11, 12, 13, 14, 15), donate_argnums=(2,))
-def _decode_jit(graphdef, params, cache, kv_valid, logits, pos, done, key, slot0, limit, chunk,
+@jax.jit
+def _take_rows_jit(state, take):
+    """Rows ``take`` of every array in ``state`` (the cache's are on axis 0 too)."""
+    return jax.tree.map(lambda x: x[take], state)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 11, 12, 13, 14, 15, 16, 17), donate_argnums=(2,))
+def _decode_jit(graphdef, params, cache, kv_valid, logits, pos, done, key, rows, slot0, limit, chunk, batch,
                 temperature, top_k, top_p, eos, pad):
     """Up to ``limit`` (<= ``chunk``) steps, the first at cache slot ``slot0``; ends early once every row
-    is done. Compiled per (B, cache slots, chunk, sampling settings): the prompt width, the step and the
-    budget are traced."""
+    is done. ``rows``: the batch row (of ``batch``) each of the B computed rows is. Compiled per
+    (B, cache slots, chunk, batch, sampling settings): the prompt width, the step and the budget are
+    traced."""
     model = nnx.merge(graphdef, params)
     B = kv_valid.shape[0]
     eos_ids = jnp.asarray(eos, jnp.int32)
@@ -220,13 +285,13 @@ def _decode_jit(graphdef, params, cache, kv_valid, logits, pos, done, key, slot0
     def body(carry):
         i, cache, logits, p, done, key, toks, valid = carry
         key, sub = jax.random.split(key)
-        tok = _sample(logits, sub, temperature, top_k, top_p).astype(jnp.int32)
+        tok = _sample(logits, sub, rows, batch, temperature, top_k, top_p).astype(jnp.int32)
         out = jnp.where(done, pad, tok)
         toks = jax.lax.dynamic_update_slice(toks, out[:, None], (0, i))
         valid = jax.lax.dynamic_update_slice(valid, (~done).astype(jnp.float32)[:, None], (0, i))
         done = done | jnp.isin(tok, eos_ids)
-        h, cache = forward_cached(model, out[:, None], p[:, None], kv_valid, cache, slot0 + i)
-        return i + 1, cache, model.logits(h)[:, 0], p + 1, done, key, toks, valid
+        h, cache = decode_step(model, out, p, kv_valid, cache, slot0 + i)
+        return i + 1, cache, model.logits(h[:, None])[:, 0], p + 1, done, key, toks, valid
 
     init = (jnp.int32(0), cache, logits, pos, done, key, jnp.full((B, chunk), pad, jnp.int32),
             jnp.zeros((B, chunk), jnp.float32))
