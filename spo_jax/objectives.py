@@ -379,7 +379,8 @@ def make_eval_metrics(config, logps_fn: LogpsFn, *, sft_data: bool) -> Callable[
     """``metrics(params, batch)`` on held-out data, no gradient. SFT data: ``sft_objective``'s
     metrics and ``num_seqs``. Preference data: the upper loss's metrics, the constraint
     metrics (``losses.constraint_metrics`` of the reference gap) when the batch has
-    reference log-probs, and ``num_pairs``."""
+    reference log-probs, and ``num_pairs`` (held-out batches carry no SFT batch: the
+    ``loss.sft_data_weight`` term is a training metric, ``sft_data/nll``, only)."""
     if sft_data:
         objective = sft_objective(logps_fn)
 
