@@ -520,6 +520,22 @@ def test_sft_data_weight_adds_lambda_nll_of_the_sft_batch(spo):
             objectives.make_solver(cfg, _lm_logps)(params, {k: v for k, v in batch.items() if k != "sft"})
 
 
+def test_implicit_inner_loop_trains_on_the_sft_batch_when_present():
+    """With batch["sft"] the implicit solver's lower level g is the SFT batch's NLL (the unrolled
+    solver's: test_unrolled_hypergradient_matches_finite_differences_on_tiny_lm): the first inner
+    value is g(φ) on it, and the inner steps lower it."""
+    with jax.enable_x64(True):
+        params, batch = _lm_params(0), _pref_batch(with_sft=True)
+        cfg = bilevel.SPOConfig(solver="implicit", inner_steps=2, inner_lr=0.5, mu=2.0, cg_iters=3, gamma=0.0)
+        _, metrics = jax.jit(objectives.make_spo_solver(_lm_logps, losses.get_loss("dpo", beta=0.5), cfg))(
+            params, batch)
+        np.testing.assert_allclose(float(metrics["spo/inner_loss_first"]), float(_oracle_lower(params, batch)),
+                                   rtol=1e-6)
+        chosen = {k: v for k, v in batch.items() if k != "sft"}
+        assert abs(float(_oracle_lower(params, batch)) - float(_oracle_lower(params, chosen))) > 1e-3
+        assert float(metrics["spo/inner_loss_last"]) < float(metrics["spo/inner_loss_first"])
+
+
 def test_barrier_direction_matches_finite_differences_on_tiny_lm():
     with jax.enable_x64(True):
         params, batch = _lm_params(0), _pref_batch()
