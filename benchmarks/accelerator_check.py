@@ -24,7 +24,8 @@ master weights:
 Model FLOPs per step (the MFU numerator): 4 passes' worth of matmul work over the real tokens -- the
 policy's forward and backward (3 x 2·N·tokens) and the reference's forward (2·N·tokens), N = the matmul
 parameters (every weight matrix; the tied embedding counted once, as the unembedding, since its use as
-the input embedding is a gather) -- plus causal attention, 4·L·H·hd·s(s+1)/2 per sequence of length s per
+the input embedding is a gather), the unembedding's D·V counted at the response tokens only (the step
+computes log-probs only where ``loss_mask`` is 1: Contract 1's ``score_index``) -- plus causal attention, 4·L·H·hd·s(s+1)/2 per sequence of length s per
 forward pass (QK^T and PV over the causal half only). The peaks used (:data:`PEAK_BF16_TFLOPS`) are
 vendor dense (no sparsity) bf16 tensor-core numbers; ``--peak-tflops`` overrides them. On a CPU the peak
 is measured (``spo_jax.metrics.measure_peak_flops``), which makes the --tiny MFU a smoke value only.
@@ -98,9 +99,12 @@ def attention_flops(cfg: dict, seq_lengths) -> float:
     return float(sum(4 * cfg["num_hidden_layers"] * H * hd * s * (s + 1) / 2 for s in seq_lengths))
 
 
-def step_flops(cfg: dict, tokens: int, seq_lengths, *, reference: bool = True) -> float:
-    """Model FLOPs of one preference step (policy forward + backward, and the reference's forward)."""
-    fwd = 2 * matmul_params(cfg) * tokens + attention_flops(cfg, seq_lengths)
+def step_flops(cfg: dict, tokens: int, seq_lengths, scored: int, *, reference: bool = True) -> float:
+    """Model FLOPs of one preference step (policy forward + backward, and the reference's forward): the
+    layers at every token, the unembedding at the ``scored`` (response) tokens only, which is all the
+    step computes (Contract 1's ``score_index``): prompt logits are not part of the objective."""
+    unembed = cfg["hidden_size"] * cfg["vocab_size"]
+    fwd = 2 * (matmul_params(cfg) - unembed) * tokens + 2 * unembed * scored + attention_flops(cfg, seq_lengths)
     return (3 + (1 if reference else 0)) * fwd
 
 
@@ -216,7 +220,7 @@ def run(a, log=print) -> dict:
             dt, n = bench.step(name)
             if name == "main":
                 dpo.append((dt, n))
-                flops.append(step_flops(cfg, n, bench.seq_lengths[b]))
+                flops.append(step_flops(cfg, n, bench.seq_lengths[b], bench.scored[b]))
             else:
                 spo.append((dt, n))
         log(f"round {r}: DPO {dpo[-1][0]:.3f} s, SPO {spo[-1][0]:.3f} s")
@@ -275,8 +279,8 @@ def table(res: dict, command: str) -> str:
         f"compute, fp32 master weights. Batch: {res['pairs']} pairs per step packed into rows of {res['seq']} "
         f"tokens (shape {res['batch_shape']}, {res['tokens_per_step']} real tokens). Attention: "
         f"**{res['attention']}** (forward+backward per layer: {trials}). Peak: {res['peak_tflops']:.1f} TFLOP/s "
-        f"({res['peak_source']}); model FLOPs per DPO step {res['step_tflop']:.2f} TFLOP (4 x 2·N·tokens + "
-        f"causal attention; see the script's docstring).",
+        f"({res['peak_source']}); model FLOPs per DPO step {res['step_tflop']:.2f} TFLOP (4 x 2·N·tokens, the "
+        f"unembedding at the response tokens only, + causal attention; see the script's docstring).",
         "",
         "| measurement | value |",
         "|---|---|",

@@ -10,7 +10,9 @@ both see the same load. Model FLOPs per step, three ways:
 * trainer: (6·N + 2·N_ref)·tokens, N = all parameters (what ``spo_jax.metrics.mfu``
   and the trainer's ``mfu`` metric use; counts the embedding table, which costs no
   matmul, so it overstates the work of a small-vocab-heavy model),
-* matmul: the same with N = parameters minus the input embedding table,
+* matmul: the same with N = parameters minus the input embedding table, and the
+  unembedding's D·V counted at the response tokens only (the step computes
+  log-probs only where ``loss_mask`` is 1: Contract 1's ``score_index``),
 * XLA: ``compile().cost_analysis()['flops']`` of the whole step (attention,
   the log-prob chunk recomputation, the optimizer included).
 """
@@ -57,9 +59,11 @@ def measure(*, pairs: int, prompt_len: int, response_len: int, rounds: int, dtyp
         times.append(dt)
         peaks.append(pk)
         log(f"round {r}: step {dt:.2f} s, peak {pk / 1e9:.1f} GFLOP/s (n={size})")
-    flops = {"trainer": (6 * n + 2 * n) * tokens, "matmul": (6 * n_matmul + 2 * n_matmul) * tokens, "xla": xla}
+    unembed, scored = mc["vocab_size"] * mc["hidden_size"], bench.scored[0]
+    flops = {"trainer": (6 * n + 2 * n) * tokens, "xla": xla,
+             "matmul": (6 + 2) * ((n_matmul - unembed) * tokens + unembed * scored)}
     mfus = {k: [f / t / p for t, p in zip(times, peaks)] if f else [] for k, f in flops.items()}
-    return dict(times=times, peaks=peaks, flops=flops, mfu=mfus, tokens=tokens, num_params=n,
+    return dict(times=times, peaks=peaks, flops=flops, mfu=mfus, tokens=tokens, scored=scored, num_params=n,
                 num_params_matmul=n_matmul)
 
 

@@ -166,7 +166,8 @@ class Bench:
             it_kw.update(pack_rows=int(c.data.pack_rows) or None, pack_length=int(c.data.pack_length) or None,
                          pack_rows_multiple=batch_devices_per_process(c))
         it = BatchIterator(tokenized_dataset(rows), **it_kw)
-        self.batches, self.tokens, self.seq_lengths = [], [], []  # seq_lengths: the sequences' lengths per batch
+        # seq_lengths: the sequences' lengths per batch; scored: its loss_mask positions (response tokens)
+        self.batches, self.tokens, self.seq_lengths, self.scored = [], [], [], []
         # cached reference: the reference log-probs of each batch, computed once before training with the
         # initial parameters (what the trainer's RefLogpsTable holds), enter the batch as `ref_logps`
         ref_fn = jax.jit(lambda p, b: make_logps_fn(self.graphdef, seq_chunk=c.logprobs.seq_chunk,
@@ -178,6 +179,7 @@ class Bench:
                 local = dict(local, ref_logps=np.asarray(ref_fn(self.state.params,
                                                                 sharding_lib.make_global_batch(local, self.mesh))))
             self.tokens.append(int(np.sum(local["segment_ids"] > 0)))
+            self.scored.append(int(np.sum(local["loss_mask"] > 0)))
             seg = np.asarray(local["segment_ids"])
             self.seq_lengths.append([int(n) for row in seg for n in np.unique(row[row > 0], return_counts=True)[1]])
             self.batches.append(sharding_lib.make_global_batch(local, self.mesh))

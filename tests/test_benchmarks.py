@@ -98,6 +98,9 @@ def test_mfu_measure_counts_flops():
     assert tokens == 8 * 2 * (4 + 4)
     assert res["flops"]["trainer"] == 8 * n * tokens
     assert res["num_params_matmul"] == n - 64 * 16
+    # the unembedding (16 x 64) at the 16 x 4 response tokens only
+    assert res["scored"] == 16 * 4
+    assert res["flops"]["matmul"] == 8 * ((n - 2 * 64 * 16) * tokens + 64 * 16 * 16 * 4)
     assert 0 < res["mfu"]["trainer"][0] < math.inf
 
 
@@ -129,7 +132,9 @@ def test_accelerator_check_tiny(tmp_path):
     assert ac.matmul_params(cfg) == 2 * (2 * 64 * 64 + 2 * 64 * 32 + 128 + 3 * 64 * 128) + 64 * 512
     assert res["num_params"] == ac.matmul_params(cfg) + 5 * 64
     attn = 16 * 4 * 2 * 4 * 16 * 32 * 33 / 2  # 16 sequences of 32: 4·L·H·hd·s(s+1)/2
-    assert math.isclose(res["step_tflop"] * 1e12, 4 * (2 * ac.matmul_params(cfg) * 512 + attn))
+    # the unembedding (tied 64x512) only at the 16 x 24 response tokens (prompt 8 + response 24), the rest at all 512
+    body = ac.matmul_params(cfg) - 64 * 512
+    assert math.isclose(res["step_tflop"] * 1e12, 4 * (2 * body * 512 + 2 * 64 * 512 * 16 * 24 + attn))
     assert math.isclose(res["mfu"][0], res["step_tflop"] * 1e12 / res["dpo_step_s"][0] / 2e12)
     assert res["attention"] == "xla" and isinstance(res["attention_trials"]["xla"], float)
     assert res["spo_over_dpo"][0] > 0 and res["sample_tokens"] == 8 * 3
