@@ -45,7 +45,9 @@ data.train_split           split of train_path
 data.eval_path             held-out set ("" = none)
 data.eval_split            split of eval_path
 data.format                "auto" or one of spo_jax.data.FORMATS
-data.max_length            tokens per sequence (prompt + one response)
+data.max_length            tokens per sequence (prompt + one response); at most the model's
+                           max_position_embeddings for learned positions (GPT-2: a config error), a warning
+                           for RoPE models (they run past it, as in transformers, outside the trained range)
 data.min_prompt_length     prompt truncation floor in tokens
 data.use_chat_template     render prompts with the tokenizer's chat template
 data.packing               packed (True) or padded (False) batches

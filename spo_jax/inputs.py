@@ -7,6 +7,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,7 +24,7 @@ from spo_jax.validation import check_bool, check_choice, check_int, check_source
 JNP_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 PARAM_DTYPES = ("float32", "bfloat16")
 
-__all__ = ["JNP_DTYPES", "PARAM_DTYPES", "validate_config", "model_dtypes", "load_tokenizer", "pad_id", "build_model", "load_split",
+__all__ = ["JNP_DTYPES", "PARAM_DTYPES", "validate_config", "check_positions", "model_dtypes", "load_tokenizer", "pad_id", "build_model", "load_split",
            "make_iterator", "batch_devices_per_process", "stack_micro"]
 
 
@@ -29,6 +32,9 @@ def validate_config(config) -> None:
     """The ``model.*`` and ``data.*`` fields (``spo_jax.validation.ConfigError`` naming the field)."""
     _validate_model(config)
     _validate_data(config)
+    mcfg = _known_model_config(config)
+    if mcfg is not None:
+        check_positions(config, mcfg)  # a RoPE model's warning is logged once the model is built (spo_jax.train)
 
 
 def _validate_model(c) -> None:
@@ -75,6 +81,45 @@ def _validate_data(c) -> None:
     if d.pack_length and d.pack_length < d.max_length:
         fail("data.pack_length", d.pack_length, f"must be >= data.max_length={d.max_length} (or 0)")
     check_bool(c, "data.packing", "data.shuffle", "data.use_chat_template")
+
+
+def _known_model_config(c) -> models.ModelConfig | None:
+    """The model's ``ModelConfig`` when it is known without loading weights or the network: ``model.config``,
+    or ``model.path``'s config.json when that is a local directory (a .gguf file or a Hub id: checked once
+    the model is built). None also for a config the loader rejects (it names the problem when it builds)."""
+    try:
+        if c.model.config is not None:
+            return models.ModelConfig.from_hf(dict(c.model.config))
+        cfg_file = os.path.join(os.path.expanduser(c.model.path), "config.json")
+        if os.path.isfile(cfg_file):
+            with open(cfg_file) as f:
+                return models.ModelConfig.from_hf(json.load(f))
+    except (ValueError, TypeError, KeyError, OSError):
+        return None
+    return None
+
+
+def check_positions(config, mcfg: models.ModelConfig) -> str | None:
+    """``data.max_length`` against the model's ``max_position_embeddings`` (``mcfg``), as transformers treats
+    the family. Learned absolute positions (GPT-2's ``n_positions``) have no embedding beyond the table
+    (transformers fails with an index error; JAX's gather returns NaN rows there): ``ConfigError``.
+    RoPE families (Llama, Mistral, Qwen) compute any position and transformers does not refuse them, but
+    positions past ``max_position_embeddings`` are outside the range the model was trained on: returns a
+    warning (None when the lengths fit)."""
+    n, length = int(mcfg.max_position_embeddings), int(config.data.max_length)
+    if length <= n:
+        return None
+    source = config.model.path or "model.config"
+    if mcfg.position_embedding == "learned":
+        n_name = f"max_position_embeddings={n}" + (" (n_positions in its config.json)"
+                                                   if mcfg.model_type == "gpt2" else "")
+        fail("data.max_length", length, f"longer than the {mcfg.model_type} model's {n_name} "
+             f"({source}): its learned position embeddings have no row for positions >= {n}; lower "
+             f"data.max_length to <= {n}, or use a model with longer positions")
+    return (f"config.data.max_length={length} is longer than the {mcfg.model_type} model's "
+            f"max_position_embeddings={n} ({source}): RoPE computes those positions (transformers does not refuse "
+            f"them either) but positions >= {n} are beyond the range the model was trained on; lower "
+            f"data.max_length to <= {n} unless that is intended")
 
 
 def model_dtypes(config) -> dict:

@@ -272,7 +272,11 @@ class _Loop:
 
         # model (policy), reference, state
         # LoRA: params = the adapters, frozen = the base (spo_jax.adapters); else frozen is None
-        self.policy, params, frozen = adapters.split_policy(c, inputs.build_model(c))
+        model = inputs.build_model(c)
+        too_long = inputs.check_positions(c, model.config)  # a Hub id / .gguf is first known here
+        if too_long and self.is_main:
+            logger.warning("%s", too_long)
+        self.policy, params, frozen = adapters.split_policy(c, model)
         self.graphdef = self.policy.graphdef
         self.tx, self.schedule = make_optimizer(c)
         self.num_params = _count_params(params) + _count_params(frozen)

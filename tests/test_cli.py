@@ -18,7 +18,7 @@ from spo_jax.data import DataError
 from spo_jax.models import ModelPathError
 from spo_jax.metrics import DegenerateTrainingError, NonFiniteLossError
 from spo_jax.validation import ConfigError
-from tests.test_train import ROOT, write_pairs
+from tests.test_train import GPT2_16, ROOT, write_pairs
 
 TINY = os.path.join(ROOT, "experiments", "tiny_test.py")
 
@@ -109,5 +109,11 @@ def test_config_mistakes_before_anything_heavy(bad_json):
     last = _one_line(run_cli(*base, "--config.optim.learnig_rate=1e-3"), 2, "config error: ")
     assert "no config field 'learnig_rate'" in last and "did you mean learning_rate?" in last
     _one_line(run_cli(*base, "--config.train.num_steps=ten"), 2, "Pass --helpshort")
+    # data.max_length past a GPT-2's learned positions: refused before the model is built
+    (bad_json / "gpt2.py").write_text("import ml_collections\nfrom experiments.tiny_test import get_config as tiny\n\n"
+                                      "def get_config():\n    c = tiny()\n"
+                                      f"    c.model.config = ml_collections.ConfigDict({GPT2_16!r})\n    return c\n")
+    last = _one_line(run_cli(f"--config={bad_json / 'gpt2.py'}", *base[1:]), 2, "config error: config.data.max_length=32")
+    assert "max_position_embeddings=16" in last and "lower data.max_length to <= 16" in last
     last = _one_line(run_cli("--config=experiments/nope.py"), 2, "usage error: --config: ")
     assert "experiments/nope.py" in last and "No such file or directory" in last

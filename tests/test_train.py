@@ -282,6 +282,38 @@ def test_config_errors_name_field_value_and_fix(pairs, tmp_path):
         config_lib.validate_config(bad, num_devices=1, process_count=1)
 
 
+GPT2_16 = dict(model_type="gpt2", vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=16, bos_token_id=2,
+               eos_token_id=3, pad_token_id=0)
+
+
+def test_max_length_beyond_the_models_positions(pairs, tmp_path):
+    """data.max_length past max_position_embeddings: learned positions (GPT-2) are refused before anything is
+    built (inline config or a local config.json); RoPE models run past it as in transformers, with a warning
+    naming both fields and the fix."""
+    from spo_jax import inputs, models
+    c = tiny_config(tmp_path, pairs)  # the tiny Llama: max_position_embeddings=64, data.max_length=32
+    assert inputs.check_positions(c, models.ModelConfig.from_hf(dict(c.model.config))) is None
+    long = tiny_config(tmp_path, pairs, data__max_length=128)
+    config_lib.validate_config(long, num_devices=1, process_count=1)  # RoPE: not refused
+    warning = inputs.check_positions(long, models.ModelConfig.from_hf(dict(long.model.config)))
+    assert all(s in warning for s in ("config.data.max_length=128", "max_position_embeddings=64", "<= 64"))
+
+    want = (r"config\.data\.max_length=32: longer than the gpt2 model's max_position_embeddings=16 \(n_positions.*"
+            r"lower data\.max_length to <= 16, or use a model with longer positions")
+    gpt2 = tiny_config(tmp_path, pairs)
+    gpt2.model.config = ml_collections.ConfigDict(GPT2_16)
+    with pytest.raises(config_lib.ConfigError, match=want + ".*"):
+        config_lib.validate_config(gpt2, num_devices=1, process_count=1)
+    hf_dir = tmp_path / "gpt2"
+    hf_dir.mkdir()
+    (hf_dir / "config.json").write_text(json.dumps(GPT2_16))
+    local = tiny_config(tmp_path, pairs, model__config=None, model__path=str(hf_dir))
+    with pytest.raises(config_lib.ConfigError, match=want):
+        config_lib.validate_config(local, num_devices=1, process_count=1)
+    gpt2.data.max_length = 16
+    config_lib.validate_config(gpt2, num_devices=1, process_count=1)
+
+
 def test_model_attention_config(pairs, tmp_path):
     """model.attention reaches every layer of the trainer's model (the kernels are compared in test_models)."""
     from spo_jax import inputs
