@@ -13,6 +13,8 @@ import os
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from spo_jax.models.paths import DATA_SUFFIXES, MODEL_SUFFIXES, looks_like_path
+
 __all__ = ["ConfigError", "fail", "is_int", "is_num", "check_bool", "check_int", "check_choice", "check_source"]
 
 
@@ -61,17 +63,12 @@ def check_choice(config, field: str, choices: Sequence[str]) -> None:
         fail(field, v, f"must be one of {tuple(choices)}")
 
 
-def _looks_local(value: str) -> bool:
-    return value.startswith((".", "/", "~")) or value.endswith((".gguf", ".json", ".jsonl", ".parquet", ".csv",
-                                                                 ".arrow", ".gz")) or os.sep in value.strip("/") and \
-        value.count("/") > 1
-
-
 def check_source(field: str, value: str) -> None:
-    """A path that looks local must exist (Hub ids like ``org/name`` are left to the loader)."""
+    """A path that looks local (``spo_jax.models.looks_like_path``, with model and data file suffixes) must
+    exist; Hub ids like ``org/name`` are left to the loader."""
     if not isinstance(value, str):
         fail(field, value, "must be a string (a path or a Hub id)")
     if os.path.exists(os.path.expanduser(value)):
         return
-    if _looks_local(value):
+    if looks_like_path(value, MODEL_SUFFIXES + DATA_SUFFIXES):
         fail(field, value, "no such file or directory; fix the path (Hub ids look like 'org/name')")

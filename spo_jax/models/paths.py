@@ -7,21 +7,23 @@ import re
 
 # What the Hub accepts as a repo id: "name" or "org/name", word characters, "-" and "." (not at the ends).
 _HUB_ID = re.compile(r"^(?:[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?/)?[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?$")
-_FILE_SUFFIXES = (".gguf", ".safetensors", ".json", ".bin", ".pt", ".pth")
+MODEL_SUFFIXES = (".gguf", ".safetensors", ".json", ".bin", ".pt", ".pth")
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow", ".gz")
 
 
 class ModelPathError(ValueError):
     """A model or tokenizer name that is a local path (not a Hub id) names nothing on disk."""
 
 
-def looks_like_path(name: str) -> bool:
+def looks_like_path(name: str, suffixes: tuple[str, ...] = MODEL_SUFFIXES) -> bool:
     """True for names that can only mean a local path: starting with ``.``, ``/`` or ``~``, holding a
-    backslash or more than one ``/``, ending in a weights / config file suffix, not a valid Hub id, or
-    ``dir/name`` where ``dir`` is an existing local directory. ``org/name`` otherwise is a Hub id."""
+    backslash or more than one ``/``, ending in one of ``suffixes`` (file types that are no Hub id: by
+    default weights / config files; ``DATA_SUFFIXES`` for data files), not a valid Hub id, or ``dir/name``
+    where ``dir`` is an existing local directory. ``org/name`` otherwise is a Hub id."""
     name = str(name)
     if name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1:
         return True
-    if name.lower().endswith(_FILE_SUFFIXES) or not _HUB_ID.match(name):
+    if name.lower().endswith(suffixes) or not _HUB_ID.match(name):
         return True
     return "/" in name and os.path.isdir(name.split("/")[0])
 
