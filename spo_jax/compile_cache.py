@@ -7,9 +7,9 @@ on, a second identical run loads the compiled executables from disk instead.
 
 Where the cache lives (first that applies):
 
-1. the explicit setting: the CLI's ``runtime.compile_cache`` config field, the
-   ``--compile-cache`` flag of the demo and the experiments, or the argument of
-   :func:`enable_compile_cache`;
+1. the explicit setting: the CLI's ``compile_cache`` config field, the
+   ``--compile-cache`` flag of the demo and the experiments (:func:`add_flag`), or the
+   argument of :func:`enable_compile_cache`;
 2. the environment variable ``SPO_JAX_COMPILE_CACHE``;
 3. ``$XDG_CACHE_HOME/spo_jax/jax_cache`` (``~/.cache/spo_jax/jax_cache`` when
    ``XDG_CACHE_HOME`` is unset).
@@ -25,6 +25,7 @@ The cache is trusted code: do not point it at a directory others can write to
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 
@@ -55,6 +56,14 @@ def resolve_cache_dir(setting: str | None = None) -> str | None:
             return None
         return os.path.abspath(os.path.expanduser(value))
     return default_cache_dir()
+
+
+def add_flag(parser: argparse.ArgumentParser) -> None:
+    """The ``--compile-cache DIR|off`` flag of the demo and the experiments (its value goes to
+    :func:`enable_compile_cache`)."""
+    parser.add_argument("--compile-cache", default=None,
+                        help="JAX compilation cache directory, or 'off' (default: $SPO_JAX_COMPILE_CACHE, else "
+                             "~/.cache/spo_jax/jax_cache; see spo_jax.compile_cache)")
 
 
 def enable_compile_cache(setting: str | None = None) -> str | None:

@@ -39,12 +39,10 @@ most of the collapse but is behind the baselines on this seed (README).
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import time
 
-from spo_jax import experiment
-from spo_jax.compile_cache import CompileStats, enable_compile_cache
+from spo_jax import compile_cache, experiment
 
 #: The demo's arms: the BT loss alone and with SPO, and the baselines that decide the claim.
 FAMILIES = ("DPO", "DPO+SPO", "RPO", "DPOP", "RFT")
@@ -67,23 +65,14 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0,
                    help="whole-pipeline seed: task split, SFT initialisation and order, samples, preference order")
     p.add_argument("--families", nargs="+", default=None, help=f"subset of {experiment.families()}")
-    p.add_argument("--compile-cache", default=None,
-                   help="JAX compilation cache directory, or 'off' (default: $SPO_JAX_COMPILE_CACHE, else "
-                        "~/.cache/spo_jax/jax_cache; see spo_jax.compile_cache)")
+    compile_cache.add_flag(p)
     args = p.parse_args(argv)
-    enable_compile_cache(args.compile_cache)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    for noisy in ("absl", "orbax", "jax", "spo_jax.train", "datasets", "spo_jax.data"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     s = experiment.WorldSettings.quick() if args.quick else experiment.WorldSettings.demo()
     out = args.out or os.path.join("runs", "demo-" + time.strftime("%Y%m%d-%H%M%S"))  # runs/ is git-ignored
-    try:
-        with CompileStats() as compiles:
-            res = run_demo(out, s, seed=args.seed, families=tuple(args.families or FAMILIES))
-    except (FileExistsError, ValueError) as e:  # bad --out / --families: one line, exit code 2
-        p.exit(2, f"{p.prog}: error: {e}\n")
-    print(f"report: {os.path.join(os.path.abspath(out), 'report.md')}  (wall {res['timings_s']['total']:.0f} s; "
-          f"{compiles.summary()})")
+    experiment.run_command(p, args, out, lambda: run_demo(out, s, seed=args.seed,
+                                                          families=tuple(args.families or FAMILIES)),
+                           expected=(FileExistsError, ValueError),  # bad --out / --families
+                           quiet=experiment.QUIET_LOGGERS + ("spo_jax.data",))
 
 
 if __name__ == "__main__":

@@ -67,6 +67,7 @@ import numpy as np
 from flax import nnx
 
 from spo_jax import evaluate, losses, models, sampling
+from spo_jax import compile_cache
 from spo_jax.compile_cache import CompileStats, enable_compile_cache
 from spo_jax.config import get_default_config
 from spo_jax.data import BatchIterator, prepare_dataset, synthetic
@@ -1176,6 +1177,30 @@ def pareto_figure(result: Mapping, path: str) -> None:
 # --------------------------------------------------------------------------- #
 
 
+#: Loggers whose INFO records the grid's and the demo's consoles leave out.
+QUIET_LOGGERS = ("absl", "orbax", "jax", "spo_jax.train", "datasets")
+
+
+def run_command(p: argparse.ArgumentParser, args, out: str, run: Callable[[], dict], *,
+                expected: tuple[type[Exception], ...], quiet: Sequence[str] = QUIET_LOGGERS) -> dict:
+    """The common part of ``python -m spo_jax.experiment`` and ``python -m spo_jax.demo`` once the flags are
+    parsed: the compile cache (``--compile-cache``, :func:`spo_jax.compile_cache.add_flag`), INFO logging
+    without the ``quiet`` loggers, ``run()`` under ``CompileStats``; an ``expected`` error (a bad flag value
+    found while running) is one line and exit code 2. Prints where the report is; returns ``run()``'s result."""
+    enable_compile_cache(args.compile_cache)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for name in quiet:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        with CompileStats() as compiles:
+            res = run()
+    except expected as e:
+        p.exit(2, f"{p.prog}: error: {e}\n")
+    print(f"report: {os.path.join(os.path.abspath(out), 'report.md')}  (wall {res['timings_s']['total']:.0f} s; "
+          f"{compiles.summary()})")
+    return res
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m spo_jax.experiment",
                                 description="The evidence grid: the six Table-2 losses +/- SPO and the baselines, "
@@ -1188,26 +1213,15 @@ def main(argv=None) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue (or extend with more --families / --seeds) the grid in --out: finished SFT models, "
                         "pairs and arms are read back, the rest runs, the report is written again")
-    p.add_argument("--compile-cache", default=None,
-                   help="JAX compilation cache directory, or 'off' (default: $SPO_JAX_COMPILE_CACHE, else "
-                        "~/.cache/spo_jax/jax_cache; see spo_jax.compile_cache)")
+    compile_cache.add_flag(p)
     a = p.parse_args(argv)
     if a.resume and not a.out:
         p.error("--resume needs --out (the grid directory to continue)")
-    enable_compile_cache(a.compile_cache)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    for noisy in ("absl", "orbax", "jax", "spo_jax.train", "datasets"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     s = WorldSettings.quick() if a.quick else WorldSettings.grid()
     out = a.out or os.path.join("runs", "grid-" + time.strftime("%Y%m%d-%H%M%S"))
-    try:
-        with CompileStats() as compiles:
-            res = run_grid(s, out, families_=a.families or families(), report_seeds=a.seeds,
-                           validation_seed=a.validation_seed, resume=a.resume)
-    except (FileExistsError, FileNotFoundError, ValueError) as e:  # bad --out / --families / --seeds: one line, exit code 2
-        p.exit(2, f"{p.prog}: error: {e}\n")
-    print(f"report: {os.path.join(os.path.abspath(out), 'report.md')}  (wall {res['timings_s']['total']:.0f} s; "
-          f"{compiles.summary()})")
+    run_command(p, a, out, lambda: run_grid(s, out, families_=a.families or families(), report_seeds=a.seeds,
+                                            validation_seed=a.validation_seed, resume=a.resume),
+                expected=(FileExistsError, FileNotFoundError, ValueError))  # bad --out / --families / --seeds
 
 
 if __name__ == "__main__":

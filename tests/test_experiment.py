@@ -10,6 +10,7 @@ tests/test_demo.py.
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 
@@ -331,3 +332,27 @@ def test_run_grid_checks_its_arguments_before_running(tmp_path):
     with pytest.raises(ValueError, match="report_seeds is empty"):
         E.run_grid(s, str(tmp_path / "c"), families_=["DPO"], report_seeds=[])
     assert not any(tmp_path.iterdir())  # nothing was written
+
+
+def test_run_command_reports_and_makes_expected_errors_one_line_with_exit_2(tmp_path, monkeypatch, capsys):
+    """The grid's and the demo's shared command-line tail: the --compile-cache value reaches the cache, the
+    report path and wall time are printed, an expected error is one line with exit code 2, others propagate."""
+    caches = []
+    monkeypatch.setattr(E, "enable_compile_cache", caches.append)
+    p = argparse.ArgumentParser(prog="prog")
+    E.compile_cache.add_flag(p)
+    a = p.parse_args(["--compile-cache", "off"])
+    res = E.run_command(p, a, str(tmp_path), lambda: {"timings_s": {"total": 3.2}}, expected=(ValueError,), quiet=())
+    assert res == {"timings_s": {"total": 3.2}} and caches == ["off"]
+    assert capsys.readouterr().out.startswith(f"report: {tmp_path / 'report.md'}  (wall 3 s; ")
+
+    def fails(exc):
+        def run():
+            raise exc
+        return run
+    with pytest.raises(SystemExit) as e:
+        E.run_command(p, a, str(tmp_path), fails(ValueError("unknown method family 'XPO'")), expected=(ValueError,),
+                      quiet=())
+    assert e.value.code == 2 and capsys.readouterr().err == "prog: error: unknown method family 'XPO'\n"
+    with pytest.raises(KeyError):
+        E.run_command(p, a, str(tmp_path), fails(KeyError("a bug")), expected=(ValueError,), quiet=())
