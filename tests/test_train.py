@@ -10,6 +10,7 @@ first step (policy = reference: loss = log 2).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -286,7 +287,7 @@ GPT2_16 = dict(model_type="gpt2", vocab_size=128, n_embd=32, n_layer=2, n_head=4
                eos_token_id=3, pad_token_id=0)
 
 
-def test_max_length_beyond_the_models_positions(pairs, tmp_path):
+def test_max_length_beyond_the_models_positions(pairs, tmp_path, caplog):
     """data.max_length past max_position_embeddings: learned positions (GPT-2) are refused before anything is
     built (inline config or a local config.json); RoPE models run past it as in transformers, with a warning
     naming both fields and the fix."""
@@ -297,6 +298,11 @@ def test_max_length_beyond_the_models_positions(pairs, tmp_path):
     config_lib.validate_config(long, num_devices=1, process_count=1)  # RoPE: not refused
     warning = inputs.check_positions(long, models.ModelConfig.from_hf(dict(long.model.config)))
     assert all(s in warning for s in ("config.data.max_length=128", "max_position_embeddings=64", "<= 64"))
+    with caplog.at_level(logging.WARNING, logger="spo_jax.train"):  # the trainer runs, warning once
+        result = train.train(tiny_config(tmp_path / "long", pairs, data__max_length=128, train__num_steps=1,
+                                             optim__warmup_steps=0))
+    assert [r.getMessage() for r in caplog.records if "max_position_embeddings" in r.getMessage()] == [warning]
+    assert np.isfinite(train_losses(result)).all()
 
     want = (r"config\.data\.max_length=32: longer than the gpt2 model's max_position_embeddings=16 \(n_positions.*"
             r"lower data\.max_length to <= 16, or use a model with longer positions")
