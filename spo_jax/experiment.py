@@ -1,7 +1,7 @@
 """The experiment pipeline: start model -> pairs -> every method from the same start -> measurements -> report.
 
 One pipeline, used by the demo (``python -m spo_jax.demo``), by the evidence grid
-(``python -m spo_jax.experiment``) and by ``experiments/smollm2_gsm8k.py``:
+(``python -m spo_jax.experiment``) and by ``experiments/smollm2.py``:
 
 1. **Methods** (:class:`Method`, :func:`method`): the six Bradley-Terry losses of the
    paper's Table 2 (DPO, CPO, DPOP, R-DPO, SimPO, AlphaDPO), each alone or ``+SPO``

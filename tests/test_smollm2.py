@@ -1,0 +1,85 @@
+"""experiments/smollm2.py end to end at its smoke size: real SmolLM2 (GGUF), real HH-RLHF and GSM8K.
+
+Part 2's on-policy sampling finds no correct answer in 6 new tokens, so part 2 trains on a pairs
+file written here from the task's own solutions (chosen: the solution; rejected: the same with a
+wrong result), through the script's ``--task-pairs`` path; one method (DPO+SPO), one step per part.
+The checks are on what the script reports: sizes of the per-item vectors, intervals around their
+means, violation fractions that agree with the per-pair flags, the held-out preference accuracy
+equal to the mean of its per-pair flags, and a DPO step's training margin gain.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "experiments"))
+try:
+    import smollm2 as exp
+finally:
+    sys.path.pop(0)
+
+
+def test_arithmetic_task_and_hh_split_are_disjoint_and_stated(shared_data_dir):
+    train, test = exp.arithmetic_rows(50, 40, seed=0)
+    assert {r["question"] for r in train}.isdisjoint(r["question"] for r in test)
+    assert all(r["question"].endswith(exp.TASK_SUFFIX) and " ." not in r["question"] for r in train + test)
+    # the probe's problems are the first ones of the experiment's held-out split
+    assert exp.probe_rows("arith1", 10, str(shared_data_dir), seed=0) == test[:10]
+    tr, ho = exp.hh_split(str(shared_data_dir), 30, 20, seed=0)
+    assert len(tr) == 30 and len(ho) == 20 and {r["hh_index"] for r in tr}.isdisjoint(r["hh_index"] for r in ho)
+    assert all(r["prompt"].rstrip().endswith("Assistant:") for r in tr + ho)
+
+
+def test_smollm2_experiment_smoke(shared_data_dir, smollm2_gguf, tmp_path):
+    from spo_jax import models, sampling
+
+    _, test = exp.arithmetic_rows(exp.SIZES["smoke"].task_train, 4, seed=0)
+    tok = models.load_tokenizer(smollm2_gguf)
+    prompts = sampling.render_prompts(tok, test, use_chat_template=True)
+    pairs = tmp_path / "pairs.jsonl"
+    with open(pairs, "w") as f:
+        for prompt, row in zip(prompts, test):
+            body, answer = row["answer"].split("####")
+            f.write(json.dumps({"prompt": prompt, "chosen": row["answer"],
+                                "rejected": f"{body}#### {int(answer) + 1}"}) + "\n")
+    out = tmp_path / "out"
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)  # one CPU device (the script refuses simulated ones)
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "smollm2.py"), "--size", "smoke",
+                           "--out", str(out), "--model", smollm2_gguf, "--data", str(shared_data_dir),
+                           "--task-pairs", str(pairs), "--methods", "DPO+SPO"],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    size, stats = res["size"], res["statistics"]
+    assert len(res["base"]["task_correct"]) == size["task_test"]
+    for part in ("part1", "part2"):
+        r = res[part]["DPO+SPO"]
+        assert r["steps"] == 1 and len(r["task_correct"]) == size["task_test"]
+        assert math.isfinite(r["solution_nll"]) and r["solution_nll"] > 0
+        for arm in ("start", "DPO+SPO"):
+            ci = stats[part]["task_accuracy"][arm]
+            assert ci["lo"] <= ci["mean"] <= ci["hi"]
+        shifts = [r["train"]] + ([r["heldout"]] if part == "part1" else [])
+        for sh in shifts:
+            assert 0.0 <= sh["violation_frac"] <= 1.0
+            assert math.isclose(sh["violation_frac"], sum(sh["violation"]) / len(sh["violation"]))
+            # the violation flags are "chosen token-mean log-prob fell": all flags set -> the mean fell
+            if sh["violation_frac"] == 1.0:
+                assert sh["delta_chosen_token_mean"] < 0
+            if sh["violation_frac"] == 0.0:
+                assert sh["delta_chosen_token_mean"] >= 0
+        # one DPO step from the reference raises the chosen log-prob relative to the rejected one
+        assert r["train"]["delta_chosen"] - r["train"]["delta_rejected"] > 0
+    p1 = res["part1"]["DPO+SPO"]
+    assert len(p1["heldout_pref_correct"]) == res["hh_split"]["heldout_tokenized"] == len(p1["heldout"]["violation"])
+    assert math.isclose(p1["heldout_pref_acc"], sum(p1["heldout_pref_correct"]) / len(p1["heldout_pref_correct"]))
+    ci = stats["part1"]["heldout_pref_acc"]["DPO+SPO"]
+    assert ci["lo"] <= ci["mean"] <= ci["hi"]
+    assert [s["stage"] for s in res["stages"]][-1] == "part 2: DPO+SPO"
+    assert all(s["peak_rss_gb"] >= s["rss_gb"] > 0 for s in res["stages"])
+    md = (out / "results.md").read_text()
+    assert "| DPO+SPO |" in md and "Part 1, HH-RLHF" in md and "Part 2, on-policy" in md
