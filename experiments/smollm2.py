@@ -94,10 +94,10 @@ SIZES = {
     "full": Size(hh_train=2000, hh_heldout=312, hh_max_length=512, task_train=480, samples=8, temperature=0.8,
                  task_test=500, task_new_tokens=48, nll_questions=1319, max_length=256, gen_batch=256,
                  batch_size=32, epochs=2, learning_rate=2e-6),
-    # the test of this script (tests/test_smollm2.py): the code path in seconds, not a measurement
-    "smoke": Size(hh_train=4, hh_heldout=4, hh_max_length=64, task_train=2, samples=2, temperature=0.8,
+    # the test of this script (tests/test_smollm2.py, a tiny random model): the code path, not a measurement
+    "smoke": Size(hh_train=4, hh_heldout=4, hh_max_length=96, task_train=2, samples=2, temperature=0.8,
                   task_test=4, task_new_tokens=6, nll_questions=4, max_length=96, gen_batch=4,
-                  batch_size=4, epochs=1, learning_rate=1e-5),
+                  batch_size=4, epochs=1, learning_rate=1e-3),
 }
 
 #: The arms: the paper's DPO and SimPO, each alone and + SPO (penalty on the reference gap, gamma 10),

@@ -1,7 +1,10 @@
-"""experiments/smollm2.py end to end at its smoke size: real SmolLM2 (GGUF), real HH-RLHF and GSM8K.
+"""experiments/smollm2.py end to end at its smoke size: a tiny random Llama (transformers' PyTorch
+class + ``save_pretrained``) with SmolLM2's tokenizer (from its GGUF file) and chat template, on
+the real HH-RLHF and GSM8K files -- the experiment's code path in seconds (SmolLM2's 30 layers
+alone take minutes to compile on a CPU).
 
-Part 2's on-policy sampling finds no correct answer in 6 new tokens, so part 2 trains on a pairs
-file written here from the task's own solutions (chosen: the solution; rejected: the same with a
+A random model's samples are never correct, so part 2 trains on a pairs file written here from
+the task's own solutions (chosen: the solution; rejected: the same with a
 wrong result), through the script's ``--task-pairs`` path; one method (DPO+SPO), one step per part.
 The checks are on what the script reports: sizes of the per-item vectors, intervals around their
 means, violation fractions that agree with the per-pair flags, the held-out preference accuracy
@@ -34,10 +37,19 @@ def test_arithmetic_task_and_hh_split_are_disjoint_and_stated(shared_data_dir):
 
 
 def test_smollm2_experiment_smoke(shared_data_dir, smollm2_gguf, tmp_path):
+    import torch
+    import transformers
     from spo_jax import models, sampling
 
-    _, test = exp.arithmetic_rows(exp.SIZES["smoke"].task_train, 4, seed=0)
     tok = models.load_tokenizer(smollm2_gguf)
+    ckpt = tmp_path / "tiny"
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(str(ckpt))
+    tok.save_pretrained(str(ckpt))
+    _, test = exp.arithmetic_rows(exp.SIZES["smoke"].task_train, 4, seed=0)
     prompts = sampling.render_prompts(tok, test, use_chat_template=True)
     pairs = tmp_path / "pairs.jsonl"
     with open(pairs, "w") as f:
@@ -49,7 +61,7 @@ def test_smollm2_experiment_smoke(shared_data_dir, smollm2_gguf, tmp_path):
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # one CPU device (the script refuses simulated ones)
     proc = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "smollm2.py"), "--size", "smoke",
-                           "--out", str(out), "--model", smollm2_gguf, "--data", str(shared_data_dir),
+                           "--out", str(out), "--model", str(ckpt), "--data", str(shared_data_dir),
                            "--task-pairs", str(pairs), "--methods", "DPO+SPO"],
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
