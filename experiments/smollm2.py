@@ -101,10 +101,10 @@ SIZES = {
 }
 
 #: The arms: the paper's DPO and SimPO, each alone and + SPO (penalty on the reference gap, gamma 10),
-#: and the baselines RPO (DPO + NLL of the chosen, lambda 1), DPOP (lambda 50) and RFT (fine-tuning on
-#: the chosen alone); hyperparameters as in spo_jax.experiment.BT_LOSSES / BASELINES. "SFT-mix"
-#: (DPO + lambda * NLL of SFT data) is not a method of spo_jax.experiment yet (issue 14, helper sftmix).
-METHODS = ("DPO", "DPO+SPO", "SimPO", "SimPO+SPO", "RPO", "DPOP", "RFT")
+#: and the baselines RPO (DPO + NLL of the chosen, lambda 1), DPOP (lambda 50), RFT (fine-tuning on
+#: the chosen alone) and SFT-mix (DPO + lambda * NLL of SFT data, lambda 1: GSM8K train solutions,
+#: :func:`sft_rows`); hyperparameters as in spo_jax.experiment.BT_LOSSES / BASELINES.
+METHODS = ("DPO", "DPO+SPO", "SimPO", "SimPO+SPO", "RPO", "DPOP", "RFT", "SFT-mix")
 SPO_FAMILIES = ("DPO+SPO", "SimPO+SPO")
 
 #: Part 2's task: one-step additions / subtractions of small numbers (989 distinct problems).
@@ -171,6 +171,15 @@ def hh_split(data_dir: str, n_train: int, n_heldout: int, seed: int) -> tuple[li
         prompt, chosen, rejected = loading.extract_prompt(raw[i]["chosen"], raw[i]["rejected"])
         rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "hh_index": int(i)})
     return rows[:n_train], rows[len(rows) - n_heldout:]
+
+
+def sft_rows(tokenizer, data_dir: str, n: int) -> datasets.Dataset:
+    """The SFT data of the arms that read them (SFT-mix): SmolLM2's own SFT mixture is not available,
+    so the supervised ability data stand in -- the first ``n`` GSM8K train questions (chat template)
+    with their reference solutions, as prompt / completion rows."""
+    rows = read_jsonl(os.path.join(data_dir, "gsm8k", "train.jsonl"), n)
+    prompts = sampling.render_prompts(tokenizer, rows, use_chat_template=True)
+    return datasets.Dataset.from_list([{"prompt": p, "completion": r["answer"]} for p, r in zip(prompts, rows)])
 
 
 def tokenized_pairs(tokenizer, pairs: list[dict], max_length: int):
@@ -263,6 +272,7 @@ def preference_config(model_path: str, run_dir: str, size: Size, num_pairs: int,
     c.seed = seed
     c.model.path = model_path
     c.model.dtype = "float32"
+    c.model.remat = True  # each layer's activations recomputed in the backward pass: 30 layers' worth not kept
     experiment.apply_method(c, m)
     c.data.max_length = max_length
     c.data.min_prompt_length = min(64, max_length // 2)
@@ -433,7 +443,9 @@ def run(size_name: str, out: str, model_path: str | None = None, data_dir: str |
                                                          seed),
         train_data=datasets.Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")}
                                                for p in hh_train]),
-        measure=measure_hh, out_dir=os.path.join(out, "part1"))
+        measure=measure_hh, out_dir=os.path.join(out, "part1"),
+        sft_data=sft_rows(tokenizer, data_dir, max(1, size.epochs * len(hh_train) // size.batch_size)
+                          * size.batch_size))
     if len(task_pairs) < size.batch_size:
         results["part2"] = {}
         results["note"] = f"part 2: only {len(task_pairs)} pairs (< batch {size.batch_size}): no preference training"
@@ -443,7 +455,9 @@ def run(size_name: str, out: str, model_path: str | None = None, data_dir: str |
                                                              m, seed),
             train_data=datasets.Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")}
                                                    for p in task_pairs]),
-            measure=measure_task, out_dir=os.path.join(out, "part2"))
+            measure=measure_task, out_dir=os.path.join(out, "part2"),
+            sft_data=sft_rows(tokenizer, data_dir, max(1, size.epochs * len(task_pairs) // size.batch_size)
+                              * size.batch_size))
     results["stages"] = st.rows
     results["total_s"] = time.time() - st.t0
     results["statistics"] = statistics(results)

@@ -5,7 +5,8 @@ alone take minutes to compile on a CPU).
 
 A random model's samples are never correct, so part 2 trains on a pairs file written here from
 the task's own solutions (chosen: the solution; rejected: the same with a
-wrong result), through the script's ``--task-pairs`` path; one method (DPO+SPO), one step per part.
+wrong result), through the script's ``--task-pairs`` path; two methods (DPO+SPO, and SFT-mix with its
+SFT data), one step each per part.
 The checks are on what the script reports: sizes of the per-item vectors, intervals around their
 means, violation fractions that agree with the per-pair flags, the held-out preference accuracy
 equal to the mean of its per-pair flags, and a DPO step's training margin gain.
@@ -62,7 +63,7 @@ def test_smollm2_experiment_smoke(shared_data_dir, smollm2_gguf, tmp_path):
     env.pop("XLA_FLAGS", None)  # one CPU device (the script refuses simulated ones)
     proc = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "smollm2.py"), "--size", "smoke",
                            "--out", str(out), "--model", str(ckpt), "--data", str(shared_data_dir),
-                           "--task-pairs", str(pairs), "--methods", "DPO+SPO"],
+                           "--task-pairs", str(pairs), "--methods", "DPO+SPO,SFT-mix"],
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
@@ -91,7 +92,52 @@ def test_smollm2_experiment_smoke(shared_data_dir, smollm2_gguf, tmp_path):
     assert math.isclose(p1["heldout_pref_acc"], sum(p1["heldout_pref_correct"]) / len(p1["heldout_pref_correct"]))
     ci = stats["part1"]["heldout_pref_acc"]["DPO+SPO"]
     assert ci["lo"] <= ci["mean"] <= ci["hi"]
-    assert [s["stage"] for s in res["stages"]][-1] == "part 2: DPO+SPO"
+    assert [s["stage"] for s in res["stages"]][-4:] == ["part 1: DPO+SPO", "part 1: SFT-mix", "part 2: DPO+SPO",
+                                                        "part 2: SFT-mix"]
+    assert all(res[part]["SFT-mix"]["steps"] == 1 for part in ("part1", "part2"))
     assert all(s["peak_rss_gb"] >= s["rss_gb"] > 0 for s in res["stages"])
     md = (out / "results.md").read_text()
     assert "| DPO+SPO |" in md and "Part 1, HH-RLHF" in md and "Part 2, on-policy" in md
+
+
+def test_statistics_and_report_on_small_stored_results():
+    """``statistics`` / ``report`` on hand-made per-item vectors: intervals around the means, paired
+    differences to the start equal to the differences of the means, a reading that places every
+    +SPO arm, one table row per arm."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    arms = exp.METHODS
+    n_task, n_pref = 30, 12
+
+    def shift(n):
+        v = rng.integers(0, 2, n)
+        return {"delta_chosen": float(rng.normal()), "delta_rejected": float(rng.normal()),
+                "delta_chosen_token_mean": 0.0, "violation_frac": float(v.mean()), "violation": v.tolist()}
+
+    res = {"size": exp.dataclasses.asdict(exp.SIZES["cpu"]), "size_name": "cpu", "seed": 0, "total_s": 60.0,
+           "hh_split": {"train": 64, "heldout": n_pref, "rule": "stated", "file": exp.HH_FILE},
+           "task_pairs": {"num_pairs": 40, "sample_accuracy": 0.2},
+           "base": {"task_correct": rng.integers(0, 2, n_task).tolist(), "solution_nll": 1.5,
+                    "heldout_pref_acc_len": 0.5},
+           "stages": [{"stage": "load", "wall_s": 1.0, "cpu_s": 1.0, "rss_gb": 1.0, "peak_rss_gb": 1.2}]}
+    res["part1"] = {a: {"task_correct": rng.integers(0, 2, n_task).tolist(), "solution_nll": 1.4, "steps": 8,
+                        "train": shift(8), "heldout": shift(n_pref), "heldout_pref_acc_len": 0.5,
+                        "heldout_pref_correct": rng.integers(0, 2, n_pref).tolist()} for a in arms}
+    res["part2"] = {a: {"task_correct": rng.integers(0, 2, n_task).tolist(), "solution_nll": 1.4, "steps": 5,
+                        "train": shift(8)} for a in arms}
+    stats = exp.statistics(res, n_boot=300)
+    json.dumps(stats)  # no bootstrap draws or arrays left in what results.json stores
+    for part in ("part1", "part2"):
+        for a, r in stats[part]["task_accuracy"].items():
+            items = res["base"]["task_correct"] if a == "start" else res[part][a]["task_correct"]
+            assert math.isclose(r["mean"], sum(items) / n_task) and r["lo"] <= r["mean"] <= r["hi"]
+            assert math.isclose(r["diff"], r["mean"] - stats[part]["task_accuracy"]["start"]["mean"])
+            assert r["diff_lo"] <= r["diff"] <= r["diff_hi"]
+    for a, r in stats["part1"]["heldout_pref_acc"].items():
+        assert math.isclose(r["mean"], sum(res["part1"][a]["heldout_pref_correct"]) / n_pref)
+    for spo in exp.SPO_FAMILIES:
+        assert f"{spo} (" in stats["part1"]["reading"] and f"{spo} minus" in stats["part2"]["reading"]
+    res["statistics"] = stats
+    md = exp.report(res)
+    assert all(md.count(f"| {a} |") == 2 for a in arms)  # one row in each part's table
