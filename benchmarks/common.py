@@ -7,7 +7,9 @@ WordLevel tokenizer maps them back to exactly those ids on the TRL side.
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -36,6 +38,17 @@ LLAMA_CONFIG = dict(
     eos_token_id=EOS_ID,
     pad_token_id=PAD_ID,
 )
+
+
+def add_shape_args(p: argparse.ArgumentParser, *, pairs: int = 8, prompt_len: int = 64, response_len: int = 64,
+                   cap_help: str | None = None) -> None:
+    """The benchmarks' ``--pairs-per-step``, ``--prompt-len`` and ``--response-len`` flags (``make_pairs``'
+    sizes); ``cap_help``: their help when the lengths are caps of skewed lengths."""
+    p.add_argument("--pairs-per-step", type=int, default=pairs)
+    p.add_argument("--prompt-len", type=int, default=prompt_len,
+                   help=cap_help and f"cap of the skewed prompt {cap_help}")
+    p.add_argument("--response-len", type=int, default=response_len,
+                   help=cap_help and f"cap of the skewed response {cap_help}")
 
 
 def make_pairs(n_pairs: int, prompt_len: int, response_len: int, seed: int = 0,
@@ -79,7 +92,6 @@ def summarize(values: list[float]) -> dict:
 
 
 def machine_info() -> dict:
-    import os
     cpu = "unknown"
     try:
         with open("/proc/cpuinfo") as f:
@@ -103,7 +115,6 @@ def run_json_subprocess(args: list[str]) -> dict:
 
 def write_section(path: str, name: str, body: str) -> None:
     """Replace (or append) the section between <!-- name --> markers of RESULTS.md."""
-    import os
     begin, end = f"<!-- {name} -->", f"<!-- /{name} -->"
     text = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
     block = f"{begin}\n{body.rstrip()}\n{end}"

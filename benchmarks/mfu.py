@@ -30,7 +30,7 @@ import jax
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from common import LLAMA_CONFIG, machine_info, make_pairs, write_section  # noqa: E402
+from common import LLAMA_CONFIG, add_shape_args, machine_info, make_pairs, write_section  # noqa: E402
 from spo_jax_train import Bench, make_config, versions  # noqa: E402
 
 
@@ -69,9 +69,7 @@ def measure(*, pairs: int, prompt_len: int, response_len: int, rounds: int, dtyp
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--pairs-per-step", type=int, default=8)
-    p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--response-len", type=int, default=64)
+    add_shape_args(p)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--write", default=os.path.join(HERE, "RESULTS.md"))

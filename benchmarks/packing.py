@@ -25,7 +25,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from common import machine_info, make_pairs, write_section  # noqa: E402
+from common import add_shape_args, machine_info, make_pairs, write_section  # noqa: E402
 from spo_jax_train import Bench, make_config, versions  # noqa: E402
 
 
@@ -63,9 +63,7 @@ def measure(*, n_pairs: int, pairs: int, prompt_len: int, response_len: int, rou
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--pairs", type=int, default=32, help="pairs in the data set (one pass per round)")
-    p.add_argument("--pairs-per-step", type=int, default=8)
-    p.add_argument("--prompt-len", type=int, default=128, help="cap of the skewed prompt lengths")
-    p.add_argument("--response-len", type=int, default=128, help="cap of the skewed response lengths")
+    add_shape_args(p, prompt_len=128, response_len=128, cap_help="lengths")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--write", default=os.path.join(HERE, "RESULTS.md"))
     a = p.parse_args()

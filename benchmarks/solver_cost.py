@@ -23,7 +23,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from common import machine_info, make_pairs, write_section  # noqa: E402
+from common import add_shape_args, machine_info, make_pairs, write_section  # noqa: E402
 from spo_jax_train import Bench, make_config, versions  # noqa: E402
 
 SOLVERS = ("penalty_reference", "penalty_inner_sft_k1", "penalty_inner_sft_k4", "barrier",
@@ -72,9 +72,7 @@ def measure(variants, *, pairs: int, prompt_len: int, response_len: int, rounds:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--pairs-per-step", type=int, default=4)
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--response-len", type=int, default=32)
+    add_shape_args(p, pairs=4, prompt_len=32, response_len=32)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--cg-iters", type=int, default=20)
     p.add_argument("--solvers", default=",".join(SOLVERS))

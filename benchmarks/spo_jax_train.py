@@ -42,7 +42,7 @@ from spo_jax.objectives import make_logps_fn  # noqa: E402
 from spo_jax.optim import make_optimizer  # noqa: E402
 from spo_jax.train import TrainState, make_train_step  # noqa: E402
 
-from common import LLAMA_CONFIG, PAD_ID, make_pairs, peak_rss_mib  # noqa: E402
+from common import LLAMA_CONFIG, PAD_ID, add_shape_args, make_pairs, peak_rss_mib  # noqa: E402
 
 # name -> config overrides (dotted keys of spo_jax.config). "online" reference =
 # a frozen copy of the initial policy whose forward runs inside the step, as TRL's
@@ -224,9 +224,7 @@ class Bench:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--variant", default="dpo", choices=sorted(VARIANTS))
-    p.add_argument("--pairs-per-step", type=int, default=8)
-    p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--response-len", type=int, default=64)
+    add_shape_args(p)
     p.add_argument("--steps", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])

@@ -21,7 +21,7 @@ from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback
 
-from common import BOS_ID, EOS_ID, LLAMA_CONFIG, PAD_ID, VOCAB, make_pairs, peak_rss_mib, real_tokens
+from common import BOS_ID, EOS_ID, LLAMA_CONFIG, PAD_ID, VOCAB, add_shape_args, make_pairs, peak_rss_mib, real_tokens
 
 
 def word_tokenizer() -> PreTrainedTokenizerFast:
@@ -56,9 +56,7 @@ def main() -> None:
     from trl import DPOConfig, DPOTrainer
 
     p = argparse.ArgumentParser()
-    p.add_argument("--pairs-per-step", type=int, default=8)
-    p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--response-len", type=int, default=64)
+    add_shape_args(p)
     p.add_argument("--steps", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=os.cpu_count())
