@@ -13,7 +13,8 @@ Two kinds of compiled program, so that a whole sampling job compiles a handful o
 The cache is one array per layer, keys ``[B, KV, hd, S]`` and values ``[B, KV, S, hd]``: a step's
 attention is then two plain batched products per KV head (the query heads grouped by KV head, no
 repeated K/V, no copy of the cache; the earlier stacked ``[L, B, S, KV, hd]`` cache was transposed whole
-for every layer at every step, 40% of a SmolLM2 decode step). It holds ``S = length_bucket(filled
+for every layer at every step: 27% of a traced SmolLM2 decode step, whose CPU time fell by a third without
+it; benchmarks/RESULTS.md, "Sampling"). It holds ``S = length_bucket(filled
 length)`` slots, not prompt + budget: it starts at the bucket of the prompt plus one chunk and grows (a
 copy into the next bucket) only when a chunk would not fit, so attention touches at most ~1.5x the filled
 part, and a job whose rows all stop early never pays for the budget it did not use. Between chunks the
