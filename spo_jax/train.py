@@ -41,7 +41,7 @@ from flax import nnx, struct
 
 from spo_jax import adapters
 from spo_jax import config as config_lib
-from spo_jax import inputs, models, objectives, sampling
+from spo_jax import inputs, models, objectives, sampling, validation
 from spo_jax import reference as reference_lib
 from spo_jax import sharding as sharding_lib
 from spo_jax.checkpoint import Checkpointer, check_resume_config
@@ -545,11 +545,11 @@ def validate_for_run(config, *, train_data=None, eval_data=None, sft_data=None) 
         return
     c = config.copy_and_resolve_references()
     if train_data is not None and not c.data.train_path:
-        c.data.train_path = "<in-memory>"
+        c.data.train_path = validation.IN_MEMORY + ">"
     if eval_data is not None and not c.data.eval_path:
-        c.data.eval_path = "<in-memory>"
+        c.data.eval_path = validation.IN_MEMORY + ">"
     if sft_data is not None and not c.data.sft_path:
-        c.data.sft_path = "<in-memory sft_data>"
+        c.data.sft_path = validation.IN_MEMORY + " sft_data>"
     config_lib.validate_config(c)
 
 

@@ -63,12 +63,17 @@ def check_choice(config, field: str, choices: Sequence[str]) -> None:
         fail(field, v, f"must be one of {tuple(choices)}")
 
 
+#: What ``train.validate_for_run`` puts in a path field when ``train(..., train_data=/eval_data=/sft_data=)``
+#: passes the data in memory: no path to check.
+IN_MEMORY = "<in-memory"
+
+
 def check_source(field: str, value: str) -> None:
     """A path that looks local (``spo_jax.models.looks_like_path``, with model and data file suffixes) must
     exist; Hub ids like ``org/name`` are left to the loader."""
     if not isinstance(value, str):
         fail(field, value, "must be a string (a path or a Hub id)")
-    if os.path.exists(os.path.expanduser(value)):
+    if value.startswith(IN_MEMORY) or os.path.exists(os.path.expanduser(value)):
         return
     if looks_like_path(value, MODEL_SUFFIXES + DATA_SUFFIXES):
         fail(field, value, "no such file or directory; fix the path (Hub ids look like 'org/name')")
