@@ -907,7 +907,9 @@ def run_grid(s: WorldSettings, out_dir: str, *, families_: Sequence[str], report
     With ``validation_seed``: every family at every value of :data:`SWEEP` runs on that seed,
     each family's value is chosen there (:func:`choose`) and only the chosen arms run on the
     ``report_seeds`` (which must not include the validation seed). Without it: each family runs
-    at its defaults, or at ``fixed[family]`` (e.g. ``{"RPO": {"lam": 10}}``), chosen before running.
+    at its defaults, or at ``fixed[family]`` (e.g. ``{"RPO": {"lam": 10}, "+SPO": {"spo_gamma": 30}}``;
+    ``"+SPO"`` holds every SPO family's), chosen before running; ``fixed`` may also map each
+    setting to such a dict (``{"correctness": {...}, "style": {...}}``).
 
     ``resume``: continue a grid in ``out_dir`` that was killed, or extend it (more families or
     seeds): the world settings must equal the stored ones (``grid.json``); finished SFT models,
@@ -951,9 +953,10 @@ def run_grid(s: WorldSettings, out_dir: str, *, families_: Sequence[str], report
         for k in settings:
             chosen[k] = choose(validation["settings"][k]["runs"], arms, k)
     else:
+        per_setting = bool(fixed) and set(fixed) <= set(SETTINGS)
         for k in settings:
-            chosen[k] = {f: method(f, **dict((fixed or {}).get(f if not is_spo_family(f) else "+SPO", {})))
-                         for f in families_}
+            hp = (fixed or {}).get(k, {}) if per_setting else (fixed or {})
+            chosen[k] = {f: method(f, **dict(hp.get(f if not is_spo_family(f) else "+SPO", {}))) for f in families_}
     per_seed = [run_world_seed(s, seed, {k: list(chosen[k].values()) for k in settings},
                                os.path.join(out_dir, f"seed{seed}"), resume=resume) for seed in report_seeds]
     result = {"settings": dataclasses.asdict(s), "families": list(families_), "report_seeds": list(report_seeds),
@@ -1069,6 +1072,17 @@ def _ci(r: Mapping, nd: int = 3, diff: bool = False) -> str:
     return f"{r['mean']:.{nd}f} [{r['lo']:.{nd}f}, {r['hi']:.{nd}f}]"
 
 
+def _time_line(result: Mapping) -> str:
+    t, m = result["timings_s"], result["machine"]
+    line = (f"Wall time of this invocation: {t['total']:.0f} s, {t.get('cpu', float('nan')):.0f} CPU s, on "
+            f"{m['cpu_count']} CPU cores (1-min load average at the end {m['load_avg_1min_at_end'] or float('nan'):.1f}).")
+    if t.get("resumed"):
+        line += (f" It resumed a grid: the SFT models took {t['sft_all_runs']:.0f} s and the arms "
+                 f"{t['arms_all_runs']:.0f} s of wall time summed over the invocations that ran them (concurrent "
+                 "processes on a shared machine count each their own wall time).")
+    return line
+
+
 def write_report(result: Mapping, out_dir: str) -> str:
     """``report.md`` (tables with 95% intervals, the readings, which seeds chose and which
     measured, the SFT curves, timings) and ``pareto_style.png``; returns the report text."""
@@ -1128,8 +1142,7 @@ def write_report(result: Mapping, out_dir: str) -> str:
           "violation frac = share of pairs whose chosen token-mean log-prob fell below the SFT model's (SPO's "
           "q_i > 0); win rate = share of held-out prompts where the arm's greedy response has a higher style reward "
           "than the SFT model's (ties half); style reward = share of equations written result-first.", "",
-          f"Wall time: {result['timings_s']['total']:.0f} s on {result['machine']['cpu_count']} CPU cores shared with "
-          f"other jobs (1-min load average at the end {result['machine']['load_avg_1min_at_end'] or float('nan'):.1f})."]
+          _time_line(result)]
     text = "\n".join(L) + "\n"
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write(text)

@@ -25,7 +25,8 @@ FAMILIES = ["DPO", "DPO+SPO", "RPO"]
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
-    proc = subprocess.run([sys.executable, "-m", "spo_jax.demo", "--quick", "--out", str(out), "--families", *FAMILIES],
+    proc = subprocess.run([sys.executable, "-m", "spo_jax.demo", "--quick", "--seed", "0", "--out", str(out),
+                           "--families", *FAMILIES],
                           capture_output=True, text=True, timeout=1200, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert f"report: {out / 'report.md'}" in proc.stdout
@@ -34,7 +35,7 @@ def quick_run(tmp_path_factory):
 
 def test_quick_demo_writes_a_complete_run(quick_run):
     out, res = quick_run
-    labels = ["DPO", "DPO+SPO γ=10", "RPO λ=10"]  # at the demo's fixed weights
+    labels = ["DPO", "DPO+SPO γ=30", "RPO λ=10"]  # at the demo's fixed weights
     assert res["report_seeds"] == [0] and res["validation_seed"] is None
     (run,) = res["per_seed"]
     n = experiment.WorldSettings.quick().n_test
@@ -65,7 +66,7 @@ def test_quick_demo_shows_the_sign(quick_run):
     """DPO's violation fraction is above DPO+SPO's and its chosen log-prob change below (correctness pairs)."""
     _, res = quick_run
     runs = res["per_seed"][0]["settings"]["correctness"]["runs"]
-    dpo, spo = runs["DPO"], runs["DPO+SPO γ=10"]
+    dpo, spo = runs["DPO"], runs["DPO+SPO γ=30"]
     assert dpo["violation_frac"] > spo["violation_frac"], (dpo["violation_frac"], spo["violation_frac"])
     assert dpo["delta_chosen_logp"] < spo["delta_chosen_logp"], (dpo["delta_chosen_logp"], spo["delta_chosen_logp"])
 
