@@ -272,7 +272,6 @@ def preference_config(model_path: str, run_dir: str, size: Size, num_pairs: int,
     c.seed = seed
     c.model.path = model_path
     c.model.dtype = "float32"
-    c.model.remat = True  # each layer's activations recomputed in the backward pass: 30 layers' worth not kept
     experiment.apply_method(c, m)
     c.data.max_length = max_length
     c.data.min_prompt_length = min(64, max_length // 2)
