@@ -543,6 +543,18 @@ def levelled_off(curve: Mapping[str, float]) -> bool:
     return len(points) >= 2 and points[-1] - points[-2] < LEVEL_TOLERANCE
 
 
+def sft_until_levelled(s: "WorldSettings", curve: dict[int, float], run_sft: Callable[[int], dict[int, float]]) -> None:
+    """Train SFT to ``s.sft_steps`` (when ``curve`` is empty), then on by ``s.sft_eval_every`` steps
+    while the accuracy curve has not levelled off (:func:`levelled_off`), up to ``s.sft_max_steps``.
+    ``run_sft(num_steps)`` trains (or continues) to that step and returns the curve's new points;
+    ``curve`` ({step: accuracy}) is updated in place."""
+    if not curve:
+        curve.update(run_sft(s.sft_steps))
+    while curve and s.sft_eval_every > 0 and not levelled_off(curve) \
+            and max(curve) + s.sft_eval_every <= s.sft_max_steps:
+        curve.update(run_sft(max(curve) + s.sft_eval_every))
+
+
 @dataclasses.dataclass
 class WorldSettings:
     """Sizes of one whole-pipeline seed on the synthetic world. ``grid()`` is the evidence grid,
@@ -568,6 +580,7 @@ class WorldSettings:
     # (validation accuracy; seed 0): 0.545 at 1000 steps, 0.77 at 1200 (still rising); a 1500-step run
     # on another split reached 0.89 / 0.84 / 0.85 at 1200 / 1350 / 1500.
     sft_steps: int = 2000
+    sft_max_steps: int = 4000          # past sft_steps, SFT goes on by sft_eval_every while the curve still rises
     sft_batch: int = 64
     sft_lr: float = 3e-3
     sft_eval_every: int = 250
@@ -597,7 +610,7 @@ class WorldSettings:
         return cls(n_sft=480, n_test=48, n_val=16, n_pair_prompts=96, hidden_size=32, num_layers=1, num_heads=2,
                    difficulty=dict(steps=(1, 1), start_range=(2, 40), operand_range=(1, 9), ops=("add", "sub"),
                                    max_value=60), max_length=48, max_new_tokens=16, intermediate_size=64,
-                   sft_steps=150, sft_batch=32, sft_lr=1e-2, sft_eval_every=75, num_samples=4, gen_batch=64,
+                   sft_steps=150, sft_max_steps=150, sft_batch=32, sft_lr=1e-2, sft_eval_every=75, num_samples=4, gen_batch=64,
                    pref_steps=10, pref_batch=8, pref_lr=1e-3, n_mass_pairs=8, mass_samples=2)
 
 
@@ -726,23 +739,37 @@ def run_world_seed(s: WorldSettings, seed: int, arms: Mapping[str, Sequence[Meth
     t = time.perf_counter()
     sft_dir = os.path.join(out_dir, "sft")
     sft_record = os.path.join(sft_dir, "sft.json")
+    sft_graphdef = sft_params = None
     if resume and os.path.exists(sft_record):
         rec = _read_json(sft_record)
         sft_export, curve = rec["export_dir"], {int(k): v for k, v in rec["curve"].items()}
-        sft_graphdef, sft_params = nnx.split(models.from_pretrained(sft_export))
         timings["sft"] = rec["seconds"]
         logger.info("seed %d: SFT model read back from %s", seed, sft_export)
     else:
         if resume and os.path.isdir(sft_dir):
             shutil.rmtree(sft_dir)  # half-done by a killed run
-        sft = train(sft_config(s, sft_dir, seed), train_data=_dataset(sft_rows), eval_data=_dataset(val_rows))
-        timings["sft"] = time.perf_counter() - t
-        curve = {int(h["step"]): float(h["gen/accuracy"]) for h in sft.history
-                 if h["split"] == "eval" and "gen/accuracy" in h}
+        curve = {}
+        timings["sft"] = 0.0
+
+    def run_sft(num_steps: int) -> dict[int, float]:
+        """Train (or continue) the SFT run to ``num_steps``; its new points of the accuracy curve."""
+        nonlocal sft_graphdef, sft_params, sft_export
+        t = time.perf_counter()
+        c = sft_config(s, sft_dir, seed)
+        c.train.num_steps = num_steps
+        c.checkpoint.resume = bool(curve)  # continue from the last run's final checkpoint
+        sft = train(c, train_data=_dataset(sft_rows), eval_data=_dataset(val_rows))
         sft_graphdef, sft_params, sft_export = sft.graphdef, jax.device_get(sft.state.params), sft.export_dir
-        del sft
+        new = {int(h["step"]): float(h["gen/accuracy"]) for h in sft.history
+               if h["split"] == "eval" and "gen/accuracy" in h and int(h["step"]) > max(curve, default=0)}
+        timings["sft"] += time.perf_counter() - t
         _write_json(sft_record, {"export_dir": sft_export, "seconds": timings["sft"],
-                                 "curve": {str(k): v for k, v in curve.items()}})
+                                 "curve": {str(k): v for k, v in sorted({**curve, **new}.items())}})
+        return new
+
+    sft_until_levelled(s, curve, run_sft)
+    if sft_graphdef is None:
+        sft_graphdef, sft_params = nnx.split(models.from_pretrained(sft_export))
     sft_model = nnx.merge(sft_graphdef, sft_params)
 
     def greedy(model) -> tuple[np.ndarray, np.ndarray]:

@@ -356,3 +356,24 @@ def test_run_command_reports_and_makes_expected_errors_one_line_with_exit_2(tmp_
     assert e.value.code == 2 and capsys.readouterr().err == "prog: error: unknown method family 'XPO'\n"
     with pytest.raises(KeyError):
         E.run_command(p, a, str(tmp_path), fails(KeyError("a bug")), expected=(ValueError,), quiet=())
+
+
+def test_sft_goes_on_until_the_curve_levels_off():
+    s = E.WorldSettings(sft_steps=1000, sft_eval_every=250, sft_max_steps=2000)
+    script = {1000: {500: 0.5, 750: 0.7, 1000: 0.8}, 1250: {1250: 0.9}, 1500: {1500: 0.91}}
+    calls = []
+
+    def run_sft(n):
+        calls.append(n)
+        return script[n]
+
+    curve = {}
+    E.sft_until_levelled(s, curve, run_sft)
+    assert calls == [1000, 1250, 1500] and max(curve) == 1500 and E.levelled_off(curve)
+    calls.clear()
+    E.sft_until_levelled(s, curve, run_sft)  # read back, already level: nothing to train
+    assert calls == []
+    rising = {1000: {750: 0.1, 1000: 0.5}, **{n: {n: 0.5 + (n - 1000) / 1000} for n in (1250, 1500, 1750, 2000)}}
+    curve = {}
+    E.sft_until_levelled(s, curve, lambda n: calls.append(n) or rising[n])
+    assert calls == [1000, 1250, 1500, 1750, 2000] and not E.levelled_off(curve)  # stops at sft_max_steps
