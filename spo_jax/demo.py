@@ -17,8 +17,9 @@ whole-pipeline seed:
    column) and (b) *off-task style* (the result-first style preferred, an exact reward that
    says nothing about correctness: the paper's UltraFeedback -> GSM8K shape).
 3. From the **same SFT checkpoint**, same pairs, order, seed, steps and optimiser: DPO and
-   DPO+SPO, and the baselines RPO (DPO + λ·NLL of the chosen), DPOP and RFT (fine-tuning on
-   the chosen responses alone), at hyperparameters fixed before running (:data:`FIXED`).
+   DPO+SPO, and the baselines RPO (DPO + λ·NLL of the chosen), SFT-mix (DPO + λ·NLL of the SFT
+   data), DPOP and RFT (fine-tuning on the chosen responses alone), at the weights the grid chose
+   on its validation seed (:data:`FIXED`).
 4. **Measurements** with 95% bootstrap intervals over the held-out problems: greedy accuracy
    on ``n_test`` held-out problems, change of the chosen / rejected log-probs of the training
    pairs, the violation fraction (SPO's q_i > 0), for (b) the exact win rate against the SFT
@@ -29,11 +30,11 @@ Writes ``<out>/report.md``, ``results.json``, ``pareto_style.png`` and the runs'
 The full grid (all six Table-2 losses +/- SPO, hyperparameters swept on a validation seed,
 reported on other seeds) is ``python -m spo_jax.experiment``.
 
-Record (2026-11-30, ``python -m spo_jax.demo``, 2 CPU cores shared with five other jobs, load
-10-12): 3095 s wall (SFT 2146 s). SFT 0.928 held-out accuracy (1000 problems). (a) DPO 0.669,
-DPO+SPO 0.944, RPO 0.960, DPOP 0.960, RFT 0.965. (b) win rate / accuracy: DPO 0.925 / 0.290,
-DPO+SPO 0.866 / 0.725, RPO 0.881 / 0.839, DPOP 0.825 / 0.817, RFT 0.862 / 0.863 -- SPO prevents
-most of the collapse but is behind the baselines on this seed (README).
+Record (2026-11-30, ``python -m spo_jax.demo``, seed 3, 2 CPU cores with one other job, load 5-6,
+warm compile cache): 494 s wall (SFT 296 s). SFT 0.897 held-out accuracy (1000 problems). (a) DPO
+0.521, DPO+SPO 0.942, RPO 0.957, SFT-mix 0.969, DPOP 0.950, RFT 0.942. (b) win rate / accuracy:
+DPO 0.859 / 0.352, DPO+SPO 0.841 / 0.820, RPO 0.856 / 0.842, SFT-mix 0.819 / 0.946, DPOP 0.827 /
+0.795, RFT 0.842 / 0.847 -- SPO prevents most of the collapse but is behind the simple fixes (README).
 """
 
 from __future__ import annotations

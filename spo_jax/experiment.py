@@ -42,8 +42,10 @@ two settings, built from one SFT model per whole-pipeline seed (:func:`run_world
   held-out prompts (ties count half; :func:`win_rate`) and their mean reward; ability =
   greedy accuracy on the same held-out arithmetic problems.
 
-The SFT model is trained until its held-out accuracy has levelled off (the curve is in
-the report), so that an extra NLL term cannot pass for SPO's effect.
+The SFT model is trained until its held-out accuracy has levelled off (``sft_steps``, then on by
+``sft_eval_every`` while the validation curve still rises, up to ``sft_max_steps``:
+:func:`sft_until_levelled`; the curve is in the report), so that an extra NLL term cannot pass
+for SPO's effect.
 """
 
 from __future__ import annotations
