@@ -503,8 +503,7 @@ def compare(methods: Sequence[Method], *, make_config: Callable[[Method, str], A
         done = os.path.join(run_dir, "arm.json")
         spec = m.spec()
         if resume and os.path.exists(done):
-            with open(done) as f:
-                rec = json.load(f)
+            rec = _read_json(done)
             if rec["method"] != json.loads(json.dumps(spec)):
                 raise ValueError(f"{done} holds a different method ({rec['method']}) than {spec}; "
                                  "resume only with the same settings, or use a new --out")
@@ -702,8 +701,12 @@ def _write_json(path: str, obj) -> None:
 
 
 def _read_json(path: str):
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); fix or delete it (a deleted arm.json, sft.json or pairs .stats.json is "
+                         "recomputed by --resume)") from e
 
 
 def run_world_seed(s: WorldSettings, seed: int, arms: Mapping[str, Sequence[Method]], out_dir: str,
