@@ -705,8 +705,8 @@ def _read_json(path: str):
         with open(path) as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); fix or delete it (a deleted arm.json, sft.json or pairs .stats.json is "
-                         "recomputed by --resume)") from e
+        raise ValueError(f"{path} is not valid JSON ({e}); fix or delete it (a deleted arm.json, sft.json or "
+                         "pairs .stats.json is recomputed by --resume)") from e
 
 
 def run_world_seed(s: WorldSettings, seed: int, arms: Mapping[str, Sequence[Method]], out_dir: str,
