@@ -611,7 +611,8 @@ class WorldSettings:
         return cls(n_sft=480, n_test=48, n_val=16, n_pair_prompts=96, hidden_size=32, num_layers=1, num_heads=2,
                    difficulty=dict(steps=(1, 1), start_range=(2, 40), operand_range=(1, 9), ops=("add", "sub"),
                                    max_value=60), max_length=48, max_new_tokens=16, intermediate_size=64,
-                   sft_steps=150, sft_max_steps=150, sft_batch=32, sft_lr=1e-2, sft_eval_every=75, num_samples=4, gen_batch=64,
+                   sft_steps=150, sft_max_steps=150, sft_batch=32, sft_lr=1e-2, sft_eval_every=75, num_samples=4,
+                   gen_batch=64,
                    pref_steps=10, pref_batch=8, pref_lr=1e-3, n_mass_pairs=8, mass_samples=2)
 
 
