@@ -2,7 +2,8 @@
 
 ``model.*`` -> ``load_tokenizer`` / ``build_model`` (``spo_jax.models``);
 ``data.*`` -> ``load_split`` (``spo_jax.data.prepare_dataset``) and ``make_iterator``
-(``spo_jax.data.BatchIterator``, Contract-1 NumPy batches, each process its slice).
+(``spo_jax.data.BatchIterator``, Contract-1 NumPy batches, each process its slice);
+``train_batches``: the training batches, with the SFT data's batch under ``"sft"``.
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ from spo_jax import adapters, models
 from spo_jax import sharding as sharding_lib
 from spo_jax.data import FORMATS, BatchIterator, prepare_dataset, score_index, synthetic
 from spo_jax.data.loading import SFT_FORMATS
-from spo_jax.validation import check_bool, check_choice, check_int, check_source, fail
+from spo_jax.validation import ConfigError, check_bool, check_choice, check_int, check_source, fail
 
 JNP_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 PARAM_DTYPES = ("float32", "bfloat16")
 
 __all__ = ["JNP_DTYPES", "PARAM_DTYPES", "validate_config", "check_positions", "model_dtypes", "load_tokenizer", "pad_id", "build_model", "load_split",
-           "make_iterator", "batch_devices_per_process", "stack_micro"]
+           "make_iterator", "TrainBatches", "train_batches", "batch_devices_per_process", "stack_micro"]
 
 
 def validate_config(config) -> None:
@@ -165,12 +166,17 @@ def load_split(config, tokenizer, path: str, split: str, data=None, *, sft: bool
     """Tokenized dataset (``spo_jax.data.prepare_dataset``) and its stats; ``data`` (an
     in-memory dataset) replaces ``path``. ``sft``: the SFT data of a preference run
     (``data.sft_path``), read with ``data.format`` only when that names an SFT format
-    (else "auto")."""
+    (else "auto"); ``ConfigError`` when its rows are not SFT rows."""
     d = config.data
     fmt = d.format if not sft or d.format in SFT_FORMATS else "auto"
-    return prepare_dataset(
+    ds, stats = prepare_dataset(
         data if data is not None else path, tokenizer, max_length=int(d.max_length), format=fmt,
         split=split, min_prompt_length=int(d.min_prompt_length), use_chat_template=bool(d.use_chat_template))
+    if sft and stats.get("kind") != "sft":
+        fail("data.sft_path", path or "<in-memory sft_data>", f"holds {stats.get('kind')} data (format "
+             f"{stats.get('format')!r}) but the SFT batch needs SFT data (prompt/completion, messages or "
+             "question/answer rows); point it at an SFT dataset")
+    return ds, stats
 
 
 def make_iterator(config, dataset, *, batch_size: int, shuffle: bool, num_epochs: int | None, seed: int,
@@ -186,6 +192,51 @@ def make_iterator(config, dataset, *, batch_size: int, shuffle: bool, num_epochs
     else:
         kw.update(drop_remainder=drop_remainder)
     return BatchIterator(dataset, **kw)
+
+
+class TrainBatches:
+    """This process's training batches: the main iterator's, each with the SFT iterator's next batch
+    under ``"sft"`` when the run has SFT data. Its position (checkpointed with the state) is the main
+    iterator's, with the SFT iterator's under ``"sft"``."""
+
+    def __init__(self, main: BatchIterator, sft: BatchIterator | None = None):
+        self.main, self.sft = main, sft
+
+    def __iter__(self) -> TrainBatches:
+        return self
+
+    def __next__(self) -> dict:
+        batch = next(self.main)
+        return batch if self.sft is None else {**batch, "sft": next(self.sft)}
+
+    def get_state(self) -> dict:
+        state = self.main.get_state()
+        return state if self.sft is None else {**state, "sft": self.sft.get_state()}
+
+    def set_state(self, state: dict) -> None:
+        # an SPO config runs with or without in-memory SFT data (its lower level reads them when given),
+        # so the checkpoint's config check (spo_jax.checkpoint.check_resume_config) cannot catch this
+        if (self.sft is not None) != ("sft" in state):
+            raise ConfigError(
+                f"the checkpoint's data position {'has no' if self.sft is not None else 'has an'} SFT-data iterator "
+                f"but this run {'reads' if self.sft is not None else 'has no'} SFT data (config.data.sft_path); "
+                "use the run's original data settings or a new run_dir")
+        self.main.set_state({k: v for k, v in state.items() if k != "sft"})
+        if self.sft is not None:
+            self.sft.set_state(state["sft"])
+
+
+def train_batches(config, train_ds, sft_ds=None, *, pad_id: int) -> TrainBatches:
+    """The training micro-batches (``data.batch_size / optim.grad_accum_steps`` examples, endless, in
+    ``seed``'s order) of ``train_ds`` and, when ``sft_ds`` (SFT data) is given, of ``sft_ds`` in its own
+    order (``seed + 1``), size (``data.sft_batch_size``, default ``data.batch_size``) and length buckets."""
+    d, accum, seed = config.data, int(config.optim.grad_accum_steps), int(config.seed)
+    main = make_iterator(config, train_ds, batch_size=d.batch_size // accum, shuffle=d.shuffle, num_epochs=None,
+                         seed=seed, pad_id=pad_id)
+    sft = None if sft_ds is None else make_iterator(
+        config, sft_ds, batch_size=(d.sft_batch_size or d.batch_size) // accum, shuffle=d.shuffle, num_epochs=None,
+        seed=seed + 1, pad_id=pad_id)
+    return TrainBatches(main, sft)
 
 
 def batch_devices_per_process(config) -> int:

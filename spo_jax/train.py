@@ -211,29 +211,6 @@ def _count_params(params) -> int:
     return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(params)))
 
 
-class _Batches:
-    """The training batches' sources: the main iterator and, with SFT data (``data.sft_path``),
-    the SFT iterator that fills ``batch["sft"]``. One position for both (checkpointed with the
-    state): the main iterator's state, with the SFT iterator's under ``"sft"``."""
-
-    def __init__(self, main: inputs.BatchIterator, sft: inputs.BatchIterator | None = None):
-        self.main, self.sft = main, sft
-
-    def get_state(self) -> dict:
-        state = self.main.get_state()
-        return state if self.sft is None else {**state, "sft": self.sft.get_state()}
-
-    def set_state(self, state: dict) -> None:
-        if (self.sft is not None) != ("sft" in state):
-            raise config_lib.ConfigError(
-                f"the checkpoint's data position {'has no' if self.sft is not None else 'has an'} SFT-data iterator "
-                f"but this run {'reads' if self.sft is not None else 'has no'} SFT data (config.data.sft_path); "
-                "use the run's original data settings or a new run_dir")
-        self.main.set_state({k: v for k, v in state.items() if k != "sft"})
-        if self.sft is not None:
-            self.sft.set_state(state["sft"])
-
-
 class _Loop:
     """Holds the run's objects; ``run()`` is the training loop."""
 
@@ -257,13 +234,8 @@ class _Loop:
                                                      train_data)
             self._check_kind(stats, "data.train_path", c.data.train_path)
         if c.data.sft_path or sft_data is not None:  # validated: a preference run whose objective reads it
-            self.sft_ds, stats = inputs.load_split(c, self.tokenizer, c.data.sft_path, c.data.sft_split, sft_data,
-                                                   sft=True)
-            if stats.get("kind") != "sft":
-                raise config_lib.ConfigError(
-                    f"config.data.sft_path={c.data.sft_path or '<in-memory sft_data>'!r}: holds {stats.get('kind')} "
-                    f"data (format {stats.get('format')!r}) but the SFT batch needs SFT data (prompt/completion, "
-                    "messages or question/answer rows); point it at an SFT dataset")
+            self.sft_ds, _ = inputs.load_split(c, self.tokenizer, c.data.sft_path, c.data.sft_split, sft_data,
+                                               sft=True)
         if c.data.eval_path or eval_data is not None:
             self.eval_ds, stats = inputs.load_split(c, self.tokenizer, c.data.eval_path, c.data.eval_split,
                                                     eval_data)
@@ -311,14 +283,10 @@ class _Loop:
     def _shard(self, params):
         return jax.device_put(params, sharding_lib.param_shardings(jax.eval_shape(lambda: params), self.mesh))
 
-    def _next_local(self, batches: _Batches) -> dict:
-        def one():
-            local = self.reference.add_to(next(batches.main), "train")
-            return local if batches.sft is None else {**local, "sft": next(batches.sft)}
-
+    def _next_local(self, batches: inputs.TrainBatches) -> dict:
         if self.accum == 1:
-            return one()
-        return inputs.stack_micro([one() for _ in range(self.accum)])
+            return self.reference.add_to(next(batches), "train")
+        return inputs.stack_micro([self.reference.add_to(next(batches), "train") for _ in range(self.accum)])
 
     # --------------------------------------------------------------- eval
 
@@ -329,8 +297,8 @@ class _Loop:
             return {}
         if not hasattr(self, "_eval_step"):
             self._eval_step = make_eval_step(c, self.policy, self.mesh, sft_data=self.eval_kind == "sft")
-        it = inputs.make_iterator(c, self.eval_ds, batch_size=c.data.eval_batch_size, shuffle=False, num_epochs=1, seed=0,
-                           pad_id=self.pad_id)
+        it = inputs.make_iterator(c, self.eval_ds, batch_size=c.data.eval_batch_size, shuffle=False, num_epochs=1,
+                                  seed=0, pad_id=self.pad_id)
         per_batch = []
         for i, local in enumerate(it):
             if c.eval.num_batches and i >= c.eval.num_batches:
@@ -349,7 +317,7 @@ class _Loop:
         """``sampling.tokenized_accuracy`` on the first ``eval.num_prompts`` held-out rows."""
         c = self.config
         n = min(int(c.eval.num_prompts), len(self.eval_ds))
-        accuracy, self.last_generations = sampling.tokenized_accuracy(
+        accuracy, _ = sampling.tokenized_accuracy(
             (self.policy.eval_graphdef, adapters.full_state(params, self.state.frozen)), self.tokenizer,
             self.eval_ds.select(range(n)), max_new_tokens=int(c.eval.max_new_tokens),
             key=jax.random.fold_in(jax.random.PRNGKey(int(c.seed)), 7), temperature=float(c.eval.temperature),
@@ -358,7 +326,7 @@ class _Loop:
 
     # --------------------------------------------------------------- train
 
-    def restore_if_any(self, it) -> int:
+    def restore_if_any(self, it: inputs.TrainBatches | None) -> int:
         c = self.config
         if not c.checkpoint.resume:
             existing = self.checkpointer.all_steps()
@@ -375,7 +343,7 @@ class _Loop:
             return 0
         step, restored, data_state, _ = found
         self.state = self.state.replace(**restored)
-        if data_state:
+        if data_state and it is not None:
             it.set_state(data_state)
         logger.info("resumed from %s step %d", self.checkpointer.directory, step)
         return int(step)
@@ -392,13 +360,7 @@ class _Loop:
         c = self.config
         num_steps = int(c.train.num_steps)
         last = num_steps if stop_at is None else min(int(stop_at), num_steps)
-        micro_bs = c.data.batch_size // self.accum
-        it = _Batches(inputs.make_iterator(c, self.train_ds, batch_size=micro_bs, shuffle=c.data.shuffle,
-                                           num_epochs=None, seed=int(c.seed), pad_id=self.pad_id))
-        if self.sft_ds is not None:  # its own order (seed + 1), batch size and length buckets
-            it.sft = inputs.make_iterator(c, self.sft_ds, batch_size=(c.data.sft_batch_size or c.data.batch_size)
-                                          // self.accum, shuffle=c.data.shuffle, num_epochs=None,
-                                          seed=int(c.seed) + 1, pad_id=self.pad_id)
+        it = inputs.train_batches(c, self.train_ds, self.sft_ds, pad_id=self.pad_id)
         health = TrainingHealth(float(optax.tree.norm(self.state.params)), int(c.train.degenerate_steps))
         start = self.restore_if_any(it)
         self.writer.start(start)  # drops records after the resumed step (recomputed now)
@@ -506,10 +468,7 @@ class _Loop:
         c = self.config
         start = 0
         if c.checkpoint.resume and self.checkpointer.latest_step() is not None:
-            class _NoIter:
-                def set_state(self, _):
-                    pass
-            start = self.restore_if_any(_NoIter())
+            start = self.restore_if_any(None)  # no training data to position
         self.writer.start(None)  # appends an evaluation record to the run's history
         try:
             out = self.evaluate(self.state.params, start)

@@ -149,6 +149,34 @@ def test_resume_with_the_sft_iterator_is_bitwise_identical(files, tmp_path):
     assert len(set(nll)) == len(nll)  # the SFT batch changes from step to step
 
 
+def test_train_batches_resume_both_positions_and_refuse_a_position_of_another_kind(files, tmp_path):
+    """``inputs.train_batches``: each pair batch carries an SFT batch under "sft"; batches made afresh and set
+    to a saved (JSON round-tripped) position go on exactly as the first ones, the SFT iterator into its second
+    epoch; a position with an SFT iterator is refused by batches without SFT data, and the reverse."""
+    pairs, sft = files
+    c = tiny_config(tmp_path, pairs, data__sft_path=sft, data__sft_batch_size=8, loss__sft_data_weight=LAM)
+    tok = inputs.load_tokenizer(c)
+    pair_ds, _ = inputs.load_split(c, tok, pairs, "train")
+    sft_ds, _ = inputs.load_split(c, tok, sft, "train", sft=True)
+
+    def make(with_sft):
+        return inputs.train_batches(c, pair_ds, sft_ds if with_sft else None, pad_id=inputs.pad_id(tok))
+
+    straight = make(True)
+    next(straight)
+    state = json.loads(json.dumps(straight.get_state()))
+    resumed = make(True)
+    resumed.set_state(state)
+    for _ in range(2):  # 16 SFT rows, 8 a batch: the second of these starts the SFT iterator's epoch 2
+        a, b = next(straight), next(resumed)
+        assert set(a) == set(b) and "sft" in a
+        jax.tree.map(np.testing.assert_array_equal, a, b)
+    with pytest.raises(config_lib.ConfigError, match=r"has an SFT-data iterator but this run has no SFT data"):
+        make(False).set_state(state)
+    with pytest.raises(config_lib.ConfigError, match=r"has no SFT-data iterator but this run reads SFT data"):
+        make(True).set_state(make(False).get_state())
+
+
 def test_trainer_step_one_and_gradient_accumulation_with_sft_batches(files, setup, tmp_path):
     """Step 1's SFT batch is all 16 SFT rows: its loss = log 2 + λ·NLL of them under the initial model
     (naive oracle); two micro-batches of 4 pairs + 8 SFT rows equal one batch of 8 + 16."""
