@@ -477,6 +477,29 @@ def test_generation_eos_then_pad(loaded, prompts, greedy):
     assert m[0, 7:].sum() == 0 and m[0, :7].sum() == 7
 
 
+def test_prefill_packs_distinct_prompts_once(loaded, prompts, greedy):
+    """The prefill computes each distinct prompt once, packed without padding, and a batch with repeated
+    prompts generates what each prompt generates alone (here: the transformers-checked greedy rows)."""
+    ids, mask = prompts
+    rep = [0, 1, 0, 2, 1, 0]
+    pack = generation.pack_prompts(ids[rep], mask[rep])
+    lengths = mask.sum(1)
+    assert pack.ids.shape == (1, 32) and (pack.segments > 0).sum() == lengths.sum()  # 16 tokens, one row
+    flat = pack.ids.reshape(-1)
+    for b, r in enumerate(rep):
+        real = ids[r][mask[r] == 1]
+        n = len(real)
+        np.testing.assert_array_equal(flat[pack.src[b, -n:]], real)
+        np.testing.assert_array_equal(pack.kv_mask[b], np.arange(8) >= 8 - n)  # right-aligned at Tp = 8
+        np.testing.assert_array_equal(pack.positions.reshape(-1)[pack.src[b, -n:]], np.arange(n))
+        assert pack.last[b] == pack.src[b, -1] and pack.lengths[b] == n
+    assert len({(pack.src[b, -1]) for b in range(6)}) == 3  # repeats share their packed tokens
+    toks, m = map(np.asarray, generate(loaded("llama"), ids[rep], mask[rep], max_new_tokens=20))
+    np.testing.assert_array_equal(toks, greedy[0][rep])
+    with pytest.raises(ValueError, match=r"rows \[1\] have no real token"):
+        generation.pack_prompts(ids[:2], np.stack([mask[0], 0 * mask[1]]))
+
+
 def test_sampling_deterministic_and_topk1_is_greedy(loaded, prompts, greedy):
     model = loaded("llama")
     ids, mask = prompts

@@ -1,9 +1,13 @@
 """KV-cache generation from left-padded prompts (greedy or top-k / top-p sampling).
 
-Two kinds of compiled program, so that a whole sampling job compiles a handful of them:
+Three kinds of compiled program, so that a whole sampling job compiles a handful of them:
 
-- **prefill** (one per batch size x prompt width x first cache size): the prompt through the decoder with
-  attention over the prompt only; writes its keys / values into a fresh cache and samples nothing.
+- **prefill** (one per packed shape P x W): the batch's *distinct* prompts packed end to end into P rows
+  of W slots (``pack_prompts``: no left padding computed, a prompt repeated ``num_samples`` times computed
+  once), each token attending causally within its own prompt; returns every layer's keys / values.
+- **assemble** (one per packed shape x batch x longest prompt x cache size; small): gathers each batch
+  row's prompt K/V into the decode cache, right-aligned at slot ``Tp`` = the longest prompt's length
+  (left of it: masked slots), and computes the logits at each row's last prompt token only.
 - **decode chunk** (one per rows x cache size x sampling settings; the prompt width is traced): up to
   ``DECODE_CHUNK`` steps in a ``lax.while_loop`` that also ends when every row has finished; each step
   samples a token from the previous logits, writes its K/V at the next cache slot in place (the loop
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -52,8 +57,8 @@ def length_bucket(n: int, minimum: int = 16) -> int:
 
 
 def prompt_bucket(n: int) -> int:
-    """A prompt width: ``n`` rounded up to a multiple of 32 (prefill cost grows with the padded width, so
-    prompts get finer buckets than the cache; one prefill program per bucket)."""
+    """A prompt width: ``n`` rounded up to a multiple of 32 (the packed prefill's row widths, and the
+    padded width of ``sampling.generate_texts``' batches; finer than the cache's buckets)."""
     return -(-n // 32) * 32
 
 
@@ -71,25 +76,99 @@ def _new_cache(model: Decoder, B: int, S: int):
     return ks, vs
 
 
-def prefill_forward(model: Decoder, ids_BT, positions_BT, mask_BT, cache_slots: int):
-    """The prompt through the decoder; returns (hidden [B, T, D], cache with its K/V at slots [0, T)).
+class PromptPack(NamedTuple):
+    """How ``generate`` prefills a batch of prompts (:func:`pack_prompts`): the distinct prompts packed
+    end to end into ``P`` rows of ``W`` slots, and where each batch row's K/V and last hidden state are."""
+    ids: np.ndarray  # [P, W] token ids, 0 on unused slots
+    positions: np.ndarray  # [P, W] position of each token within its prompt
+    segments: np.ndarray  # [P, W] 1 + the prompt's index in its packed row, 0 on unused slots
+    src: np.ndarray  # [B, Tp] flat index (p * W + slot) of batch row b's prompt token at cache slot t
+    kv_mask: np.ndarray  # [B, Tp] True on cache slots holding a prompt token (right-aligned at Tp)
+    last: np.ndarray  # [B] flat index of the row's last prompt token
+    lengths: np.ndarray  # [B] prompt tokens per row (the first generated token's position)
 
-    Queries attend causally to real (mask 1) prompt keys; sliding windows count cache slots."""
-    B, T = ids_BT.shape
-    slots = jnp.arange(T)[None]
-    mask = jnp.tril(jnp.ones((T, T), bool))[None] & mask_BT[:, None, :]
+
+def pack_prompts(prompt_ids, prompt_mask, attention_ratio: float = 0.0) -> PromptPack:
+    """The prefill's layout: each distinct prompt (the real tokens of a row, in order) once, packed by
+    first-fit decreasing into rows of ``W`` slots (a multiple of 32, from the longest prompt's bucket up
+    to twice it: the one with the fewest slots ``P * W * (1 + attention_ratio * W)``, P rounded up to
+    even), so the prefill computes no left padding and one prompt repeated ``num_samples`` times once.
+    The decode cache then holds each row's prompt right-aligned at slot ``Tp`` = the longest prompt.
+    ``attention_ratio``: attention's FLOPs per token and key slot over the rest of a layer's per token."""
+    ids = np.asarray(prompt_ids)
+    mask = np.asarray(prompt_mask).astype(bool)
+    B = ids.shape[0]
+    prompts = [tuple(int(t) for t in ids[b][mask[b]]) for b in range(B)]
+    empty = [b for b, p in enumerate(prompts) if not p]
+    if empty:
+        raise ValueError(f"prompt_mask rows {empty} have no real token: every prompt needs at least one token "
+                         "to predict the first response token from.")
+    unique = list(dict.fromkeys(prompts))
+    lengths_u = [len(p) for p in unique]
+    Tp = max(lengths_u)
+    order = sorted(range(len(unique)), key=lambda u: (-lengths_u[u], u))
+
+    def first_fit(W):
+        room, place = [], {}
+        for u in order:
+            row = next((r for r, free in enumerate(room) if free >= lengths_u[u]), len(room))
+            if row == len(room):
+                room.append(W)
+            place[u] = (row, W - room[row])
+            room[row] -= lengths_u[u]
+        return len(room) + (len(room) % 2 if len(room) > 1 else 0), place
+
+    w0 = prompt_bucket(Tp)
+    plans = [(W,) + first_fit(W) for W in range(w0, 2 * w0 + 1, 32)]
+    W, P, place = min(plans, key=lambda x: (x[1] * x[0] * (1 + attention_ratio * x[0]), x[0]))
+    pids, pos, seg = (np.zeros((P, W), np.int32) for _ in range(3))
+    for u, (row, start) in place.items():
+        n = lengths_u[u]
+        pids[row, start:start + n] = unique[u]
+        pos[row, start:start + n] = np.arange(n)
+        seg[row, start:start + n] = 1 + int(seg[row].max())
+    index = {p: u for u, p in enumerate(unique)}
+    src = np.zeros((B, Tp), np.int32)
+    kv_mask = np.zeros((B, Tp), bool)
+    last = np.zeros((B,), np.int32)
+    lengths = np.zeros((B,), np.int32)
+    for b, p in enumerate(prompts):
+        u = index[p]
+        row, start = place[u]
+        n = lengths[b] = lengths_u[u]
+        src[b, Tp - n:] = row * W + start + np.arange(n)
+        kv_mask[b, Tp - n:] = True
+        last[b] = row * W + start + n - 1
+    return PromptPack(pids, pos, seg, src, kv_mask, last, lengths)
+
+
+def _attention_ratio(cfg) -> float:
+    """FLOPs of one query over one key slot (scores and weighted values) over a layer's other FLOPs per
+    token (its projections and MLP), for :func:`pack_prompts`."""
+    D, H, KV, hd, F = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                       cfg.intermediate_size)
+    layer = 2 * D * H * hd + 2 * D * KV * hd + (3 if cfg.gated_mlp else 2) * D * F
+    return 2 * H * hd / layer
+
+
+def prefill_forward(model: Decoder, ids_PW, positions_PW, segments_PW):
+    """Packed prompts through the decoder: each token attends causally to its own prompt's tokens (same
+    segment, > 0); sliding windows count slots. Returns (hidden [P, W, D], keys, values), one [P, W, KV,
+    hd] array per layer."""
+    P, W = ids_PW.shape
+    slots = jnp.arange(W)[None]
+    seg = segments_PW
+    mask = jnp.tril(jnp.ones((W, W), bool))[None] & (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)
     masks = layer_masks(model.config, mask, slots, slots)
-    x, inv_freq = model.embed_inputs(ids_BT, positions_BT)
+    x, inv_freq = model.embed_inputs(ids_PW, positions_PW)
     ks, vs = [], []
-    pad = cache_slots - T
     for layer, m in zip(model.layers, masks):
-        q, k, v = layer.attn.qkv(layer.input_norm(x), positions_BT, inv_freq)
-        # the decode step's layouts (see decode_step): keys [B, KV, hd, S], values [B, KV, S, hd]
-        ks.append(jnp.pad(k.transpose(0, 2, 3, 1).astype(model.dtype), ((0, 0), (0, 0), (0, 0), (0, pad))))
-        vs.append(jnp.pad(v.transpose(0, 2, 1, 3).astype(model.dtype), ((0, 0), (0, 0), (0, pad), (0, 0))))
+        q, k, v = layer.attn.qkv(layer.input_norm(x), positions_PW, inv_freq)
+        ks.append(k)
+        vs.append(v)
         x = x + layer.attn.attend(q, k, v, m, is_causal=True)
         x = x + layer.mlp(layer.post_attention_norm(x))
-    return model.norm(x), (tuple(ks), tuple(vs))
+    return model.norm(x), tuple(ks), tuple(vs)
 
 
 def _attend_cache(attn, q_BHK, k_BKhS, v_BKSh, mask_BS):
@@ -182,7 +261,9 @@ def generate(model: Decoder, prompt_ids, prompt_mask, *, max_new_tokens: int, ke
     Returns (tokens [B, max_new_tokens] int32, mask [B, max_new_tokens] float32): after EOS
     (which is kept) rows emit ``pad_id`` with mask 0. Stops computing once every row has finished, and
     computes only the unfinished rows once they fit in B/2 or B/4 rows.
-    Compiles one prefill per (B, Tp) and one decode chunk per (rows, cache bucket, sampling settings).
+    The prompts' padding does not matter: each row's real tokens are prefilled packed (``pack_prompts``),
+    duplicate prompts once. Compiles one prefill per packed shape, one (small) cache assembly per (batch,
+    longest prompt, cache bucket) and one decode chunk per (rows, cache bucket, sampling settings).
     """
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be > 0; got {max_new_tokens}")
@@ -196,16 +277,18 @@ def generate(model: Decoder, prompt_ids, prompt_mask, *, max_new_tokens: int, ke
         eos = tuple(int(e) for e in np.asarray(eos_id).reshape(-1))
     else:
         eos = (int(eos_id),)
-    prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
-    prompt_mask = jnp.asarray(prompt_mask, bool)
-    B, Tp = prompt_ids.shape
+    pack = pack_prompts(prompt_ids, prompt_mask, _attention_ratio(model.config))
+    B, Tp = pack.src.shape
     key = jax.random.PRNGKey(0) if key is None else key
     graphdef, params = nnx.split(model)
     settings = (float(temperature), top_k, top_p, eos, int(pad_id))
 
     chunk = DECODE_CHUNK
     S = length_bucket(Tp + min(chunk, max_new_tokens))
-    cache, logits, pos = _prefill_jit(graphdef, params, prompt_ids, prompt_mask, S)
+    hidden, ks, vs = _prefill_jit(graphdef, params, pack.ids, pack.positions, pack.segments)
+    cache, logits = _assemble_jit(graphdef, params, hidden, ks, vs, pack.src, pack.last, S)
+    pos = jnp.asarray(pack.lengths)
+    prompt_mask = jnp.asarray(pack.kv_mask)
     kv_valid = _kv_valid(prompt_mask, S)
     done = jnp.zeros((B,), bool)
     rows = np.arange(B)  # the batch row each computed row is (rows shrink as rows finish)
@@ -246,12 +329,29 @@ def _kv_valid(prompt_mask, slots: int):
     return jnp.concatenate([prompt_mask, jnp.ones((B, slots - Tp), bool)], axis=1)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _prefill_jit(graphdef, params, prompt_ids, prompt_mask, cache_slots):
+@functools.partial(jax.jit, static_argnums=(0,))
+def _prefill_jit(graphdef, params, ids, positions, segments):
+    """Compiled per packed shape (P, W)."""
+    return prefill_forward(nnx.merge(graphdef, params), ids, positions, segments)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 7))
+def _assemble_jit(graphdef, params, hidden, ks, vs, src, last, cache_slots):
+    """The decode cache of the packed prefill's K/V: row b's prompt right-aligned at slot Tp (slots before
+    its prompt hold some other token's K/V, masked by ``kv_valid``), keys [B, KV, hd, S], values
+    [B, KV, S, hd], and the logits at each row's last prompt token [B, V]. Compiled per (P, W, B, Tp, S)."""
     model = nnx.merge(graphdef, params)
-    pos = jnp.maximum(jnp.cumsum(prompt_mask.astype(jnp.int32), axis=1) - 1, 0)
-    hidden, cache = prefill_forward(model, prompt_ids, pos, prompt_mask, cache_slots)
-    return cache, model.logits(hidden[:, -1:])[:, 0], pos[:, -1] + 1
+    pad = cache_slots - src.shape[1]
+
+    def rows(x):  # [P, W, KV, hd] -> [B, Tp, KV, hd]
+        return x.reshape(-1, *x.shape[2:])[src]
+
+    keys = tuple(jnp.pad(rows(k).transpose(0, 2, 3, 1).astype(model.dtype), ((0, 0), (0, 0), (0, 0), (0, pad)))
+                 for k in ks)
+    values = tuple(jnp.pad(rows(v).transpose(0, 2, 1, 3).astype(model.dtype), ((0, 0), (0, 0), (0, pad), (0, 0)))
+                   for v in vs)
+    h = hidden.reshape(-1, hidden.shape[-1])[last]
+    return (keys, values), model.logits(h[:, None])[:, 0]
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
