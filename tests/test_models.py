@@ -586,7 +586,17 @@ def test_budgets_and_prompt_widths_share_compiled_programs(loaded, prompts):
     wider = np.pad(ids, ((0, 0), (4, 0))), np.pad(mask, ((0, 0), (4, 0)))  # Tp 8 -> 12: same 24-slot cache
     np.testing.assert_array_equal(np.asarray(generate(model, *wider, max_new_tokens=12, eos_id=())[0]),
                                   np.asarray(generate(model, ids, mask, max_new_tokens=12, eos_id=())[0]))
+    for t in (0.7, 1.3):  # the temperature is traced: sampling runs greedy's programs
+        generate(model, ids, mask, max_new_tokens=16, eos_id=(), key=jax.random.PRNGKey(0), temperature=t)
     assert generation._decode_jit._cache_size() == before
+
+
+def test_argmax_is_jnp_argmax():
+    """generation._argmax (two vectorised reductions) picks jnp.argmax's index: the first maximum."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (6, 300)).at[1, 7].set(9.0).at[1, 200].set(9.0)
+    x = x.at[2].set(-jnp.inf).at[2, 5].set(0.0).at[3].set(1.0).at[4, :150].set(-jnp.inf)
+    np.testing.assert_array_equal(np.asarray(generation._argmax(x)), np.asarray(jnp.argmax(x, axis=-1)))
+    assert int(generation._argmax(x)[1]) == 7 and int(generation._argmax(x)[3]) == 0
 
 
 def _resampled_without_cache(model, ids, mask, n, key, temperature):

@@ -8,7 +8,8 @@ Three kinds of compiled program, so that a whole sampling job compiles a handful
 - **assemble** (one per packed shape x batch x longest prompt x cache size; small): gathers each batch
   row's prompt K/V into the decode cache, right-aligned at slot ``Tp`` = the longest prompt's length
   (left of it: masked slots), and computes the logits at each row's last prompt token only.
-- **decode chunk** (one per rows x cache size x sampling settings; the prompt width is traced): up to
+- **decode chunk** (one per rows x cache size x top-k / top-p; the prompt width and the temperature are
+  traced, so greedy and sampled calls share it): up to
   ``DECODE_CHUNK`` steps in a ``lax.while_loop`` that also ends when every row has finished; each step
   samples a token from the previous logits, writes its K/V at the next cache slot in place (the loop
   carries the cache, donated) and attends over the cache's ``S`` slots. The budget (``max_new_tokens``)
@@ -229,17 +230,29 @@ def _filter(logits_BV, temperature, top_k, top_p):
     return logits
 
 
+def _argmax(x_BV):
+    """``jnp.argmax(x, axis=-1)`` (the first index of the maximum) for x without NaN, as two vectorised
+    reductions: XLA's CPU argmax is a scalar (value, index) loop, 4.5x slower at [32, 49152], and 2x
+    slower still with the Gumbel noise fused into it (benchmarks/RESULTS.md, "Sampling")."""
+    V = x_BV.shape[-1]
+    top = jnp.max(x_BV, axis=-1, keepdims=True)
+    return jnp.min(jnp.where(x_BV == top, jnp.arange(V, dtype=jnp.int32), V - 1), axis=-1)
+
+
 def _sample(logits_BV, key, rows, batch, temperature, top_k, top_p):
     """Greedy (argmax) at temperature 0; else ``jax.random.categorical(key, filtered logits of the whole
     batch)``, computed as its Gumbel-max for the rows in ``rows``: row ``r`` adds row ``rows[r]`` of
-    ``gumbel(key, (batch, V))``, so a row draws the same token whichever rows run with it."""
-    if temperature == 0.0:
-        return jnp.argmax(logits_BV, axis=-1)
-    logits = _filter(logits_BV, temperature, top_k, top_p)
-    noise = jax.random.gumbel(key, (batch, logits.shape[-1]), logits.dtype)
-    if logits.shape[0] != batch:  # a compacted batch (a full one runs rows 0..batch-1 in order)
-        noise = noise[rows]
-    return jnp.argmax(noise + logits, axis=-1)
+    ``gumbel(key, (batch, V))``, so a row draws the same token whichever rows run with it.
+    ``temperature`` is traced (greedy and sampled calls share their compiled programs; only the branch
+    taken runs)."""
+    def sampled():
+        logits = _filter(logits_BV, temperature, top_k, top_p)
+        noise = jax.random.gumbel(key, (batch, logits.shape[-1]), logits.dtype)
+        if logits.shape[0] != batch:  # a compacted batch (a full one runs rows 0..batch-1 in order)
+            noise = noise[rows]
+        return _argmax(noise + logits)
+
+    return jax.lax.cond(temperature > 0, sampled, lambda: _argmax(logits_BV))
 
 
 def compact_size(live: int, batch: int) -> int:
@@ -263,7 +276,8 @@ def generate(model: Decoder, prompt_ids, prompt_mask, *, max_new_tokens: int, ke
     computes only the unfinished rows once they fit in B/2 or B/4 rows.
     The prompts' padding does not matter: each row's real tokens are prefilled packed (``pack_prompts``),
     duplicate prompts once. Compiles one prefill per packed shape, one (small) cache assembly per (batch,
-    longest prompt, cache bucket) and one decode chunk per (rows, cache bucket, sampling settings).
+    longest prompt, cache bucket) and one decode chunk per (rows, cache bucket, top-k, top-p); greedy and
+    sampling at any temperature share it.
     """
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be > 0; got {max_new_tokens}")
@@ -281,7 +295,7 @@ def generate(model: Decoder, prompt_ids, prompt_mask, *, max_new_tokens: int, ke
     B, Tp = pack.src.shape
     key = jax.random.PRNGKey(0) if key is None else key
     graphdef, params = nnx.split(model)
-    settings = (float(temperature), top_k, top_p, eos, int(pad_id))
+    settings = (jnp.float32(temperature), top_k, top_p, eos, int(pad_id))
 
     chunk = DECODE_CHUNK
     S = length_bucket(Tp + min(chunk, max_new_tokens))
@@ -368,13 +382,13 @@ def _take_rows_jit(state, take):
     return jax.tree.map(lambda x: x[take], state)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 11, 12, 13, 14, 15, 16, 17), donate_argnums=(2,))
+@functools.partial(jax.jit, static_argnums=(0, 11, 12, 14, 15, 16, 17), donate_argnums=(2,))
 def _decode_jit(graphdef, params, cache, kv_valid, logits, pos, done, key, rows, slot0, limit, chunk, batch,
                 temperature, top_k, top_p, eos, pad):
     """Up to ``limit`` (<= ``chunk``) steps, the first at cache slot ``slot0``; ends early once every row
     is done. ``rows``: the batch row (of ``batch``) each of the B computed rows is. Compiled per
-    (B, cache slots, chunk, batch, sampling settings): the prompt width, the step and the budget are
-    traced."""
+    (B, cache slots, chunk, batch, top_k, top_p, eos, pad): the prompt width, the step, the budget and
+    the temperature are traced."""
     model = nnx.merge(graphdef, params)
     B = kv_valid.shape[0]
     eos_ids = jnp.asarray(eos, jnp.int32)
