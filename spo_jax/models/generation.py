@@ -22,9 +22,10 @@ for every layer at every step: 27% of a traced SmolLM2 decode step, whose CPU ti
 it; benchmarks/RESULTS.md, "Sampling"). It holds ``S = length_bucket(filled
 length)`` slots, not prompt + budget: it starts at the bucket of the prompt plus one chunk and grows (a
 copy into the next bucket) only when a chunk would not fit, so attention touches at most ~1.5x the filled
-part, and a job whose rows all stop early never pays for the budget it did not use. Between chunks the
-host reads the rows' done flags: it stops when every row is done, and when the unfinished rows fit in
-half or a quarter of the batch (``compact_size``) it keeps computing only those (a row gather of the cache).
+part, and a job whose rows all stop early never pays for the budget it did not use. A chunk also ends at
+the step where the unfinished rows come to fit in half or a quarter of the batch (``next_size``, a traced
+bound): the host then keeps computing only those (``compact_size``, a row gather of the cache), and it
+stops when every row is done.
 
 Sampling randomness: step ``t`` draws the whole batch's tokens with ``jax.random.categorical(sub_t,
 logits [B, V])`` where ``key_0 = key`` and ``key_{t+1}, sub_t = split(key_t)`` -- the chain of the earlier
@@ -255,6 +256,13 @@ def _sample(logits_BV, key, rows, batch, temperature, top_k, top_p):
     return jax.lax.cond(temperature > 0, sampled, lambda: _argmax(logits_BV))
 
 
+def next_size(rows: int, batch: int) -> int:
+    """The rows a decode chunk computing ``rows`` of a ``batch``-row job would compact to next (0: none
+    smaller): the chunk ends as soon as the unfinished rows fit in it, so finished rows stop being computed
+    at once rather than at the chunk's end."""
+    return max((b for b in (batch, -(-batch // 2), -(-batch // 4)) if b < rows), default=0)
+
+
 def compact_size(live: int, batch: int) -> int:
     """Rows to keep computing when ``live`` of a ``batch``-row job have not finished: the smallest of
     ``batch``, ``batch / 2`` and ``batch / 4`` (rounded up) that holds them. Below a quarter the step
@@ -273,7 +281,7 @@ def generate(model: Decoder, prompt_ids, prompt_mask, *, max_new_tokens: int, ke
     model config's ``eos_token_id`` (all of its ids when it is a list, as Llama 3.x has); ``()`` = never stop.
     Returns (tokens [B, max_new_tokens] int32, mask [B, max_new_tokens] float32): after EOS
     (which is kept) rows emit ``pad_id`` with mask 0. Stops computing once every row has finished, and
-    computes only the unfinished rows once they fit in B/2 or B/4 rows.
+    computes only the unfinished rows from the step they fit in B/2 or B/4 rows.
     The prompts' padding does not matter: each row's real tokens are prefilled packed (``pack_prompts``),
     duplicate prompts once. Compiles one prefill per packed shape, one (small) cache assembly per (batch,
     longest prompt, cache bucket) and one decode chunk per (rows, cache bucket, top-k, top-p); greedy and
@@ -317,7 +325,7 @@ def generate(model: Decoder, prompt_ids, prompt_mask, *, max_new_tokens: int, ke
         limit = min(chunk, max_new_tokens - step, S - Tp - step)
         cache, logits, pos, done, key, t, v, ran, all_done = _decode_jit(
             graphdef, params, cache, kv_valid, logits, pos, done, key, jnp.asarray(rows, jnp.int32), Tp + step,
-            limit, chunk, B, *settings)
+            limit, chunk, B, *settings, next_size(len(rows), B))
         t, v, ran, all_done, done_h = jax.device_get((t, v, ran, all_done, done))
         # a finished row only emits (pad, 0), which is what its later places already hold, so rows that
         # stand in for finished ones (below) may write theirs
@@ -384,9 +392,10 @@ def _take_rows_jit(state, take):
 
 @functools.partial(jax.jit, static_argnums=(0, 11, 12, 14, 15, 16, 17), donate_argnums=(2,))
 def _decode_jit(graphdef, params, cache, kv_valid, logits, pos, done, key, rows, slot0, limit, chunk, batch,
-                temperature, top_k, top_p, eos, pad):
-    """Up to ``limit`` (<= ``chunk``) steps, the first at cache slot ``slot0``; ends early once every row
-    is done. ``rows``: the batch row (of ``batch``) each of the B computed rows is. Compiled per
+                temperature, top_k, top_p, eos, pad, min_live):
+    """Up to ``limit`` (<= ``chunk``) steps, the first at cache slot ``slot0``; ends early once at most
+    ``min_live`` rows are unfinished (0: every row is done; else the host then drops the finished rows).
+    ``rows``: the batch row (of ``batch``) each of the B computed rows is. Compiled per
     (B, cache slots, chunk, batch, top_k, top_p, eos, pad): the prompt width, the step, the budget and
     the temperature are traced."""
     model = nnx.merge(graphdef, params)
@@ -395,7 +404,7 @@ def _decode_jit(graphdef, params, cache, kv_valid, logits, pos, done, key, rows,
 
     def cond(carry):
         i, done = carry[0], carry[4]
-        return (i < limit) & ~jnp.all(done)
+        return (i < limit) & (jnp.sum(~done) > min_live)
 
     def body(carry):
         i, cache, logits, p, done, key, toks, valid = carry
