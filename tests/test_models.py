@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -602,6 +603,35 @@ def test_argmax_is_jnp_argmax():
     x = x.at[2].set(-jnp.inf).at[2, 5].set(0.0).at[3].set(1.0).at[4, :150].set(-jnp.inf)
     np.testing.assert_array_equal(np.asarray(generation._argmax(x)), np.asarray(jnp.argmax(x, axis=-1)))
     assert int(generation._argmax(x)[1]) == 7 and int(generation._argmax(x)[3]) == 0
+
+
+def test_decode_programs_compile_ahead_once(monkeypatch):
+    """Decode programs compile in a background thread (the first during the prefill, the grown cache's during
+    the chunk that fills the cache), once each: the calls find them compiled."""
+    cfg = ModelConfig.from_hf(dict(model_type="llama", vocab_size=64, hidden_size=24, intermediate_size=32,
+                                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                   max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0))
+    model = create_model(cfg, rngs=nnx.Rngs(1))  # a graphdef no other test compiles
+    ids = np.asarray([[5, 6, 7, 8, 9, 10, 11, 12]], np.int32)
+    compiles, started = [], []
+    main = threading.current_thread()
+
+    def listen(event, secs, **kw):
+        if event == "/jax/core/compile/backend_compile_duration" and kw.get("fun_name") == "jit(_decode_jit)":
+            compiles.append(threading.current_thread() is main)
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    monkeypatch.setattr(generation, "DECODE_CHUNK", 32)
+    real = generation._precompile_decode
+    monkeypatch.setattr(generation, "_precompile_decode", lambda *a: started.append(a[4:6]) or real(*a))
+    toks = np.asarray(generate(model, ids, np.ones_like(ids), max_new_tokens=60, eos_id=())[0])
+    assert started == [(1, 48), (1, 96)], started  # Tp = 8: 48 slots, then 96 from step 40
+    assert compiles == [False, False], compiles  # two programs, each compiled once, off the main thread
+    generate(model, ids, np.ones_like(ids), max_new_tokens=60, eos_id=())
+    assert len(started) == 4 and len(compiles) == 2  # known programs are not compiled again
+    monkeypatch.setattr(generation, "_precompile_decode", lambda *a: None)
+    np.testing.assert_array_equal(np.asarray(generate(model, ids, np.ones_like(ids), max_new_tokens=60,
+                                                      eos_id=())[0]), toks)
+    jax.monitoring.unregister_event_duration_listener(listen)
 
 
 def _resampled_without_cache(model, ids, mask, n, key, temperature):
