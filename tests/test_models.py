@@ -579,6 +579,24 @@ def test_finished_rows_leave_the_batch(checkpoints, loaded, prompts, greedy, dec
     assert sum(c[1] for c in decode_calls if c[2] == 3) == stops[0], decode_calls
     assert sum(c[1] for c in decode_calls if c[2] >= 2) == stops[1], decode_calls
 
+    class Compiling:  # a fewer rows' program still compiling at the first look, done at the next
+        def __init__(self):
+            self.looks = 0
+
+        def is_alive(self):
+            self.looks += 1
+            return self.looks == 1
+
+        def join(self):
+            pass
+    monkeypatch.setattr(generation, "_precompile_decode", lambda *a: Compiling())
+    decode_calls.clear()
+    held = np.asarray(generate(loaded("llama"), ids, mask, max_new_tokens=12, eos_id=eos, pad_id=pad)[0])
+    np.testing.assert_array_equal(held, out)
+    # the 3 rows run one more (full) chunk while the 2 rows' program compiles, then the batch shrinks
+    assert [c[2] for c in decode_calls][:2] == [3, 3] and decode_calls[1][1] == 4, decode_calls
+    assert 2 in [c[2] for c in decode_calls], decode_calls
+
 
 def test_budgets_and_prompt_widths_share_compiled_programs(loaded, prompts):
     """Budgets within one cache bucket and prompt widths share the decode program; the budget is traced."""

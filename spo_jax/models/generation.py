@@ -27,8 +27,9 @@ the step where the unfinished rows come to fit in half or a quarter of the batch
 bound): the host then keeps computing only those (``compact_size``, a row gather of the cache), and it
 stops when every row is done. A decode program this process has not compiled yet compiles in a
 background thread ahead of its first call (``_precompile_decode``): the first one while the prefill runs,
-the next cache bucket's during the chunk that fills the cache (XLA compiles on one core while the other
-computes; up to 2.4 s less wall time for a first call, measured, and nothing for later ones).
+the next cache bucket's during the chunk that fills the cache, and a compacted batch's while the current
+rows run one more chunk (XLA compiles on one core while the other computes; up to 2.4 s less wall time
+for a first call, measured, and nothing for later ones).
 
 Sampling randomness: step ``t`` draws the whole batch's tokens with ``jax.random.categorical(sub_t,
 logits [B, V])`` where ``key_0 = key`` and ``key_{t+1}, sub_t = split(key_t)`` -- the chain of the earlier
@@ -323,6 +324,7 @@ def generate(model: Decoder, prompt_ids, prompt_mask, *, max_new_tokens: int, ke
     toks = np.full((B, max_new_tokens), int(pad_id), np.int32)
     valid = np.zeros((B, max_new_tokens), np.float32)
     step = 0
+    hold = False  # True: run the next chunk to its end on these rows (their fewer rows' program is compiling)
     while step < max_new_tokens:
         if Tp + step == S:  # the cache is full: copy it into the next length bucket
             S = length_bucket(Tp + step + min(chunk, max_new_tokens - step))
@@ -336,9 +338,10 @@ def generate(model: Decoder, prompt_ids, prompt_mask, *, max_new_tokens: int, ke
             grown = length_bucket(S + min(chunk, max_new_tokens - step - limit))
             compiling[len(rows), grown] = _precompile_decode(model, graphdef, params, key, len(rows), grown, chunk,
                                                              B, settings)
+        _DECODE_PROGRAMS.add(_signature(graphdef, len(rows), S, chunk, B, settings))
         cache, logits, pos, done, key, t, v, ran, all_done = _decode_jit(
             graphdef, params, cache, kv_valid, logits, pos, done, key, jnp.asarray(rows, jnp.int32), Tp + step,
-            limit, chunk, B, *settings, next_size(len(rows), B))
+            limit, chunk, B, *settings, 0 if hold else next_size(len(rows), B))
         t, v, ran, all_done, done_h = jax.device_get((t, v, ran, all_done, done))
         # a finished row only emits (pad, 0), which is what its later places already hold, so rows that
         # stand in for finished ones (below) may write theirs
@@ -349,7 +352,14 @@ def generate(model: Decoder, prompt_ids, prompt_mask, *, max_new_tokens: int, ke
             break
         live = np.flatnonzero(~done_h)
         keep = compact_size(len(live), B)
+        hold = False
         if keep < len(rows) and step < max_new_tokens:
+            fewer = (keep, S if Tp + step < S else length_bucket(Tp + step + min(chunk, max_new_tokens - step)))
+            if fewer not in compiling:
+                compiling[fewer] = _precompile_decode(model, graphdef, params, key, *fewer, chunk, B, settings)
+            if compiling[fewer] is not None and compiling[fewer].is_alive():
+                hold = True  # the fewer rows' program is compiling: one more chunk of these rows meanwhile
+                continue
             # drop finished rows: the live ones, then finished ones to fill the bucket
             take = np.concatenate([live, np.flatnonzero(done_h)[:keep - len(live)]])
             rows = rows[take]
@@ -358,7 +368,13 @@ def generate(model: Decoder, prompt_ids, prompt_mask, *, max_new_tokens: int, ke
     return jnp.asarray(toks), jnp.asarray(valid)
 
 
-_DECODE_PROGRAMS: set = set()  # the decode chunks _precompile_decode has compiled in this process
+_DECODE_PROGRAMS: set = set()  # the decode chunks this process has compiled (or is compiling)
+
+
+def _signature(graphdef, rows: int, slots: int, chunk: int, batch: int, settings) -> tuple:
+    """What a decode chunk's compiled program depends on besides the parameters' shapes (settings[0], the
+    temperature, is traced)."""
+    return (graphdef, rows, slots, chunk, batch, *settings[1:])
 
 
 def _precompile_decode(model, graphdef, params, key, rows: int, slots: int, chunk: int, batch: int, settings):
@@ -366,7 +382,7 @@ def _precompile_decode(model, graphdef, params, key, rows: int, slots: int, chun
     (XLA releases the GIL: it compiles on the other core while this one prefills; the jit call then finds
     the executable in JAX's cache); returns the thread to join before that call, or None when this process
     compiled that program before."""
-    signature = (graphdef, rows, slots, chunk, batch, *settings[1:])
+    signature = _signature(graphdef, rows, slots, chunk, batch, settings)
     if signature in _DECODE_PROGRAMS or not hasattr(_decode_jit, "lower"):  # (tests wrap _decode_jit)
         return None
     _DECODE_PROGRAMS.add(signature)
