@@ -615,6 +615,14 @@ def test_budgets_and_prompt_widths_share_compiled_programs(loaded, prompts):
     assert generation._decode_jit._cache_size() == before
 
 
+def test_row_levels():
+    """The row counts a job computes as its rows finish (compact_size) and where a chunk ends (next_size)."""
+    assert generation.row_levels(32) == (32, 24, 16, 8) and generation.row_levels(8) == (8, 4, 2)
+    assert generation.row_levels(3) == (3, 2, 1)
+    assert [generation.compact_size(n, 32) for n in (32, 25, 24, 17, 16, 9, 8, 1)] == [32, 32, 24, 24, 16, 16, 8, 8]
+    assert [generation.next_size(n, 32) for n in (32, 24, 16, 8)] == [24, 16, 8, 0]
+
+
 def test_argmax_is_jnp_argmax():
     """generation._argmax (two vectorised reductions) picks jnp.argmax's index: the first maximum."""
     x = jax.random.normal(jax.random.PRNGKey(0), (6, 300)).at[1, 7].set(9.0).at[1, 200].set(9.0)

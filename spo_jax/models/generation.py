@@ -23,9 +23,9 @@ it; benchmarks/RESULTS.md, "Sampling"). It holds ``S = length_bucket(filled
 length)`` slots, not prompt + budget: it starts at the bucket of the prompt plus one chunk and grows (a
 copy into the next bucket) only when a chunk would not fit, so attention touches at most ~1.5x the filled
 part, and a job whose rows all stop early never pays for the budget it did not use. A chunk also ends at
-the step where the unfinished rows come to fit in half or a quarter of the batch (``next_size``, a traced
-bound): the host then keeps computing only those (``compact_size``, a row gather of the cache), and it
-stops when every row is done. A decode program this process has not compiled yet compiles in a
+the step where the unfinished rows come to fit in 3/4, 1/2 or 1/4 of the batch (``row_levels``; a traced
+bound, ``next_size``): the host then keeps computing only those (``compact_size``, a row gather of the
+cache), and it stops when every row is done. A decode program this process has not compiled yet compiles in a
 background thread ahead of its first call (``_precompile_decode``): the first one while the prefill runs,
 the next cache bucket's during the chunk that fills the cache, and a compacted batch's while the current
 rows run one more chunk (XLA compiles on one core while the other computes; up to 2.4 s less wall time
@@ -261,18 +261,26 @@ def _sample(logits_BV, key, rows, batch, temperature, top_k, top_p):
     return jax.lax.cond(temperature > 0, sampled, lambda: _argmax(logits_BV))
 
 
+def row_levels(batch: int) -> tuple[int, ...]:
+    """The row counts a ``batch``-row job computes as its rows finish: ``batch``, 3/4 of it (from 16 rows),
+    1/2 and 1/4 (rounded up). A decode step's cost falls with the rows (SmolLM2 shape, 384 cache slots:
+    141 / 116 / 86 / 58 / 54 ms at 32 / 24 / 16 / 8 / 6 rows); below a quarter, and between 6 and 8
+    rows, reading the weights dominates, so no more programs are compiled for them."""
+    fractions = (4, 3, 2, 1) if batch >= 16 else (4, 2, 1)
+    return tuple(sorted({-(-batch * k // 4) for k in fractions}, reverse=True))
+
+
 def next_size(rows: int, batch: int) -> int:
     """The rows a decode chunk computing ``rows`` of a ``batch``-row job would compact to next (0: none
     smaller): the chunk ends as soon as the unfinished rows fit in it, so finished rows stop being computed
     at once rather than at the chunk's end."""
-    return max((b for b in (batch, -(-batch // 2), -(-batch // 4)) if b < rows), default=0)
+    return max((b for b in row_levels(batch) if b < rows), default=0)
 
 
 def compact_size(live: int, batch: int) -> int:
     """Rows to keep computing when ``live`` of a ``batch``-row job have not finished: the smallest of
-    ``batch``, ``batch / 2`` and ``batch / 4`` (rounded up) that holds them. Below a quarter the step
-    costs about the same (reading the weights dominates), so no more programs are compiled for it."""
-    return min(b for b in (batch, -(-batch // 2), -(-batch // 4)) if b >= live)
+    ``row_levels(batch)`` that holds them."""
+    return min(b for b in row_levels(batch) if b >= live)
 
 
 def generate(model: Decoder, prompt_ids, prompt_mask, *, max_new_tokens: int, key=None,
@@ -286,7 +294,7 @@ def generate(model: Decoder, prompt_ids, prompt_mask, *, max_new_tokens: int, ke
     model config's ``eos_token_id`` (all of its ids when it is a list, as Llama 3.x has); ``()`` = never stop.
     Returns (tokens [B, max_new_tokens] int32, mask [B, max_new_tokens] float32): after EOS
     (which is kept) rows emit ``pad_id`` with mask 0. Stops computing once every row has finished, and
-    computes only the unfinished rows from the step they fit in B/2 or B/4 rows.
+    computes only the unfinished rows from the step they fit in 3B/4 (B >= 16), B/2 or B/4 rows.
     The prompts' padding does not matter: each row's real tokens are prefilled packed (``pack_prompts``),
     duplicate prompts once. Compiles one prefill per packed shape, one (small) cache assembly per (batch,
     longest prompt, cache bucket) and one decode chunk per (rows, cache bucket, top-k, top-p); greedy and
