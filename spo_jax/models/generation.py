@@ -402,7 +402,8 @@ def _precompile_decode(model, graphdef, params, key, rows: int, slots: int, chun
     args = (graphdef, params, cache, spec((rows, slots), jnp.bool_), spec((rows, V), at_least_f32(model.dtype)),
             spec((rows,), jnp.int32), spec((rows,), jnp.bool_), spec(jnp.shape(key), jnp.asarray(key).dtype),
             spec((rows,), jnp.int32), 0, 0, chunk, batch, *settings, 0)
-    thread = threading.Thread(target=lambda: _decode_jit.lower(*args).compile(), daemon=True)
+    # not a daemon: the interpreter waits for it at exit (exiting during an XLA compile aborts the process)
+    thread = threading.Thread(target=lambda: _decode_jit.lower(*args).compile(), daemon=False)
     thread.start()
     return thread
 
