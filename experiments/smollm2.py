@@ -80,24 +80,25 @@ class Size:
     nll_questions: int     # GSM8K test questions whose reference solutions' NLL is measured
     max_length: int        # tokens per sequence of part 2 and of the GSM8K NLL
     gen_batch: int
-    batch_size: int
+    batch_size: int        # pairs per optimizer step
+    micro_batch: int       # pairs per forward/backward (optim.grad_accum_steps = batch_size / micro_batch)
     epochs: int
     learning_rate: float
 
 
 SIZES = {
     # a 2-core CPU (the measured time is in the README)
-    "cpu": Size(hh_train=64, hh_heldout=128, hh_max_length=256, task_train=128, samples=4, temperature=0.8,
-                task_test=200, task_new_tokens=40, nll_questions=200, max_length=192, gen_batch=64,
-                batch_size=8, epochs=1, learning_rate=1e-5),
+    "cpu": Size(hh_train=64, hh_heldout=96, hh_max_length=192, task_train=96, samples=4, temperature=0.8,
+                task_test=200, task_new_tokens=40, nll_questions=100, max_length=192, gen_batch=64,
+                batch_size=8, micro_batch=4, epochs=1, learning_rate=1e-5),
     # one accelerator: >= 500 held-out problems, the whole GSM8K test set for the NLL
     "full": Size(hh_train=2000, hh_heldout=312, hh_max_length=512, task_train=480, samples=8, temperature=0.8,
                  task_test=500, task_new_tokens=48, nll_questions=1319, max_length=256, gen_batch=256,
-                 batch_size=32, epochs=2, learning_rate=2e-6),
+                 batch_size=32, micro_batch=8, epochs=2, learning_rate=2e-6),
     # the test of this script (tests/test_smollm2.py, a tiny random model): the code path, not a measurement
     "smoke": Size(hh_train=4, hh_heldout=4, hh_max_length=96, task_train=2, samples=2, temperature=0.8,
                   task_test=4, task_new_tokens=6, nll_questions=4, max_length=96, gen_batch=4,
-                  batch_size=4, epochs=1, learning_rate=1e-3),
+                  batch_size=4, micro_batch=2, epochs=1, learning_rate=1e-3),
 }
 
 #: The arms: the paper's DPO and SimPO, each alone and + SPO (penalty on the reference gap, gamma 10),
@@ -265,8 +266,10 @@ def _shift_summary(shift: dict) -> dict:
 
 
 def preference_config(model_path: str, run_dir: str, size: Size, num_pairs: int, max_length: int,
-                      m: experiment.Method, seed: int):
-    """The preference stage from ``model_path`` (also the cached reference); only the method differs."""
+                      m: experiment.Method, seed: int, ref_cache: str):
+    """The preference stage from ``model_path`` (also the cached reference); only the method differs.
+    ``ref_cache``: the reference log-prob cache shared by a part's arms (same start, same pairs: the
+    first arm that reads the reference computes it, the others load it)."""
     c = get_default_config()
     c.run_dir = run_dir
     c.seed = seed
@@ -278,6 +281,8 @@ def preference_config(model_path: str, run_dir: str, size: Size, num_pairs: int,
     c.data.length_bucket = 64
     c.data.batch_size = size.batch_size
     c.data.eval_batch_size = size.batch_size
+    c.optim.grad_accum_steps = size.batch_size // size.micro_batch
+    c.reference.cache_dir = ref_cache
     c.optim.learning_rate = size.learning_rate
     c.optim.schedule = "constant"
     c.optim.warmup_steps = 0
@@ -291,6 +296,27 @@ def preference_config(model_path: str, run_dir: str, size: Size, num_pairs: int,
     c.metrics.tensorboard = False
     c.metrics.log_every = 1
     return c
+
+
+def _check_run_record(out: str, settings: dict, resume: bool) -> None:
+    """``<out>/run.json`` records the settings of the run that writes there. A fresh run refuses an
+    ``--out`` that holds arms of an earlier run; ``--resume`` refuses one whose settings differ."""
+    path = os.path.join(out, "run.json")
+    if resume and os.path.exists(path):
+        with open(path) as f:
+            try:
+                before = json.load(f)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{path} is not valid JSON ({e}): delete it and the arms beside it, or use a new --out")
+        now = json.loads(json.dumps(settings))
+        if before != now:
+            diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+            raise SystemExit(f"--resume: {path} was written with other settings ({', '.join(diff)} differ); "
+                             "rerun with the same --size/--seed/--model/--task-pairs, or use a new --out")
+    elif not resume and any(os.path.exists(os.path.join(out, p)) for p in ("part1", "part2")):
+        raise SystemExit(f"{out} holds arms of an earlier run: pass --resume to continue it, or use a new --out")
+    with open(path, "w") as f:
+        json.dump(settings, f, indent=1)
 
 
 def _check_devices() -> None:
@@ -351,12 +377,14 @@ def probe(out: str, model_path: str, data_dir: str, n: int, seed: int, tasks=tup
 
 
 def run(size_name: str, out: str, model_path: str | None = None, data_dir: str | None = None, seed: int = 0,
-        task_pairs_file: str | None = None, methods: tuple[str, ...] | None = None) -> dict:
+        task_pairs_file: str | None = None, methods: tuple[str, ...] | None = None, resume: bool = False) -> dict:
     _check_devices()
     size = SIZES[size_name]
     data_dir = data_dir or os.environ.get("SPO_JAX_DATA", os.path.join(os.path.dirname(REPO), "shared", "data"))
     model_path = model_path or smollm2_path()
     os.makedirs(out, exist_ok=True)
+    _check_run_record(out, {"size": dataclasses.asdict(size), "seed": seed, "model": model_path,
+                            "task_pairs_file": task_pairs_file}, resume)
     st = Stages()
     tokenizer = models.load_tokenizer(model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -439,10 +467,10 @@ def run(size_name: str, out: str, model_path: str | None = None, data_dir: str |
 
     results["part1"] = experiment.compare(
         arms, make_config=lambda m, d: preference_config(model_path, d, size, len(hh_train), size.hh_max_length, m,
-                                                         seed),
+                                                         seed, os.path.join(out, "part1", "ref_cache")),
         train_data=datasets.Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")}
                                                for p in hh_train]),
-        measure=measure_hh, out_dir=os.path.join(out, "part1"),
+        measure=measure_hh, out_dir=os.path.join(out, "part1"), resume=resume,
         sft_data=sft_rows(tokenizer, data_dir, max(1, size.epochs * len(hh_train) // size.batch_size)
                           * size.batch_size))
     if len(task_pairs) < size.batch_size:
@@ -451,10 +479,10 @@ def run(size_name: str, out: str, model_path: str | None = None, data_dir: str |
     else:
         results["part2"] = experiment.compare(
             arms, make_config=lambda m, d: preference_config(model_path, d, size, len(task_pairs), size.max_length,
-                                                             m, seed),
+                                                             m, seed, os.path.join(out, "part2", "ref_cache")),
             train_data=datasets.Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")}
                                                    for p in task_pairs]),
-            measure=measure_task, out_dir=os.path.join(out, "part2"),
+            measure=measure_task, out_dir=os.path.join(out, "part2"), resume=resume,
             sft_data=sft_rows(tokenizer, data_dir, max(1, size.epochs * len(task_pairs) // size.batch_size)
                               * size.batch_size))
     results["stages"] = st.rows
@@ -595,6 +623,8 @@ def main(argv=None) -> None:
                    help="train part 2 on this pairs_task.jsonl (from an earlier run) instead of sampling")
     p.add_argument("--methods", default="", help="comma-separated method families (default " + ",".join(METHODS)
                    + "; any of spo_jax.experiment.families())")
+    p.add_argument("--resume", action="store_true", help="read back the arms a killed run of the same --out "
+                   "finished (their arm.json) and train only the others (the start measurements are redone)")
     p.add_argument("--probe", action="store_true", help="only measure the start model's greedy accuracy on the "
                    f"candidate tasks ({', '.join(PROBE_NEW_TOKENS)}), --probe-n problems each")
     p.add_argument("--probe-n", type=int, default=100)
@@ -610,7 +640,7 @@ def main(argv=None) -> None:
         return
     methods = tuple(m for m in a.methods.split(",") if m) or None
     run(a.size, a.out, model_path=a.model, data_dir=a.data, seed=a.seed, task_pairs_file=a.task_pairs,
-        methods=methods)
+        methods=methods, resume=a.resume)
 
 
 if __name__ == "__main__":

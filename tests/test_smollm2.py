@@ -141,3 +141,22 @@ def test_statistics_and_report_on_small_stored_results():
     res["statistics"] = stats
     md = exp.report(res)
     assert all(md.count(f"| {a} |") == 2 for a in arms)  # one row in each part's table
+
+
+def test_run_record_guards_fresh_and_resumed_runs(tmp_path):
+    """``<out>/run.json``: a fresh run refuses an --out holding an earlier run's arms; --resume
+    continues only with the same settings, naming the settings that differ."""
+    import pytest
+
+    settings = {"size": exp.dataclasses.asdict(exp.SIZES["smoke"]), "seed": 0, "model": "m", "task_pairs_file": None}
+    exp._check_run_record(str(tmp_path), settings, resume=False)
+    assert json.loads((tmp_path / "run.json").read_text())["seed"] == 0
+    (tmp_path / "part1").mkdir()
+    with pytest.raises(SystemExit, match="pass --resume"):
+        exp._check_run_record(str(tmp_path), settings, resume=False)
+    exp._check_run_record(str(tmp_path), settings, resume=True)  # same settings: continues
+    with pytest.raises(SystemExit, match="seed differ"):
+        exp._check_run_record(str(tmp_path), {**settings, "seed": 1}, resume=True)
+    (tmp_path / "run.json").write_text("{broken")
+    with pytest.raises(SystemExit, match="not valid JSON"):
+        exp._check_run_record(str(tmp_path), settings, resume=True)
