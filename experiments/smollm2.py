@@ -90,7 +90,7 @@ SIZES = {
     # a 2-core CPU (the measured time is in the README)
     "cpu": Size(hh_train=64, hh_heldout=96, hh_max_length=192, task_train=96, samples=4, temperature=0.8,
                 task_test=200, task_new_tokens=40, nll_questions=100, max_length=192, gen_batch=64,
-                batch_size=8, micro_batch=4, epochs=1, learning_rate=1e-5),
+                batch_size=8, micro_batch=1, epochs=1, learning_rate=1e-5),
     # one accelerator: >= 500 held-out problems, the whole GSM8K test set for the NLL
     "full": Size(hh_train=2000, hh_heldout=312, hh_max_length=512, task_train=480, samples=8, temperature=0.8,
                  task_test=500, task_new_tokens=48, nll_questions=1319, max_length=256, gen_batch=256,
