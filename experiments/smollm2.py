@@ -302,21 +302,19 @@ def _check_run_record(out: str, settings: dict, resume: bool) -> None:
     """``<out>/run.json`` records the settings of the run that writes there. A fresh run refuses an
     ``--out`` that holds arms of an earlier run; ``--resume`` refuses one whose settings differ."""
     path = os.path.join(out, "run.json")
+    now = json.loads(json.dumps(settings))
     if resume and os.path.exists(path):
-        with open(path) as f:
-            try:
-                before = json.load(f)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"{path} is not valid JSON ({e}): delete it and the arms beside it, or use a new --out")
-        now = json.loads(json.dumps(settings))
+        try:
+            before = experiment._read_json(path)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
         if before != now:
             diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
             raise SystemExit(f"--resume: {path} was written with other settings ({', '.join(diff)} differ); "
                              "rerun with the same --size/--seed/--model/--task-pairs, or use a new --out")
     elif not resume and any(os.path.exists(os.path.join(out, p)) for p in ("part1", "part2")):
         raise SystemExit(f"{out} holds arms of an earlier run: pass --resume to continue it, or use a new --out")
-    with open(path, "w") as f:
-        json.dump(settings, f, indent=1)
+    experiment._write_json(path, now)
 
 
 def _check_devices() -> None:
