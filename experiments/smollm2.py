@@ -29,7 +29,8 @@ candidates and this one is in the 20-60% band (README). ``samples`` sampled solu
 training problem (temperature ``temperature``); a correct one is chosen and an incorrect one
 rejected (``spo_jax.sampling.sample_pairs``). The same methods train from the same start on
 those pairs; measured: greedy accuracy on ``task_test`` held-out problems, the chosen / rejected
-log-prob change and the violation fraction on the training pairs, the GSM8K solution NLL.
+log-prob change and the violation fraction on the training pairs (the task is this part's
+ability measure: no GSM8K NLL here).
 
 Statistics: 95% paired bootstrap intervals over the held-out items
 (``spo_jax.experiment.paired_bootstrap``; one seed, so items only); the reading of part 1 says
@@ -88,11 +89,11 @@ class Size:
 
 SIZES = {
     # a 2-core CPU (the measured time is in the README)
-    "cpu": Size(hh_train=64, hh_heldout=96, hh_max_length=192, task_train=96, samples=4, temperature=0.8,
-                task_test=200, task_new_tokens=40, nll_questions=100, max_length=192, gen_batch=64,
+    "cpu": Size(hh_train=64, hh_heldout=48, hh_max_length=192, task_train=80, samples=8, temperature=0.5,
+                task_test=150, task_new_tokens=40, nll_questions=64, max_length=192, gen_batch=64,
                 batch_size=8, micro_batch=1, epochs=1, learning_rate=1e-5),
     # one accelerator: >= 500 held-out problems, the whole GSM8K test set for the NLL
-    "full": Size(hh_train=2000, hh_heldout=312, hh_max_length=512, task_train=480, samples=8, temperature=0.8,
+    "full": Size(hh_train=2000, hh_heldout=312, hh_max_length=512, task_train=480, samples=8, temperature=0.5,
                  task_test=500, task_new_tokens=48, nll_questions=1319, max_length=256, gen_batch=256,
                  batch_size=32, micro_batch=8, epochs=2, learning_rate=2e-6),
     # the test of this script (tests/test_smollm2.py, a tiny random model): the code path, not a measurement
@@ -265,7 +266,7 @@ def _shift_summary(shift: dict) -> dict:
             "violation_frac": shift["violation_frac"], "violation": shift["violation"].astype(int).tolist()}
 
 
-def preference_config(model_path: str, run_dir: str, size: Size, num_pairs: int, max_length: int,
+def preference_config(model_path: str, run_dir: str, size: Size, num_steps: int, max_length: int,
                       m: experiment.Method, seed: int, ref_cache: str):
     """The preference stage from ``model_path`` (also the cached reference); only the method differs.
     ``ref_cache``: the reference log-prob cache shared by a part's arms (same start, same pairs: the
@@ -286,7 +287,7 @@ def preference_config(model_path: str, run_dir: str, size: Size, num_pairs: int,
     c.optim.learning_rate = size.learning_rate
     c.optim.schedule = "constant"
     c.optim.warmup_steps = 0
-    c.train.num_steps = max(1, size.epochs * num_pairs // size.batch_size)
+    c.train.num_steps = num_steps
     c.mesh.data = 1
     c.mesh.fsdp = -1
     c.checkpoint.every = 0
@@ -398,12 +399,14 @@ def run(size_name: str, out: str, model_path: str | None = None, data_dir: str |
     base = models.from_pretrained(model_path)
     st.done("load model and data")
 
-    def ability(model) -> dict:
-        graphdef, params = nnx.split(model)
+    def ability(model, nll: bool = True) -> dict:
+        """Task accuracy, and (``nll``: part 1's off-task training) the GSM8K solutions' NLL."""
         r = sampling.greedy_accuracy(model, tokenizer, task_test, **gen)
-        return {"task_accuracy": r["accuracy"], "task_correct": r["correct"].astype(int).tolist(),
-                "texts": r["texts"][:3], "solution_nll": reference_nll(graphdef, params, nll_ds, size.max_length,
-                                                                      pad_id)}
+        out = {"task_accuracy": r["accuracy"], "task_correct": r["correct"].astype(int).tolist(),
+               "texts": r["texts"][:3]}
+        if nll:
+            out["solution_nll"] = reference_nll(*nnx.split(model), nll_ds, size.max_length, pad_id)
+        return out
 
     results = {"size": dataclasses.asdict(size), "size_name": size_name, "model": model_path, "seed": seed,
                "methods_run": list(methods or METHODS), "hh_split": {
@@ -456,33 +459,35 @@ def run(size_name: str, out: str, model_path: str | None = None, data_dir: str |
         st.done(f"part 1: {m.label}")
         return r
 
-    def measure_task(m, graphdef, params) -> dict:
-        r = ability(nnx.merge(graphdef, params))
+    def measure_task(m, graphdef, params) -> dict:  # the task is part 2's ability measure: no NLL here
+        r = ability(nnx.merge(graphdef, params), nll=False)
         r["train"] = _shift_summary(experiment.pair_shift(
             start_task, evaluate.pair_logps(graphdef, params, tok_task, **task_kw)))
         st.done(f"part 2: {m.label}")
         return r
 
+    # epochs over the pairs the trainer keeps (its tokenizer drops the same rows as tokenized_pairs)
+    steps = lambda n: max(1, size.epochs * n // size.batch_size)  # noqa: E731
     results["part1"] = experiment.compare(
-        arms, make_config=lambda m, d: preference_config(model_path, d, size, len(hh_train), size.hh_max_length, m,
-                                                         seed, os.path.join(out, "part1", "ref_cache")),
+        arms, make_config=lambda m, d: preference_config(model_path, d, size, steps(len(tok_hh_train)),
+                                                         size.hh_max_length, m, seed,
+                                                         os.path.join(out, "part1", "ref_cache")),
         train_data=datasets.Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")}
                                                for p in hh_train]),
         measure=measure_hh, out_dir=os.path.join(out, "part1"), resume=resume,
-        sft_data=sft_rows(tokenizer, data_dir, max(1, size.epochs * len(hh_train) // size.batch_size)
-                          * size.batch_size))
+        sft_data=sft_rows(tokenizer, data_dir, steps(len(tok_hh_train)) * size.batch_size))
     if len(task_pairs) < size.batch_size:
         results["part2"] = {}
         results["note"] = f"part 2: only {len(task_pairs)} pairs (< batch {size.batch_size}): no preference training"
     else:
         results["part2"] = experiment.compare(
-            arms, make_config=lambda m, d: preference_config(model_path, d, size, len(task_pairs), size.max_length,
-                                                             m, seed, os.path.join(out, "part2", "ref_cache")),
+            arms, make_config=lambda m, d: preference_config(model_path, d, size, steps(len(tok_task)),
+                                                             size.max_length, m, seed,
+                                                             os.path.join(out, "part2", "ref_cache")),
             train_data=datasets.Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")}
                                                    for p in task_pairs]),
             measure=measure_task, out_dir=os.path.join(out, "part2"), resume=resume,
-            sft_data=sft_rows(tokenizer, data_dir, max(1, size.epochs * len(task_pairs) // size.batch_size)
-                              * size.batch_size))
+            sft_data=sft_rows(tokenizer, data_dir, steps(len(tok_task)) * size.batch_size))
     results["stages"] = st.rows
     results["total_s"] = time.time() - st.t0
     results["statistics"] = statistics(results)
@@ -591,14 +596,12 @@ def report(results: dict) -> str:
         lines += ["", f"**Part 2, on-policy pairs** ({p.get('num_pairs')} pairs from {s['task_train']} training "
                       f"problems x {s['samples']} samples at T = {s['temperature']}; sample accuracy "
                       f"{_fmt(p.get('sample_accuracy'))}).", "",
-                  "| method | task accuracy | Δ vs start | GSM8K NLL | Δ log p chosen | Δ log p rejected "
-                  "| violation frac |", "|---|---|---|---|---|---|---|",
-                  f"| start | {_ci(stats['part2']['task_accuracy']['start'])} | — | {_fmt(base['solution_nll'], '.4f')} "
-                  "| 0 | 0 | — |"]
+                  "| method | task accuracy | Δ vs start | Δ log p chosen | Δ log p rejected | violation frac |",
+                  "|---|---|---|---|---|---|", f"| start | {_ci(stats['part2']['task_accuracy']['start'])} | — | 0 | 0 | — |"]
         for a, r in results["part2"].items():
             t = stats["part2"]["task_accuracy"][a]
             lines.append(f"| {a} | {_ci(t)} | {t['diff']:+.3f} [{t['diff_lo']:+.3f}, {t['diff_hi']:+.3f}] "
-                         f"| {_fmt(r['solution_nll'], '.4f')} | {r['train']['delta_chosen']:+.2f} "
+                         f"| {r['train']['delta_chosen']:+.2f} "
                          f"| {r['train']['delta_rejected']:+.2f} | {r['train']['violation_frac']:.2f} |")
         lines += ["", "Reading (generated): " + stats["part2"]["reading"]]
     if "note" in results:

@@ -159,8 +159,15 @@ def pair_logps(graphdef, params, dataset, *, batch_size: int = 64, max_length: i
                length_bucket: int = 16) -> dict[str, np.ndarray]:
     """Summed log-probs and token counts of every pair of a tokenized preference dataset
     (``spo_jax.data.prepare_dataset``), in dataset order: ``{"example_index", "chosen",
-    "rejected", "chosen_len", "rejected_len"}`` (``[P]`` arrays)."""
-    it = BatchIterator(dataset, batch_size=batch_size, max_length=max_length, packing=False,
+    "rejected", "chosen_len", "rejected_len"}`` (``[P]`` arrays).
+
+    The pairs are batched in order of length (longest sequence of the pair), so that a batch
+    pads to its own length bucket rather than to the longest pair of the dataset's order; the
+    results are put back in dataset order."""
+    longest = [len(p) + max(len(c), len(r)) for p, c, r in
+               zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"])]
+    order = np.argsort(np.asarray(longest, dtype=np.int64), kind="stable")
+    it = BatchIterator(dataset.select(order), batch_size=batch_size, max_length=max_length, packing=False,
                        length_bucket=length_bucket, shuffle=False, num_epochs=1, pad_id=pad_id,
                        process_index=0, process_count=1)
     out = {k: [] for k in ("example_index", "chosen", "rejected", "chosen_len", "rejected_len")}
@@ -172,7 +179,8 @@ def pair_logps(graphdef, params, dataset, *, batch_size: int = 64, max_length: i
         out["rejected"].append(sums[1::2][valid])
         out["chosen_len"].append(counts[0::2][valid])
         out["rejected_len"].append(counts[1::2][valid])
-    return {k: np.concatenate(v) for k, v in out.items()}
+    back = np.argsort(order, kind="stable")  # sorted position of each dataset row
+    return {k: np.concatenate(v)[back] for k, v in out.items()}
 
 
 def mass_split(sampled_answers: Sequence[Sequence[str | None]], chosen_answers: Sequence[str | None],
