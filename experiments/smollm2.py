@@ -73,6 +73,7 @@ class Size:
     hh_train: int          # HH-RLHF training pairs (part 1)
     hh_heldout: int        # HH-RLHF held-out pairs (part 1)
     hh_max_length: int     # tokens per HH-RLHF sequence (prompt left-truncated, responses right-truncated)
+    hh_length_bucket: int  # part 1's training batches pad to a multiple of this (each length compiles the step)
     task_train: int        # arithmetic problems sampled for part 2's pairs
     samples: int           # samples per training problem
     temperature: float
@@ -89,15 +90,18 @@ class Size:
 
 SIZES = {
     # a 2-core CPU (the measured time is in the README)
-    "cpu": Size(hh_train=64, hh_heldout=48, hh_max_length=192, task_train=80, samples=8, temperature=0.5,
+    "cpu": Size(hh_train=56, hh_heldout=40, hh_max_length=192, hh_length_bucket=192,
+                task_train=80, samples=8, temperature=0.5,
                 task_test=150, task_new_tokens=40, nll_questions=64, max_length=192, gen_batch=64,
                 batch_size=8, micro_batch=1, epochs=1, learning_rate=1e-5),
     # one accelerator: >= 500 held-out problems, the whole GSM8K test set for the NLL
-    "full": Size(hh_train=2000, hh_heldout=312, hh_max_length=512, task_train=480, samples=8, temperature=0.5,
+    "full": Size(hh_train=2000, hh_heldout=312, hh_max_length=512, hh_length_bucket=64,
+                 task_train=480, samples=8, temperature=0.5,
                  task_test=500, task_new_tokens=48, nll_questions=1319, max_length=256, gen_batch=256,
                  batch_size=32, micro_batch=8, epochs=2, learning_rate=2e-6),
     # the test of this script (tests/test_smollm2.py, a tiny random model): the code path, not a measurement
-    "smoke": Size(hh_train=4, hh_heldout=4, hh_max_length=96, task_train=2, samples=2, temperature=0.8,
+    "smoke": Size(hh_train=4, hh_heldout=4, hh_max_length=96, hh_length_bucket=96,
+                  task_train=2, samples=2, temperature=0.8,
                   task_test=4, task_new_tokens=6, nll_questions=4, max_length=96, gen_batch=4,
                   batch_size=4, micro_batch=2, epochs=1, learning_rate=1e-3),
 }
@@ -267,10 +271,12 @@ def _shift_summary(shift: dict) -> dict:
 
 
 def preference_config(model_path: str, run_dir: str, size: Size, num_steps: int, max_length: int,
-                      m: experiment.Method, seed: int, ref_cache: str):
+                      m: experiment.Method, seed: int, ref_cache: str, length_bucket: int = 64):
     """The preference stage from ``model_path`` (also the cached reference); only the method differs.
     ``ref_cache``: the reference log-prob cache shared by a part's arms (same start, same pairs: the
-    first arm that reads the reference computes it, the others load it)."""
+    first arm that reads the reference computes it, the others load it). ``length_bucket``: the
+    padded lengths of the training batches; each distinct one compiles the arm's step again (~30 s
+    for SmolLM2 on 2 CPU cores): the cpu size pads part 1's batches to one length."""
     c = get_default_config()
     c.run_dir = run_dir
     c.seed = seed
@@ -279,7 +285,7 @@ def preference_config(model_path: str, run_dir: str, size: Size, num_steps: int,
     experiment.apply_method(c, m)
     c.data.max_length = max_length
     c.data.min_prompt_length = min(64, max_length // 2)
-    c.data.length_bucket = 64
+    c.data.length_bucket = length_bucket
     c.data.batch_size = size.batch_size
     c.data.eval_batch_size = size.batch_size
     c.optim.grad_accum_steps = size.batch_size // size.micro_batch
@@ -471,7 +477,8 @@ def run(size_name: str, out: str, model_path: str | None = None, data_dir: str |
     results["part1"] = experiment.compare(
         arms, make_config=lambda m, d: preference_config(model_path, d, size, steps(len(tok_hh_train)),
                                                          size.hh_max_length, m, seed,
-                                                         os.path.join(out, "part1", "ref_cache")),
+                                                         os.path.join(out, "part1", "ref_cache"),
+                                                         length_bucket=size.hh_length_bucket),
         train_data=datasets.Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")}
                                                for p in hh_train]),
         measure=measure_hh, out_dir=os.path.join(out, "part1"), resume=resume,

@@ -205,3 +205,13 @@ def test_sampling_benchmark_counts_the_same_tokens_on_both_sides(tmp_path):
         # only the side that compiles gets a timed first call (transformers' warm-up is a 1-token call)
         assert r["spo_jax"]["first_s"] > 0 and r["spo_jax"]["first_cpu_s"] > 0 and "first_s" not in r["transformers"]
     assert "spo_jax / transformers" in bench.table(res)
+
+
+def test_step_memory_splits_state_and_temporaries():
+    import step_memory
+    one, two = (step_memory.analyse(a, False, 8, 8, 8, model_config=TINY) for a in (1, 2))
+    for r in (one, two):
+        assert r["argument_gb"] > r["state_gb"] > 0
+        assert math.isclose(r["alias_gb"], r["state_gb"])  # the state is donated: outputs reuse its buffers
+    # half the micro-batch: fewer activations held for the backward pass
+    assert two["micro_pairs"] == 4 and two["temp_gb"] < one["temp_gb"]
