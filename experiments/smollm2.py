@@ -90,9 +90,9 @@ class Size:
 
 SIZES = {
     # a 2-core CPU (the measured time is in the README)
-    "cpu": Size(hh_train=56, hh_heldout=40, hh_max_length=192, hh_length_bucket=192,
+    "cpu": Size(hh_train=48, hh_heldout=40, hh_max_length=192, hh_length_bucket=192,
                 task_train=80, samples=8, temperature=0.5,
-                task_test=150, task_new_tokens=40, nll_questions=64, max_length=192, gen_batch=64,
+                task_test=150, task_new_tokens=40, nll_questions=48, max_length=192, gen_batch=64,
                 batch_size=8, micro_batch=1, epochs=1, learning_rate=1e-5),
     # one accelerator: >= 500 held-out problems, the whole GSM8K test set for the NLL
     "full": Size(hh_train=2000, hh_heldout=312, hh_max_length=512, hh_length_bucket=64,
@@ -277,7 +277,7 @@ def preference_config(model_path: str, run_dir: str, size: Size, num_steps: int,
     first arm that reads the reference computes it, the others load it). ``length_bucket``: the
     padded lengths of the training batches; each distinct one compiles the arm's step again (~30 s
     for SmolLM2 on 2 CPU cores): the cpu size pads part 1's batches to one length."""
-    c = get_default_config()
+    c = experiment.in_process_arm(get_default_config())
     c.run_dir = run_dir
     c.seed = seed
     c.model.path = model_path
@@ -296,12 +296,7 @@ def preference_config(model_path: str, run_dir: str, size: Size, num_steps: int,
     c.train.num_steps = num_steps
     c.mesh.data = 1
     c.mesh.fsdp = -1
-    c.checkpoint.every = 0
-    c.checkpoint.async_save = False
     c.checkpoint.export_hf = False
-    c.metrics.progress_bar = False
-    c.metrics.tensorboard = False
-    c.metrics.log_every = 1
     return c
 
 
@@ -481,7 +476,7 @@ def run(size_name: str, out: str, model_path: str | None = None, data_dir: str |
                                                          length_bucket=size.hh_length_bucket),
         train_data=datasets.Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")}
                                                for p in hh_train]),
-        measure=measure_hh, out_dir=os.path.join(out, "part1"), resume=resume,
+        measure=measure_hh, out_dir=os.path.join(out, "part1"), resume=resume, keep_checkpoints=False,
         sft_data=sft_rows(tokenizer, data_dir, steps(len(tok_hh_train)) * size.batch_size))
     if len(task_pairs) < size.batch_size:
         results["part2"] = {}
@@ -493,7 +488,7 @@ def run(size_name: str, out: str, model_path: str | None = None, data_dir: str |
                                                              os.path.join(out, "part2", "ref_cache")),
             train_data=datasets.Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")}
                                                    for p in task_pairs]),
-            measure=measure_task, out_dir=os.path.join(out, "part2"), resume=resume,
+            measure=measure_task, out_dir=os.path.join(out, "part2"), resume=resume, keep_checkpoints=False,
             sft_data=sft_rows(tokenizer, data_dir, steps(len(tok_task)) * size.batch_size))
     results["stages"] = st.rows
     results["total_s"] = time.time() - st.t0

@@ -477,7 +477,7 @@ def reading(points: Mapping[str, Sequence[float]], diffs: Callable[[str, str], S
 
 def compare(methods: Sequence[Method], *, make_config: Callable[[Method, str], Any], train_data,
             measure: Callable[[Method, Any, Any], dict], out_dir: str, eval_data=None,
-            resume: bool = False, sft_data=None) -> dict[str, dict]:
+            resume: bool = False, sft_data=None, keep_checkpoints: bool = True) -> dict[str, dict]:
     """Train every method from the same start and measure it.
 
     ``make_config(method, run_dir)`` returns the preference-stage trainer config (same start,
@@ -489,7 +489,9 @@ def compare(methods: Sequence[Method], *, make_config: Callable[[Method, str], A
 
     Each finished arm is written to ``<run_dir>/arm.json`` (atomically). With ``resume``, an arm
     whose ``arm.json`` exists is read back instead of trained (its method must match, else
-    ValueError), and an arm a killed run left half-done is started again from scratch."""
+    ValueError), and an arm a killed run left half-done is started again from scratch, so the arm's
+    final checkpoint serves nothing here: ``keep_checkpoints=False`` deletes it once ``arm.json`` is
+    written (a 135M model's parameters and AdamW moments are 1.6 GB per arm)."""
     labels = [m.label for m in methods]
     if len(set(labels)) != len(labels):
         raise ValueError(f"compare: duplicate method labels {labels}; give each arm its own hyperparameters")
@@ -521,6 +523,8 @@ def compare(methods: Sequence[Method], *, make_config: Callable[[Method, str], A
                  seconds=time.perf_counter() - t)
         out[m.label] = r
         _write_json(done, {"method": spec, "result": r})
+        if not keep_checkpoints:
+            shutil.rmtree(os.path.join(res.run_dir, "checkpoints"), ignore_errors=True)
         logger.info("%s: %s (%.0f s)", m.label, {k: round(v, 4) for k, v in r.items() if isinstance(v, float)},
                     r["seconds"])
         del res, params
@@ -624,8 +628,19 @@ def _model_config(s: WorldSettings) -> dict:
                 rope_theta=10000.0, tie_word_embeddings=False, pad_token_id=0, bos_token_id=2, eos_token_id=3)
 
 
+def in_process_arm(c):
+    """Trainer settings of a run an experiment drives in-process and measures itself: no periodic
+    checkpoints (nor background saves), no progress bar or TensorBoard, a metrics record every step."""
+    c.checkpoint.every = 0
+    c.checkpoint.async_save = False
+    c.metrics.progress_bar = False
+    c.metrics.tensorboard = False
+    c.metrics.log_every = 1
+    return c
+
+
 def _base_config(s: WorldSettings, run_dir: str, seed: int):
-    c = get_default_config()
+    c = in_process_arm(get_default_config())
     c.run_dir = run_dir
     c.seed = int(seed)
     c.model.tokenizer = "synthetic"
@@ -637,14 +652,9 @@ def _base_config(s: WorldSettings, run_dir: str, seed: int):
     c.optim.grad_clip = 1.0
     c.optim.weight_decay = 0.0
     c.optim.schedule = "constant"
-    c.checkpoint.every = 0
     c.checkpoint.keep = 1
-    c.checkpoint.async_save = False
     c.checkpoint.resume = False
-    c.metrics.progress_bar = False
-    c.metrics.tensorboard = False
     c.metrics.peak_tflops = 1.0
-    c.metrics.log_every = 1
     c.mesh.data = -1
     return c
 

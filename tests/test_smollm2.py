@@ -98,6 +98,8 @@ def test_smollm2_experiment_smoke(shared_data_dir, smollm2_gguf, tmp_path):
                                                         "part 2: SFT-mix"]
     assert all(res[part]["SFT-mix"]["steps"] == 1 for part in ("part1", "part2"))
     assert all(s["peak_rss_gb"] >= s["rss_gb"] > 0 for s in res["stages"])
+    for part in ("part1", "part2"):  # an arm's result is its arm.json; its final checkpoint is deleted
+        assert (out / part / "DPO_SPO" / "arm.json").exists() and not (out / part / "DPO_SPO" / "checkpoints").exists()
     md = (out / "results.md").read_text()
     assert "| DPO+SPO |" in md and "Part 1, HH-RLHF" in md and "Part 2, on-policy" in md
 
