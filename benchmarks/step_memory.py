@@ -53,17 +53,16 @@ def analyse(accum: int, remat: bool, pairs: int, prompt_len: int, response_len: 
     state = sum(x.nbytes for x in jax.tree.leaves(bench.state))
     return dict(micro_pairs=pairs // accum, accum=accum, remat=remat, state_gb=state / GB,
                 argument_gb=m.argument_size_in_bytes / GB, output_gb=m.output_size_in_bytes / GB,
-                alias_gb=m.alias_size_in_bytes / GB, temp_gb=m.temp_size_in_bytes / GB,
-                code_mb=m.generated_code_size_in_bytes / 1e6, compile_s=time.perf_counter() - t,
+                alias_gb=m.alias_size_in_bytes / GB, temp_gb=m.temp_size_in_bytes / GB, compile_s=time.perf_counter() - t,
                 num_params=bench.num_params, shape=list(np.asarray(bench.batches[0]["input_ids"]).shape))
 
 
 def table(rows: list[dict]) -> str:
     out = ["| micro-batch (pairs) | grad_accum_steps | remat | arguments GB (state + batch) | outputs GB "
-           "(aliased onto arguments) | temporaries GB | code MB |", "|---|---|---|---|---|---|---|"]
+           "(aliased onto arguments) | temporaries GB |", "|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['micro_pairs']} | {r['accum']} | {'on' if r['remat'] else 'off'} | {r['argument_gb']:.2f} "
-                   f"| {r['output_gb']:.2f} ({r['alias_gb']:.2f}) | **{r['temp_gb']:.2f}** | {r['code_mb']:.1f} |")
+                   f"| {r['output_gb']:.2f} ({r['alias_gb']:.2f}) | **{r['temp_gb']:.2f}** |")
     return "\n".join(out)
 
 
@@ -85,7 +84,7 @@ def main() -> None:
                   f"{r['argument_gb']:.2f} GB, outputs {r['output_gb']:.2f} GB (aliased {r['alias_gb']:.2f}), "
                   f"compile {r['compile_s']:.0f} s", flush=True)
     m = machine_info()
-    body = (f"Command: `python benchmarks/step_memory.py --write` ({time.time() - t0:.0f} s; "
+    body = (f"Command: `python benchmarks/step_memory.py {' '.join(sys.argv[1:])}` ({time.time() - t0:.0f} s; "
             f"{time.strftime('%Y-%m-%d', time.gmtime())}). Machine: {m}; nothing is executed, only compiled, so "
             f"the load does not matter. Model: SmolLM2-135M-Instruct's shape ({rows[0]['num_params'] / 1e6:.1f} M "
             f"parameters, random init), fp32; DPO with cached reference log-probs, {a.pairs} pairs per optimizer "

@@ -571,8 +571,8 @@ def report(results: dict) -> str:
     s, stats, base = results["size"], results["statistics"], results["base"]
     lines = [f"SmolLM2-135M-Instruct (GGUF Q4_1, fp32 compute), size `{results['size_name']}`, seed "
              f"{results['seed']}, total {results['total_s'] / 60:.1f} min. Task: {s['task_test']} held-out one-step "
-             f"arithmetic word problems (greedy, chat template, {s['task_new_tokens']} new tokens). NLL: mean token "
-             f"NLL of GSM8K reference solutions to {s['nll_questions']} test questions. Batch {s['batch_size']}, "
+             f"arithmetic word problems (greedy, chat template, {s['task_new_tokens']} new tokens). NLL (part 1): mean "
+             f"token NLL of GSM8K reference solutions to {s['nll_questions']} test questions. Batch {s['batch_size']}, "
              f"lr {s['learning_rate']}, {s['epochs']} epoch(s); 95% bootstrap intervals over items.", ""]
     if results.get("part1"):
         h = results["hh_split"]

@@ -371,17 +371,21 @@ class _Loop:
         progress = Progress(num_steps, initial=start, enabled=c.metrics.progress_bar and self.is_main)
         pending = None  # (step, metrics still on device)
         final_eval: dict = {}
+        done_at = [None]  # when the last read step had finished (None: nothing in flight before the next)
 
-        def read(p, next_dispatch: float | None = None):
-            # step time = from this step's dispatch to the next step's dispatch (steady state:
-            # the loop is paced by the device), or to now when nothing was dispatched after it.
+        def read(p):
+            # step time = from the previous step's completion to this one's (the loop keeps one step in
+            # flight, so each read waits for its step to finish), or from its dispatch when nothing ran
+            # before it (after a save or an evaluation, which drain the pipeline)
             step, metrics, dispatched = p
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            now = time.perf_counter()
+            dt = now - (done_at[0] if done_at[0] is not None else dispatched)
+            done_at[0] = now
             tokens = m["tokens"]
             problem = health.check(step, m)
             if problem is not None:
                 self._degenerate(problem, health.first_bad_step)
-            dt = (next_dispatch if next_dispatch is not None else time.perf_counter()) - dispatched
             if step > start + 1:  # the first step of a process includes compilation
                 m["step_time"] = dt
                 m["tokens_per_sec"] = tokens / dt
@@ -398,7 +402,7 @@ class _Loop:
                 dispatched = time.perf_counter()
                 self.state, metrics = train_step(self.state, batch)
                 if pending is not None:
-                    read(pending, dispatched)  # step t's metrics, after step t+1 was dispatched
+                    read(pending)  # step t's metrics, after step t+1 was dispatched
                 pending = (step + 1, metrics, dispatched)
                 done = step + 1
                 stopping = STOP_REQUESTED.is_set() and done < last  # SIGTERM (pre-emption): save and end here
@@ -411,6 +415,8 @@ class _Loop:
                     self._save(done, it)
                 if eval_now:
                     self.evaluate(self.state.params, done)
+                if save_now or eval_now:
+                    done_at[0] = None
                 if stopping:
                     logger.warning("stop requested: checkpoint at step %d written; rerun the same command to resume",
                                    done)
