@@ -31,7 +31,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from spo_jax import objectives, sampling
-from spo_jax.data import BatchIterator, bucket_scored, gsm8k, score_index
+from spo_jax.data import BatchIterator, TokenizedExamples, bucket_scored, gsm8k, score_index
 
 __all__ = [
     "batch_logps",
@@ -164,9 +164,7 @@ def pair_logps(graphdef, params, dataset, *, batch_size: int = 64, max_length: i
     The pairs are batched in order of length (longest sequence of the pair), so that a batch
     pads to its own length bucket rather than to the longest pair of the dataset's order; the
     results are put back in dataset order."""
-    longest = [len(p) + max(len(c), len(r)) for p, c, r in
-               zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"])]
-    order = np.argsort(np.asarray(longest, dtype=np.int64), kind="stable")
+    order = np.argsort(TokenizedExamples(dataset).seq_lengths.max(axis=1), kind="stable")
     it = BatchIterator(dataset.select(order), batch_size=batch_size, max_length=max_length, packing=False,
                        length_bucket=length_bucket, shuffle=False, num_epochs=1, pad_id=pad_id,
                        process_index=0, process_count=1)
