@@ -1,7 +1,7 @@
 """experiments/ablation.ipynb runs end to end (nbclient, a fresh kernel) at its quick size:
-one seed of the synthetic world, both settings, DPO, DPO+SPO at two gammas beside RPO at two
-lambdas, DPOP and RFT, with its own in-notebook checks (finite numbers for every arm) and the
-plot written."""
+one seed of the synthetic world, both settings, DPO and DPO+SPO at two gammas beside RPO at one
+lambda (the code path; the grid size sweeps every baseline), with its own in-notebook checks
+(finite numbers for every arm) and the plot written."""
 
 import os
 
