@@ -4,6 +4,8 @@
     python experiments/smollm2.py --probe --out runs/smollm2_probe          # candidate-task accuracies
     python experiments/smollm2.py --size cpu --out runs/smollm2             # a 2-core CPU
     python experiments/smollm2.py --size full --out runs/smollm2            # one accelerator
+    python experiments/smollm2.py --size cpu --parts 2 --task-test 500 --out runs/smollm2_p2
+                                            # part 2 alone, on 500 held-out problems (~35 min on 2 cores)
 
 Run it on one device: with ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (the test
 suite's setting) every simulated CPU device holds gathered copies of the FSDP-sharded model and
@@ -377,23 +379,39 @@ def probe(out: str, model_path: str, data_dir: str, n: int, seed: int, tasks=tup
 
 
 def run(size_name: str, out: str, model_path: str | None = None, data_dir: str | None = None, seed: int = 0,
-        task_pairs_file: str | None = None, methods: tuple[str, ...] | None = None, resume: bool = False) -> dict:
+        task_pairs_file: str | None = None, methods: tuple[str, ...] | None = None, resume: bool = False,
+        parts: tuple[int, ...] = (1, 2), task_test: int | None = None) -> dict:
+    """Both parts (``parts``) at ``SIZES[size_name]``; ``task_test`` replaces the size's count of
+    held-out problems (the test split is the first ``task_test`` problems of one fixed sequence, and
+    the training problems exclude all of them)."""
     _check_devices()
     size = SIZES[size_name]
+    if task_test is not None:
+        if task_test < 1:
+            raise SystemExit(f"--task-test {task_test}: give at least one held-out problem")
+        size = dataclasses.replace(size, task_test=int(task_test))
+        size_name = f"{size_name}, task_test={task_test}"
+    if not parts or set(parts) - {1, 2}:
+        raise SystemExit(f"--parts {','.join(map(str, parts))}: give 1, 2 or 1,2")
+    part1, part2 = 1 in parts, 2 in parts
     data_dir = data_dir or os.environ.get("SPO_JAX_DATA", os.path.join(os.path.dirname(REPO), "shared", "data"))
     model_path = model_path or smollm2_path()
     os.makedirs(out, exist_ok=True)
     _check_run_record(out, {"size": dataclasses.asdict(size), "seed": seed, "model": model_path,
-                            "task_pairs_file": task_pairs_file}, resume)
+                            "task_pairs_file": task_pairs_file, "parts": sorted(parts)}, resume)
     st = Stages()
     tokenizer = models.load_tokenizer(model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    task_train, task_test = arithmetic_rows(size.task_train, size.task_test, seed)
-    hh_train, hh_heldout = hh_split(data_dir, size.hh_train, size.hh_heldout, seed)
-    nll_ds = tokenized_solutions(tokenizer, read_jsonl(os.path.join(data_dir, "gsm8k", "test.jsonl"),
-                                                       size.nll_questions), size.max_length)
-    tok_hh_train = tokenized_pairs(tokenizer, hh_train, size.hh_max_length)
-    tok_hh_heldout = tokenized_pairs(tokenizer, hh_heldout, size.hh_max_length)
+    try:
+        task_train, task_test = arithmetic_rows(size.task_train, size.task_test, seed)
+    except ValueError as e:  # more problems asked for than the task has
+        raise SystemExit(f"task_train + task_test = {size.task_train + size.task_test}: {e}") from None
+    if part1:
+        hh_train, hh_heldout = hh_split(data_dir, size.hh_train, size.hh_heldout, seed)
+        nll_ds = tokenized_solutions(tokenizer, read_jsonl(os.path.join(data_dir, "gsm8k", "test.jsonl"),
+                                                           size.nll_questions), size.max_length)
+        tok_hh_train = tokenized_pairs(tokenizer, hh_train, size.hh_max_length)
+        tok_hh_heldout = tokenized_pairs(tokenizer, hh_heldout, size.hh_max_length)
     gen = dict(max_new_tokens=size.task_new_tokens, batch_size=size.gen_batch, use_chat_template=True)
     hh_kw = dict(max_length=size.hh_max_length, pad_id=pad_id, batch_size=size.batch_size, length_bucket=64)
     task_kw = dict(max_length=size.max_length, pad_id=pad_id, batch_size=size.batch_size, length_bucket=64)
@@ -410,25 +428,29 @@ def run(size_name: str, out: str, model_path: str | None = None, data_dir: str |
         return out
 
     results = {"size": dataclasses.asdict(size), "size_name": size_name, "model": model_path, "seed": seed,
-               "methods_run": list(methods or METHODS), "hh_split": {
-                   "file": HH_FILE, "train": len(hh_train), "heldout": len(hh_heldout),
-                   "train_tokenized": len(tok_hh_train), "heldout_tokenized": len(tok_hh_heldout),
-                   "rule": "file rows shuffled with default_rng([seed, 15]); first hh_train train, last "
-                           "hh_heldout held out"},
+               "parts": sorted(parts), "methods_run": list(methods or METHODS),
                "task": {**{k: list(v) if isinstance(v, tuple) else v for k, v in TASK.items()},
                         "suffix": TASK_SUFFIX, "example": task_test[0]}}
-    results["base"] = ability(base)
-    st.done("start model: task accuracy + GSM8K NLL")
-    print(f"[smollm2] start: task accuracy {results['base']['task_accuracy']:.3f} on {len(task_test)}, "
-          f"GSM8K solution NLL {results['base']['solution_nll']:.4f}", flush=True)
+    if part1:
+        results["hh_split"] = {"file": HH_FILE, "train": len(hh_train), "heldout": len(hh_heldout),
+                               "train_tokenized": len(tok_hh_train), "heldout_tokenized": len(tok_hh_heldout),
+                               "rule": "file rows shuffled with default_rng([seed, 15]); first hh_train train, "
+                                       "last hh_heldout held out"}
+    results["base"] = ability(base, nll=part1)
+    st.done("start model: task accuracy" + (" + GSM8K NLL" if part1 else ""))
+    print(f"[smollm2] start: task accuracy {results['base']['task_accuracy']:.3f} on {len(task_test)}"
+          + (f", GSM8K solution NLL {results['base']['solution_nll']:.4f}" if part1 else ""), flush=True)
     graphdef, params = nnx.split(base)
-    start_hh_train = evaluate.pair_logps(graphdef, params, tok_hh_train, **hh_kw)
-    start_hh_heldout = evaluate.pair_logps(graphdef, params, tok_hh_heldout, **hh_kw)
-    results["base"]["heldout_pref_acc_len"] = float(preference_accuracy(start_hh_heldout, start_hh_heldout)["len"]
-                                                    .mean())
-    st.done("start model: HH-RLHF log-probs")
+    if part1:
+        start_hh_train = evaluate.pair_logps(graphdef, params, tok_hh_train, **hh_kw)
+        start_hh_heldout = evaluate.pair_logps(graphdef, params, tok_hh_heldout, **hh_kw)
+        results["base"]["heldout_pref_acc_len"] = float(
+            preference_accuracy(start_hh_heldout, start_hh_heldout)["len"].mean())
+        st.done("start model: HH-RLHF log-probs")
 
-    if task_pairs_file:  # pairs of an earlier run (same prompts / format): no sampling
+    if not part2:
+        task_pairs, pair_stats = [], {}
+    elif task_pairs_file:  # pairs of an earlier run (same prompts / format): no sampling
         task_pairs = read_jsonl(task_pairs_file)
         pair_stats = {"num_pairs": len(task_pairs), "source": task_pairs_file}
     else:
@@ -436,17 +458,20 @@ def run(size_name: str, out: str, model_path: str | None = None, data_dir: str |
             base, tokenizer, task_train, num_samples=size.samples, key=jax.random.PRNGKey(seed),
             temperature=size.temperature, max_new_tokens=size.task_new_tokens, batch_size=size.gen_batch,
             use_chat_template=True, seed=seed)
-    results["task_pairs"] = pair_stats
-    st.done("part 2: sampling on-policy pairs")
-    print(f"[smollm2] part 2: {len(task_pairs)} pairs from {len(task_train)} problems x {size.samples} samples "
-          f"({pair_stats})", flush=True)
-    for name, rows in (("pairs_hh_train.jsonl", hh_train), ("pairs_task.jsonl", task_pairs)):
+    if part2:
+        results["task_pairs"] = pair_stats
+        st.done("part 2: sampling on-policy pairs")
+        print(f"[smollm2] part 2: {len(task_pairs)} pairs from {len(task_train)} problems x {size.samples} "
+              f"samples ({pair_stats})", flush=True)
+    for name, rows in ((("pairs_hh_train.jsonl", hh_train),) if part1 else ()) + (
+            (("pairs_task.jsonl", task_pairs),) if part2 else ()):
         with open(os.path.join(out, name), "w", encoding="utf-8") as f:
             f.writelines(json.dumps(p) + "\n" for p in rows)
     tok_task = tokenized_pairs(tokenizer, task_pairs, size.max_length) if task_pairs else None
     start_task = evaluate.pair_logps(graphdef, params, tok_task, **task_kw) if task_pairs else None
     del base, graphdef, params  # every arm loads its own start from the file
-    st.done("part 2: start log-probs")
+    if part2:
+        st.done("part 2: start log-probs")
 
     arms = [experiment.method(f) for f in (methods or METHODS)]
 
@@ -469,7 +494,7 @@ def run(size_name: str, out: str, model_path: str | None = None, data_dir: str |
 
     # epochs over the pairs the trainer keeps (its tokenizer drops the same rows as tokenized_pairs)
     steps = lambda n: max(1, size.epochs * n // size.batch_size)  # noqa: E731
-    results["part1"] = experiment.compare(
+    results["part1"] = {} if not part1 else experiment.compare(
         arms, make_config=lambda m, d: preference_config(model_path, d, size, steps(len(tok_hh_train)),
                                                          size.hh_max_length, m, seed,
                                                          os.path.join(out, "part1", "ref_cache"),
@@ -478,7 +503,9 @@ def run(size_name: str, out: str, model_path: str | None = None, data_dir: str |
                                                for p in hh_train]),
         measure=measure_hh, out_dir=os.path.join(out, "part1"), resume=resume, keep_checkpoints=False,
         sft_data=sft_rows(tokenizer, data_dir, steps(len(tok_hh_train)) * size.batch_size))
-    if len(task_pairs) < size.batch_size:
+    if not part2:
+        results["part2"] = {}
+    elif len(task_pairs) < size.batch_size:
         results["part2"] = {}
         results["note"] = f"part 2: only {len(task_pairs)} pairs (< batch {size.batch_size}): no preference training"
     else:
@@ -569,11 +596,15 @@ def _ci(r: dict) -> str:
 
 def report(results: dict) -> str:
     s, stats, base = results["size"], results["statistics"], results["base"]
-    lines = [f"SmolLM2-135M-Instruct (GGUF Q4_1, fp32 compute), size `{results['size_name']}`, seed "
+    parts = results.get("parts", [1, 2])
+    lines = [f"SmolLM2-135M-Instruct (GGUF Q4_1, fp32 compute), size `{results['size_name']}`, "
+             f"part{'s 1 and 2' if len(parts) == 2 else ' ' + str(parts[0]) + ' alone'}, seed "
              f"{results['seed']}, total {results['total_s'] / 60:.1f} min. Task: {s['task_test']} held-out one-step "
-             f"arithmetic word problems (greedy, chat template, {s['task_new_tokens']} new tokens). NLL (part 1): mean "
-             f"token NLL of GSM8K reference solutions to {s['nll_questions']} test questions. Batch {s['batch_size']}, "
-             f"lr {s['learning_rate']}, {s['epochs']} epoch(s); 95% bootstrap intervals over items.", ""]
+             f"arithmetic word problems (greedy, chat template, {s['task_new_tokens']} new tokens)."
+             + (f" NLL (part 1): mean token NLL of GSM8K reference solutions to {s['nll_questions']} test questions."
+                if 1 in parts else "")
+             + f" Batch {s['batch_size']}, lr {s['learning_rate']}, {s['epochs']} epoch(s); 95% bootstrap intervals "
+               "over items.", ""]
     if results.get("part1"):
         h = results["hh_split"]
         lines += [f"**Part 1, HH-RLHF harmless-base** ({h['train']} training pairs, {h['heldout']} held out; "
@@ -626,6 +657,10 @@ def main(argv=None) -> None:
                    help="train part 2 on this pairs_task.jsonl (from an earlier run) instead of sampling")
     p.add_argument("--methods", default="", help="comma-separated method families (default " + ",".join(METHODS)
                    + "; any of spo_jax.experiment.families())")
+    p.add_argument("--parts", default="1,2", help="which parts to run: 1, 2 or 1,2 (default)")
+    p.add_argument("--task-test", type=int, default=None,
+                   help="held-out arithmetic problems (default: the size's task_test; the task has 989 distinct "
+                        "problems, shared with the training problems)")
     p.add_argument("--resume", action="store_true", help="read back the arms a killed run of the same --out "
                    "finished (their arm.json) and train only the others (the start measurements are redone)")
     p.add_argument("--probe", action="store_true", help="only measure the start model's greedy accuracy on the "
@@ -642,8 +677,12 @@ def main(argv=None) -> None:
         probe(a.out, a.model or smollm2_path(), data_dir, a.probe_n, a.seed, tuple(a.probe_tasks.split(",")))
         return
     methods = tuple(m for m in a.methods.split(",") if m) or None
+    try:
+        parts = tuple(sorted({int(x) for x in a.parts.split(",") if x.strip()}))
+    except ValueError:
+        raise SystemExit(f"--parts {a.parts!r}: give 1, 2 or 1,2") from None
     run(a.size, a.out, model_path=a.model, data_dir=a.data, seed=a.seed, task_pairs_file=a.task_pairs,
-        methods=methods, resume=a.resume)
+        methods=methods, resume=a.resume, parts=parts, task_test=a.task_test)
 
 
 if __name__ == "__main__":

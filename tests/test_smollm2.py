@@ -145,6 +145,14 @@ def test_statistics_and_report_on_small_stored_results():
     res["statistics"] = stats
     md = exp.report(res)
     assert all(md.count(f"| {a} |") == 2 for a in arms)  # one row in each part's table
+    # --parts 2: no part 1 results, no HH split, no NLL; the report says so and has part 2's table only
+    only2 = {k: v for k, v in res.items() if k not in ("part1", "hh_split", "statistics")}
+    only2.update(parts=[2], part1={}, base={k: v for k, v in res["base"].items() if k == "task_correct"})
+    only2["statistics"] = exp.statistics(only2, n_boot=300)
+    assert set(only2["statistics"]) == {"part2"}
+    md2 = exp.report(only2)
+    assert "part 2 alone" in md2 and "Part 1" not in md2 and "NLL" not in md2
+    assert all(md2.count(f"| {a} |") == 1 for a in arms)
 
 
 def test_run_record_guards_fresh_and_resumed_runs(tmp_path):
