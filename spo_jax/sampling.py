@@ -16,7 +16,8 @@ Used by the demo (synthetic task, a from-scratch Llama) and by the GSM8K pipelin
    greedy, it runs in the next power of two instead); each batch's prompts are
    left-padded to the width bucket of its longest prompt (``models.prompt_bucket``)
    unless a fixed ``prompt_width`` is given (``models.generate`` prefills only the real
-   tokens, each distinct prompt once, packed); the cache and the budget are bucketed
+   tokens: the prefix all prompts share, e.g. a chat template's system turn, once, then each
+   distinct prompt's rest once, packed); the cache and the budget are bucketed
    inside ``models.generate``. Each prompt is repeated ``num_samples`` times; the PRNG
    key of batch ``b`` is ``fold_in(key, b)`` (``models.generate`` says how its steps
    use it; a row's draw depends on its batch, so sampled batches keep ``batch_size``

@@ -503,6 +503,32 @@ def test_prefill_packs_distinct_prompts_once(loaded, prompts, greedy):
         generation.pack_prompts(ids[:2], np.stack([mask[0], 0 * mask[1]]))
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2_window"])
+def test_shared_prompt_prefix_is_prefilled_once(kind, checkpoints, loaded, tmp_path):
+    """Prompts that share their first tokens (a chat template's system turn): the shared prefix is prefilled
+    once, the rest of each distinct prompt packed, and greedy decoding gives transformers' tokens (prompts
+    of several lengths, one repeated; on windowed layers the window counts positions across the prefix)."""
+    if kind == "qwen2_window":
+        tm = _windowed_torch("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=1)
+        tm.save_pretrained(str(tmp_path / "hf"))
+        model = from_pretrained(str(tmp_path / "hf"))
+    else:
+        tm, model = checkpoints(kind)[0], loaded(kind)
+    shared = _ids(1, 19, seed=41)[0]
+    rows = [np.concatenate([shared, _ids(1, n, seed=42 + n)[0]]) for n in (3, 6, 1, 3)]  # rows 0 and 3 equal
+    Tp = max(map(len, rows))
+    ids, mask = np.zeros((4, Tp), np.int64), np.zeros((4, Tp), np.int64)
+    for b, r in enumerate(rows):
+        ids[b, Tp - len(r):], mask[b, Tp - len(r):] = r, 1
+    pack = generation.pack_prompts(ids, mask)
+    np.testing.assert_array_equal(pack.prefix, shared[:16])  # >= 19 shared tokens, rounded down to 8s: 16
+    assert (pack.segments > 0).sum() == sum(len(r) - 16 for r in rows[:3])  # each distinct prompt's rest once
+    assert len(generation.pack_prompts(ids, mask, prefix_multiple=0).prefix) == 0
+    toks = np.asarray(generate(model, ids, mask, max_new_tokens=12, eos_id=())[0])
+    np.testing.assert_array_equal(toks, _hf_greedy(tm, ids, mask, 12), err_msg=f"{kind}: shared-prefix prefill")
+    np.testing.assert_array_equal(toks[0], toks[3])
+
+
 def test_sampling_deterministic_and_topk1_is_greedy(loaded, prompts, greedy):
     model = loaded("llama")
     ids, mask = prompts

@@ -2,9 +2,11 @@
 
 Three kinds of compiled program, so that a whole sampling job compiles a handful of them:
 
-- **prefill** (one per packed shape P x W): the batch's *distinct* prompts packed end to end into P rows
-  of W slots (``pack_prompts``: no left padding computed, a prompt repeated ``num_samples`` times computed
-  once), each token attending causally within its own prompt; returns every layer's keys / values.
+- **prefill** (one per shared-prefix length x packed shape P x W): the leading tokens every distinct prompt
+  of the batch shares (a chat template's system turn; a multiple of ``PREFIX_MULTIPLE``) computed once, then
+  the rest of each distinct prompt packed end to end into P rows of W slots (``pack_prompts``: no left
+  padding computed, a prompt repeated ``num_samples`` times computed once), each token attending to the
+  shared prefix and causally within its own prompt; returns every layer's keys / values.
 - **assemble** (one per packed shape x batch x longest prompt x cache size; small): gathers each batch
   row's prompt K/V into the decode cache, right-aligned at slot ``Tp`` = the longest prompt's length
   (left of it: masked slots), and computes the logits at each row's last prompt token only.
@@ -53,6 +55,7 @@ from flax import nnx
 from spo_jax.models.decoder import Decoder, at_least_f32, layer_masks
 
 DECODE_CHUNK = 32  # decode steps per compiled call (the host checks "all rows done" between calls)
+PREFIX_MULTIPLE = 8  # a shared prompt prefix is prefilled once, rounded down to this (fewer prefill programs)
 
 
 def length_bucket(n: int, minimum: int = 16) -> int:
@@ -86,21 +89,27 @@ def _new_cache(model: Decoder, B: int, S: int):
 class PromptPack(NamedTuple):
     """How ``generate`` prefills a batch of prompts (:func:`pack_prompts`): the distinct prompts packed
     end to end into ``P`` rows of ``W`` slots, and where each batch row's K/V and last hidden state are."""
-    ids: np.ndarray  # [P, W] token ids, 0 on unused slots
-    positions: np.ndarray  # [P, W] position of each token within its prompt
+    prefix: np.ndarray  # [C] the leading tokens every distinct prompt shares, prefilled once (C may be 0)
+    ids: np.ndarray  # [P, W] token ids of the prompts after the prefix, 0 on unused slots
+    positions: np.ndarray  # [P, W] position of each token within its prompt (C and up)
     segments: np.ndarray  # [P, W] 1 + the prompt's index in its packed row, 0 on unused slots
-    src: np.ndarray  # [B, Tp] flat index (p * W + slot) of batch row b's prompt token at cache slot t
+    src: np.ndarray  # [B, Tp] index of batch row b's prompt token at cache slot t in the prefill's K/V
+    #                  (the prefix's C tokens, then the packed rows flat: C + p * W + slot)
     kv_mask: np.ndarray  # [B, Tp] True on cache slots holding a prompt token (right-aligned at Tp)
-    last: np.ndarray  # [B] flat index of the row's last prompt token
+    last: np.ndarray  # [B] flat index (p * W + slot) of the row's last prompt token in the packed rows
     lengths: np.ndarray  # [B] prompt tokens per row (the first generated token's position)
 
 
-def pack_prompts(prompt_ids, prompt_mask, attention_ratio: float = 0.0) -> PromptPack:
-    """The prefill's layout: each distinct prompt (the real tokens of a row, in order) once, packed by
-    first-fit decreasing into rows of ``W`` slots (a multiple of 32, from the longest prompt's bucket up
-    to twice it: the one with the fewest slots ``P * W * (1 + attention_ratio * W)``, P rounded up to
-    even), so the prefill computes no left padding and one prompt repeated ``num_samples`` times once.
-    The decode cache then holds each row's prompt right-aligned at slot ``Tp`` = the longest prompt.
+def pack_prompts(prompt_ids, prompt_mask, attention_ratio: float = 0.0,
+                 prefix_multiple: int = PREFIX_MULTIPLE) -> PromptPack:
+    """The prefill's layout: the ``C`` leading tokens all distinct prompts share (the common prefix, at most
+    the shortest prompt's length - 1, rounded down to a multiple of ``prefix_multiple``; 0 with one distinct
+    prompt or ``prefix_multiple=0``) once, then the rest of each distinct prompt (the real tokens of a row, in
+    order) once, packed by first-fit decreasing into rows of ``W`` slots (a multiple of 32, from the longest
+    rest's bucket up to twice it: the one with the fewest slots ``P * W * (1 + attention_ratio * (C + W))``,
+    P rounded up to even), so the prefill computes no left padding, a shared system prompt once and one
+    prompt repeated ``num_samples`` times once. The decode cache then holds each row's prompt right-aligned
+    at slot ``Tp`` = the longest prompt.
     ``attention_ratio``: attention's FLOPs per token and key slot over the rest of a layer's per token."""
     ids = np.asarray(prompt_ids)
     mask = np.asarray(prompt_mask).astype(bool)
@@ -111,8 +120,14 @@ def pack_prompts(prompt_ids, prompt_mask, attention_ratio: float = 0.0) -> Promp
         raise ValueError(f"prompt_mask rows {empty} have no real token: every prompt needs at least one token "
                          "to predict the first response token from.")
     unique = list(dict.fromkeys(prompts))
-    lengths_u = [len(p) for p in unique]
-    Tp = max(lengths_u)
+    full_u = [len(p) for p in unique]
+    Tp = max(full_u)
+    C = 0
+    if len(unique) > 1 and prefix_multiple:
+        shared = next((i for i, col in enumerate(zip(*unique)) if len(set(col)) > 1), min(full_u))
+        C = min(shared, min(full_u) - 1) // prefix_multiple * prefix_multiple
+    prefix = np.asarray(unique[0][:C], np.int32)
+    lengths_u = [n - C for n in full_u]  # what is packed: each distinct prompt after the prefix
     order = sorted(range(len(unique)), key=lambda u: (-lengths_u[u], u))
 
     def first_fit(W):
@@ -125,14 +140,14 @@ def pack_prompts(prompt_ids, prompt_mask, attention_ratio: float = 0.0) -> Promp
             room[row] -= lengths_u[u]
         return len(room) + (len(room) % 2 if len(room) > 1 else 0), place
 
-    w0 = prompt_bucket(Tp)
+    w0 = prompt_bucket(max(lengths_u))
     plans = [(W,) + first_fit(W) for W in range(w0, 2 * w0 + 1, 32)]
-    W, P, place = min(plans, key=lambda x: (x[1] * x[0] * (1 + attention_ratio * x[0]), x[0]))
+    W, P, place = min(plans, key=lambda x: (x[1] * x[0] * (1 + attention_ratio * (C + x[0])), x[0]))
     pids, pos, seg = (np.zeros((P, W), np.int32) for _ in range(3))
     for u, (row, start) in place.items():
         n = lengths_u[u]
-        pids[row, start:start + n] = unique[u]
-        pos[row, start:start + n] = np.arange(n)
+        pids[row, start:start + n] = unique[u][C:]
+        pos[row, start:start + n] = C + np.arange(n)
         seg[row, start:start + n] = 1 + int(seg[row].max())
     index = {p: u for u, p in enumerate(unique)}
     src = np.zeros((B, Tp), np.int32)
@@ -142,11 +157,12 @@ def pack_prompts(prompt_ids, prompt_mask, attention_ratio: float = 0.0) -> Promp
     for b, p in enumerate(prompts):
         u = index[p]
         row, start = place[u]
-        n = lengths[b] = lengths_u[u]
-        src[b, Tp - n:] = row * W + start + np.arange(n)
+        n = lengths[b] = full_u[u]
+        src[b, Tp - n:Tp - n + C] = np.arange(C)
+        src[b, Tp - n + C:] = C + row * W + start + np.arange(n - C)
         kv_mask[b, Tp - n:] = True
-        last[b] = row * W + start + n - 1
-    return PromptPack(pids, pos, seg, src, kv_mask, last, lengths)
+        last[b] = row * W + start + n - C - 1
+    return PromptPack(prefix, pids, pos, seg, src, kv_mask, last, lengths)
 
 
 def _attention_ratio(cfg) -> float:
@@ -158,22 +174,39 @@ def _attention_ratio(cfg) -> float:
     return 2 * H * hd / layer
 
 
-def prefill_forward(model: Decoder, ids_PW, positions_PW, segments_PW):
-    """Packed prompts through the decoder: each token attends causally to its own prompt's tokens (same
-    segment, > 0); sliding windows count slots. Returns (hidden [P, W, D], keys, values), one [P, W, KV,
-    hd] array per layer."""
+def prefill_forward(model: Decoder, prefix_C, ids_PW, positions_PW, segments_PW):
+    """The shared prefix (``prefix_C``, C >= 0 tokens at positions 0..C-1, causal) and the packed prompts
+    after it through the decoder: a packed token attends to the whole prefix and causally to its own
+    prompt's tokens (same segment, > 0); sliding windows count positions. Returns (hidden [P, W, D], keys,
+    values), one [C + P * W, KV, hd] array per layer: the prefix's, then the packed rows' flat."""
     P, W = ids_PW.shape
-    slots = jnp.arange(W)[None]
+    C = prefix_C.shape[0]
+    cfg = model.config
     seg = segments_PW
-    mask = jnp.tril(jnp.ones((W, W), bool))[None] & (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)
-    masks = layer_masks(model.config, mask, slots, slots)
+    own = jnp.tril(jnp.ones((W, W), bool))[None] & (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)
+    mask = jnp.concatenate([jnp.broadcast_to((seg > 0)[:, :, None], (P, W, C)), own], axis=2)  # [P, W, C + W]
+    k_pos = jnp.concatenate([jnp.broadcast_to(jnp.arange(C, dtype=positions_PW.dtype), (P, C)), positions_PW], 1)
+    masks = layer_masks(cfg, mask, positions_PW, k_pos)
     x, inv_freq = model.embed_inputs(ids_PW, positions_PW)
+    if C:
+        pos_c = jnp.arange(C)[None]
+        xc, _ = model.embed_inputs(prefix_C[None], pos_c)
+        masks_c = layer_masks(cfg, jnp.tril(jnp.ones((C, C), bool))[None], pos_c, pos_c)
     ks, vs = [], []
-    for layer, m in zip(model.layers, masks):
+    for i, (layer, m) in enumerate(zip(model.layers, masks)):
         q, k, v = layer.attn.qkv(layer.input_norm(x), positions_PW, inv_freq)
-        ks.append(k)
-        vs.append(v)
-        x = x + layer.attn.attend(q, k, v, m, is_causal=True)
+        flat_k, flat_v = k.reshape(P * W, *k.shape[2:]), v.reshape(P * W, *v.shape[2:])
+        if C:
+            qc, kc, vc = layer.attn.qkv(layer.input_norm(xc), pos_c, inv_freq)
+            if i + 1 < len(model.layers):  # the prefix's hidden state is needed only for the next layer's K/V
+                xc = xc + layer.attn.attend(qc, kc, vc, masks_c[i], is_causal=True)
+                xc = xc + layer.mlp(layer.post_attention_norm(xc))
+            flat_k, flat_v = jnp.concatenate([kc[0], flat_k]), jnp.concatenate([vc[0], flat_v])
+            k = jnp.concatenate([jnp.broadcast_to(kc, (P, *kc.shape[1:])), k], axis=1)
+            v = jnp.concatenate([jnp.broadcast_to(vc, (P, *vc.shape[1:])), v], axis=1)
+        ks.append(flat_k)
+        vs.append(flat_v)
+        x = x + layer.attn.attend(q, k, v, m, is_causal=not C)
         x = x + layer.mlp(layer.post_attention_norm(x))
     return model.norm(x), tuple(ks), tuple(vs)
 
@@ -312,7 +345,7 @@ def generate(model: Decoder, prompt_ids, prompt_mask, *, max_new_tokens: int, ke
         eos = tuple(int(e) for e in np.asarray(eos_id).reshape(-1))
     else:
         eos = (int(eos_id),)
-    pack = pack_prompts(prompt_ids, prompt_mask, _attention_ratio(model.config))
+    pack = pack_prompts(prompt_ids, prompt_mask, _attention_ratio(model.config), PREFIX_MULTIPLE)
     B, Tp = pack.src.shape
     key = jax.random.PRNGKey(0) if key is None else key
     graphdef, params = nnx.split(model)
@@ -322,7 +355,7 @@ def generate(model: Decoder, prompt_ids, prompt_mask, *, max_new_tokens: int, ke
     S = length_bucket(Tp + min(chunk, max_new_tokens))
     # the first decode chunk compiles (if this process has not compiled it yet) while the prefill runs
     compiling = {(B, S): _precompile_decode(model, graphdef, params, key, B, S, chunk, B, settings)}
-    hidden, ks, vs = _prefill_jit(graphdef, params, pack.ids, pack.positions, pack.segments)
+    hidden, ks, vs = _prefill_jit(graphdef, params, pack.prefix, pack.ids, pack.positions, pack.segments)
     cache, logits = _assemble_jit(graphdef, params, hidden, ks, vs, pack.src, pack.last, S)
     pos = jnp.asarray(pack.lengths)
     prompt_mask = jnp.asarray(pack.kv_mask)
@@ -415,21 +448,22 @@ def _kv_valid(prompt_mask, slots: int):
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _prefill_jit(graphdef, params, ids, positions, segments):
-    """Compiled per packed shape (P, W)."""
-    return prefill_forward(nnx.merge(graphdef, params), ids, positions, segments)
+def _prefill_jit(graphdef, params, prefix, ids, positions, segments):
+    """Compiled per prefix length and packed shape (C, P, W)."""
+    return prefill_forward(nnx.merge(graphdef, params), prefix, ids, positions, segments)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 7))
 def _assemble_jit(graphdef, params, hidden, ks, vs, src, last, cache_slots):
-    """The decode cache of the packed prefill's K/V: row b's prompt right-aligned at slot Tp (slots before
-    its prompt hold some other token's K/V, masked by ``kv_valid``), keys [B, KV, hd, S], values
-    [B, KV, S, hd], and the logits at each row's last prompt token [B, V]. Compiled per (P, W, B, Tp, S)."""
+    """The decode cache of the prefill's K/V (the prefix's, then the packed rows'): row b's prompt
+    right-aligned at slot Tp (slots before its prompt hold some other token's K/V, masked by ``kv_valid``),
+    keys [B, KV, hd, S], values [B, KV, S, hd], and the logits at each row's last prompt token [B, V].
+    Compiled per (C, P, W, B, Tp, S)."""
     model = nnx.merge(graphdef, params)
     pad = cache_slots - src.shape[1]
 
-    def rows(x):  # [P, W, KV, hd] -> [B, Tp, KV, hd]
-        return x.reshape(-1, *x.shape[2:])[src]
+    def rows(x):  # [C + P * W, KV, hd] -> [B, Tp, KV, hd]
+        return x[src]
 
     keys = tuple(jnp.pad(rows(k).transpose(0, 2, 3, 1).astype(model.dtype), ((0, 0), (0, 0), (0, 0), (0, pad)))
                  for k in ks)
