@@ -396,6 +396,12 @@ def run(size_name: str, out: str, model_path: str | None = None, data_dir: str |
     part1, part2 = 1 in parts, 2 in parts
     data_dir = data_dir or os.environ.get("SPO_JAX_DATA", os.path.join(os.path.dirname(REPO), "shared", "data"))
     model_path = model_path or smollm2_path()
+    # every data file the chosen parts read (GSM8K train: SFT-mix's data), before hours of arms
+    needed = ([HH_FILE, os.path.join("gsm8k", "test.jsonl")] if part1 else []) + [os.path.join("gsm8k", "train.jsonl")]
+    missing = [f for f in needed if not os.path.isfile(os.path.join(data_dir, f))]
+    if missing:
+        raise SystemExit(f"{', '.join(os.path.join(data_dir, f) for f in missing)} missing: point --data (or "
+                         "$SPO_JAX_DATA) at the folder holding gsm8k/ and hh-rlhf/")
     os.makedirs(out, exist_ok=True)
     _check_run_record(out, {"size": dataclasses.asdict(size), "seed": seed, "model": model_path,
                             "task_pairs_file": task_pairs_file, "parts": sorted(parts)}, resume)
@@ -681,8 +687,11 @@ def main(argv=None) -> None:
         parts = tuple(sorted({int(x) for x in a.parts.split(",") if x.strip()}))
     except ValueError:
         raise SystemExit(f"--parts {a.parts!r}: give 1, 2 or 1,2") from None
-    run(a.size, a.out, model_path=a.model, data_dir=a.data, seed=a.seed, task_pairs_file=a.task_pairs,
-        methods=methods, resume=a.resume, parts=parts, task_test=a.task_test)
+    try:
+        run(a.size, a.out, model_path=a.model, data_dir=a.data, seed=a.seed, task_pairs_file=a.task_pairs,
+            methods=methods, resume=a.resume, parts=parts, task_test=a.task_test)
+    except models.ModelPathError as e:  # a wrong --model: one line, not a traceback
+        raise SystemExit(f"--model: {e}") from None
 
 
 if __name__ == "__main__":
