@@ -651,6 +651,20 @@ def test_row_levels():
     assert [generation.next_size(n, 32) for n in (32, 24, 16, 8)] == [24, 16, 8, 0]
 
 
+def test_compact_slots():
+    """A compacted batch's cache: grown at the compaction when the next chunk would not fit, sized for the
+    rest of the budget at the last row level when that is one growth away, never shrunk. (SmolLM2's
+    benchmark batch: 32 rows, prompts up to 145 tokens, 256 new tokens, chunks of 32.)"""
+    cs = generation.compact_slots
+    assert cs(256, 145 + 70, 186, 32, 24, 32) == 256  # 41 free slots hold the next chunk: keep
+    assert cs(256, 145 + 107, 149, 32, 24, 32) == 384  # 4 free: grow now, not after a (24, 256) program's 4 steps
+    assert cs(384, 145 + 140, 116, 32, 16, 32) == 384  # room for a chunk, not the last level: keep
+    assert cs(384, 145 + 200, 56, 32, 8, 32) == 512  # last level: 401 tokens at most, one growth away
+    assert cs(384, 145 + 200, 30, 32, 8, 32) == 384  # ... the whole budget fits
+    assert cs(384, 300, 700, 32, 8, 32) == 384  # ... the whole budget is two growths away: grow as needed
+    assert cs(512, 100, 10, 32, 8, 32) == 512  # never shrinks
+
+
 def test_argmax_is_jnp_argmax():
     """generation._argmax (two vectorised reductions) picks jnp.argmax's index: the first maximum."""
     x = jax.random.normal(jax.random.PRNGKey(0), (6, 300)).at[1, 7].set(9.0).at[1, 200].set(9.0)
@@ -661,8 +675,8 @@ def test_argmax_is_jnp_argmax():
 
 def test_decode_programs_compile_ahead_once(monkeypatch):
     """Decode programs compile in a background thread (the first during the prefill, the grown cache's during
-    the chunk that fills the cache), once each: the calls find them compiled. (That the tokens are the same:
-    every transformers-checked generation test runs with the background compiles.)"""
+    the chunk that fills the cache), once each: the calls find them compiled (the default on an accelerator;
+    the tokens are the same executables', wherever they compiled)."""
     cfg = ModelConfig.from_hf(dict(model_type="llama", vocab_size=64, hidden_size=24, intermediate_size=32,
                                    num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                                    max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0))
@@ -676,6 +690,7 @@ def test_decode_programs_compile_ahead_once(monkeypatch):
             compiles.append(threading.current_thread() is main)
     jax.monitoring.register_event_duration_secs_listener(listen)
     monkeypatch.setattr(generation, "DECODE_CHUNK", 32)
+    monkeypatch.setattr(generation, "BACKGROUND_COMPILE", True)  # the default on an accelerator (CPU: False)
     real = generation._precompile_decode
     monkeypatch.setattr(generation, "_precompile_decode", lambda *a: started.append(a[4:6]) or real(*a))
     toks = np.asarray(generate(model, ids, np.ones_like(ids), max_new_tokens=60, eos_id=())[0])
@@ -697,6 +712,7 @@ cfg = models.ModelConfig.from_hf(dict(model_type="llama", vocab_size=512, hidden
     num_hidden_layers=30, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256))
 model = models.create_model(cfg, rngs=nnx.Rngs(0))
 g, p = nnx.split(model)
+generation.BACKGROUND_COMPILE = True
 t = generation._precompile_decode(model, g, p, jax.random.PRNGKey(0), 2, 64, 32, 2, (jnp.float32(0), 0, 1.0, (2,), 0))
 time.sleep(0.5)  # past tracing: into XLA's compile (~1.5 s for 30 layers)
 print(t.is_alive())

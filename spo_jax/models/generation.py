@@ -27,11 +27,13 @@ copy into the next bucket) only when a chunk would not fit, so attention touches
 part, and a job whose rows all stop early never pays for the budget it did not use. A chunk also ends at
 the step where the unfinished rows come to fit in 3/4, 1/2 or 1/4 of the batch (``row_levels``; a traced
 bound, ``next_size``): the host then keeps computing only those (``compact_size``, a row gather of the
-cache), and it stops when every row is done. A decode program this process has not compiled yet compiles in a
-background thread ahead of its first call (``_precompile_decode``): the first one while the prefill runs,
-the next cache bucket's during the chunk that fills the cache, and a compacted batch's while the current
-rows run one more chunk (XLA compiles on one core while the other computes; up to 2.4 s less wall time
-for a first call, measured, and nothing for later ones).
+cache; it grows the cache at once when the next chunk would not fit, and sizes the last level's for the
+rest of the budget when that is one growth away: ``compact_slots``, fewer programs to compile), and it
+stops when every row is done. On an accelerator (``BACKGROUND_COMPILE``), a decode program this process
+has not compiled yet compiles in a background thread ahead of its first call (``_precompile_decode``): the
+first one while the prefill runs, the next cache bucket's during the chunk that fills the cache, and a
+compacted batch's while the current rows run one more chunk; on a CPU each compiles where it is first
+called (the compile would compete with the computation for the same cores).
 
 Sampling randomness: step ``t`` draws the whole batch's tokens with ``jax.random.categorical(sub_t,
 logits [B, V])`` where ``key_0 = key`` and ``key_{t+1}, sub_t = split(key_t)`` -- the chain of the earlier
@@ -316,6 +318,23 @@ def compact_size(live: int, batch: int) -> int:
     return min(b for b in row_levels(batch) if b >= live)
 
 
+def compact_slots(slots: int, filled: int, budget_left: int, chunk: int, rows: int, batch: int) -> int:
+    """The cache size for a batch compacted to ``rows`` computed rows when ``filled`` slots hold tokens and
+    ``budget_left`` steps may follow: the current ``slots`` if they hold the next chunk, else the bucket
+    that does (growing at the compaction, not one chunk later, saves compiling these rows' program at the
+    old size); at the last row level (``row_levels``: no compaction follows) the bucket of the whole budget
+    when that is at most one growth further (saves the program of that growth). Never shrinks.
+    Each saved decode program is ~1.2 s of compile on a 2-core CPU for SmolLM2; the larger caches cost
+    ~1% of a warm call (benchmarks/RESULTS.md, "Sampling")."""
+    need = filled + min(chunk, budget_left)
+    s = slots if need <= slots else length_bucket(need)
+    if rows == min(row_levels(batch)):
+        final = length_bucket(filled + budget_left)
+        if s < final <= length_bucket(s + 1):
+            s = final
+    return s
+
+
 def generate(model: Decoder, prompt_ids, prompt_mask, *, max_new_tokens: int, key=None,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, eos_id=None, pad_id: int = 0):
     """Batched generation from left-padded prompts with a KV cache.
@@ -366,6 +385,7 @@ def generate(model: Decoder, prompt_ids, prompt_mask, *, max_new_tokens: int, ke
     valid = np.zeros((B, max_new_tokens), np.float32)
     step = 0
     hold = False  # True: run the next chunk to its end on these rows (their fewer rows' program is compiling)
+    pending = None  # (rows, slots) of the compaction waiting for its program (kept while it compiles)
     while step < max_new_tokens:
         if Tp + step == S:  # the cache is full: copy it into the next length bucket
             S = length_bucket(Tp + step + min(chunk, max_new_tokens - step))
@@ -395,21 +415,36 @@ def generate(model: Decoder, prompt_ids, prompt_mask, *, max_new_tokens: int, ke
         keep = compact_size(len(live), B)
         hold = False
         if keep < len(rows) and step < max_new_tokens:
-            fewer = (keep, S if Tp + step < S else length_bucket(Tp + step + min(chunk, max_new_tokens - step)))
+            if pending is None or pending[0] != keep or pending[1] < S:
+                pending = (keep, compact_slots(S, Tp + step, max_new_tokens - step, chunk, keep, B))
+            fewer = pending
             if fewer not in compiling:
                 compiling[fewer] = _precompile_decode(model, graphdef, params, key, *fewer, chunk, B, settings)
             if compiling[fewer] is not None and compiling[fewer].is_alive():
                 hold = True  # the fewer rows' program is compiling: one more chunk of these rows meanwhile
                 continue
+            pending = None
             # drop finished rows: the live ones, then finished ones to fill the bucket
             take = np.concatenate([live, np.flatnonzero(done_h)[:keep - len(live)]])
             rows = rows[take]
             cache, logits, pos, done, kv_valid, prompt_mask = _take_rows_jit(
                 (cache, logits, pos, done, kv_valid, prompt_mask), jnp.asarray(take, jnp.int32))
+            if fewer[1] > S:
+                S = fewer[1]
+                cache = _grow_jit(cache, S)
+                kv_valid = _kv_valid(prompt_mask, S)
     return jnp.asarray(toks), jnp.asarray(valid)
 
 
 _DECODE_PROGRAMS: set = set()  # the decode chunks this process has compiled (or is compiling)
+
+#: True: decode programs compile in a background thread ahead of their first call (``_precompile_decode``);
+#: False: where first called; None (default): in the background unless JAX computes on the CPU, where the
+#: compile takes cores from the computation. SmolLM2-135M, 32 prompts, 256 new tokens, 2 cores, first call
+#: minus the warm one: 10.9 and 12.1 s compiling where called, 12.0-12.8 s in the background (and 15.0 s in
+#: the benchmark's run) with ~7 more CPU seconds (benchmarks/RESULTS.md, "Sampling"). A host whose cores
+#: are idle while an accelerator computes compiles for free meanwhile.
+BACKGROUND_COMPILE: bool | None = None
 
 
 def _signature(graphdef, rows: int, slots: int, chunk: int, batch: int, settings) -> tuple:
@@ -422,9 +457,10 @@ def _precompile_decode(model, graphdef, params, key, rows: int, slots: int, chun
     """Starts compiling ``_decode_jit`` for ``rows`` computed rows and a ``slots``-slot cache in a thread
     (XLA releases the GIL: it compiles on the other core while this one prefills; the jit call then finds
     the executable in JAX's cache); returns the thread to join before that call, or None when this process
-    compiled that program before."""
+    compiled that program before or compiles where called (``BACKGROUND_COMPILE``)."""
+    background = jax.default_backend() != "cpu" if BACKGROUND_COMPILE is None else BACKGROUND_COMPILE
     signature = _signature(graphdef, rows, slots, chunk, batch, settings)
-    if signature in _DECODE_PROGRAMS or not hasattr(_decode_jit, "lower"):  # (tests wrap _decode_jit)
+    if not background or signature in _DECODE_PROGRAMS or not hasattr(_decode_jit, "lower"):  # (tests wrap it)
         return None
     _DECODE_PROGRAMS.add(signature)
     cfg = model.config
