@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import types
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -104,6 +107,33 @@ def test_compare_gives_sft_data_to_the_arms_that_read_them_only(tmp_path, monkey
     # an arm recorded (arm.json) before the SFT-data fields existed still matches its method
     assert set(E.method("DPO+SPO").spec()) == {"family", "loss", "hparams", "spo_gamma", "label"}
     assert E.method("SFT-mix", lam=3).spec()["sft_data_weight"] == 3.0
+
+
+def test_compare_measures_after_dropping_the_trained_state(tmp_path, monkeypatch):
+    """The measurements get the parameters on the host; the trained state (parameters and AdamW moments,
+    1.6 GB for SmolLM2-135M) is released before they run."""
+    import weakref
+    trained = []
+
+    class Result:  # what train returns
+        def __init__(self, run_dir):
+            self.state = types.SimpleNamespace(params={"w": jnp.ones(3)}, opt_state=jnp.zeros(6))
+            self.graphdef, self.history, self.run_dir = "graphdef", [{"split": "train", "loss": 0.5}], run_dir
+
+    def fake_train(run_dir, **kw):
+        os.makedirs(run_dir)
+        res = Result(run_dir)
+        trained.append(weakref.ref(res))
+        return res
+
+    def measure(m, graphdef, params):
+        assert trained[-1]() is None, "the trained state is still alive while measuring"
+        return {"sum": float(np.sum(params["w"])), "on_host": isinstance(params["w"], np.ndarray)}
+
+    monkeypatch.setattr(E, "train", fake_train)
+    out = E.compare([E.method("DPO")], make_config=lambda m, d: d, train_data="pairs", measure=measure,
+                    out_dir=str(tmp_path))
+    assert out["DPO"]["sum"] == 3.0 and out["DPO"]["on_host"] and out["DPO"]["steps"] == 1
 
 
 def test_sweep_arms_and_choose_per_family():
