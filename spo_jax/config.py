@@ -23,7 +23,8 @@ model.config               inline HF-style config dict for a from-scratch model 
 model.tokenizer            "" (= model.path), "synthetic" (the synthetic task's tokenizer) or a path/Hub id
 model.dtype                compute dtype: "float32" | "bfloat16" | "float16"
 model.param_dtype          master-weight dtype (the optimizer's): "float32" | "bfloat16"
-model.remat                rematerialise each decoder layer in the backward pass
+model.remat                rematerialise each decoder layer in the backward pass (saves memory on GPU/TPU; XLA:CPU
+                           keeps the forward values anyway: benchmarks/RESULTS.md, "step's memory")
 model.attention            attention kernel (spo_jax.models.set_attention): "einsum" (default), "xla" or
                            "cudnn" (jax.nn.dot_product_attention's implementations; cudnn: NVIDIA GPUs, bf16/fp16)
 model.lora.enabled         train LoRA adapters on a frozen base (spo_jax.adapters; off by default)

@@ -215,3 +215,24 @@ def test_step_memory_splits_state_and_temporaries():
         assert math.isclose(r["alias_gb"], r["state_gb"])  # the state is donated: outputs reuse its buffers
     # half the micro-batch: fewer activations held for the backward pass
     assert two["micro_pairs"] == 4 and two["temp_gb"] < one["temp_gb"]
+
+
+def test_step_memory_reads_the_buffers_live_at_xla_peak(tmp_path):
+    """--peak's reader of XLA's dump: the values listed at the peak, each classed by its optimized-HLO shape."""
+    import step_memory
+    (tmp_path / "module_0007.jit_step.cpu_after_optimizations.txt").write_text(
+        "ENTRY %main {\n"
+        "  %state_params__embed____embedding___value.1 = f32[100,8]{1,0} parameter(1), metadata={op_name=\"p\"}\n"
+        "  %state_params__layers___0___mlp____up_proj____kernel___value.1 = f32[8,16]{1,0} parameter(2)\n"
+        "  %ynn_fusion.3 = f32[4,6,100]{2,1,0} fusion(%a), metadata={op_name=\"jit(step)/jvp(dot_general)\"}\n"
+        "  %add_fusion = f32[16,8]{1,0} fusion(%b), metadata={op_name=\"jit(step)/transpose(jvp())/add\"}\n"
+        "  ROOT %mul_fusion.2 = (f32[24,16]{1,0}, f32[2]{0}) fusion(%c)\n}\n")
+    (tmp_path / "module_0007.jit_step.cpu_after_optimizations-live-range.txt").write_text(
+        "HloLiveRange (max 9):\n  Live ranges at 5 (peak):\n"
+        "    ynn_fusion.3{}: 9600 bytes (cumulative: 9600 bytes)\n"
+        "    state_params__embed____embedding___value.1{}: 3200 bytes (cumulative: 12800 bytes)\n"
+        "    mul_fusion.2{}: 1536 bytes (cumulative: 14336 bytes)\n"
+        "    add_fusion{}: 512 bytes (cumulative: 14848 bytes)\n\n  other section:\n    x{}: 7 bytes\n")
+    kinds = step_memory.peak_buffers(str(tmp_path), vocab=100)
+    gb = {k.split(" ")[0]: round(v * 1e9) for k, v in kinds.items()}
+    assert gb == {"log-prob": 9600, "train": 3200, "activations": 1536, "parameter-shaped": 512}, kinds
