@@ -389,8 +389,7 @@ def generate(model: Decoder, prompt_ids, prompt_mask, *, max_new_tokens: int, ke
     while step < max_new_tokens:
         if Tp + step == S:  # the cache is full: copy it into the next length bucket
             S = length_bucket(Tp + step + min(chunk, max_new_tokens - step))
-            cache = _grow_jit(cache, S)
-            kv_valid = _kv_valid(prompt_mask, S)
+            cache, kv_valid = _grow_jit(cache, prompt_mask, S)
         limit = min(chunk, max_new_tokens - step, S - Tp - step)
         thread = compiling.pop((len(rows), S), None)
         if thread is not None:
@@ -431,8 +430,7 @@ def generate(model: Decoder, prompt_ids, prompt_mask, *, max_new_tokens: int, ke
                 (cache, logits, pos, done, kv_valid, prompt_mask), jnp.asarray(take, jnp.int32))
             if fewer[1] > S:
                 S = fewer[1]
-                cache = _grow_jit(cache, S)
-                kv_valid = _kv_valid(prompt_mask, S)
+                cache, kv_valid = _grow_jit(cache, prompt_mask, S)
     return jnp.asarray(toks), jnp.asarray(valid)
 
 
@@ -509,12 +507,13 @@ def _assemble_jit(graphdef, params, hidden, ks, vs, src, last, cache_slots):
     return (keys, values), model.logits(h[:, None])[:, 0]
 
 
-@functools.partial(jax.jit, static_argnums=(1,))
-def _grow_jit(cache, slots):
+@functools.partial(jax.jit, static_argnums=(2,))
+def _grow_jit(cache, prompt_mask, slots):
+    """The cache copied into ``slots`` slots, and its ``_kv_valid`` mask."""
     ks, vs = cache
     grow = slots - vs[0].shape[2]
-    return (tuple(jnp.pad(k, ((0, 0), (0, 0), (0, 0), (0, grow))) for k in ks),
-            tuple(jnp.pad(v, ((0, 0), (0, 0), (0, grow), (0, 0))) for v in vs))
+    return ((tuple(jnp.pad(k, ((0, 0), (0, 0), (0, 0), (0, grow))) for k in ks),
+             tuple(jnp.pad(v, ((0, 0), (0, 0), (0, grow), (0, 0))) for v in vs)), _kv_valid(prompt_mask, slots))
 
 
 @jax.jit
