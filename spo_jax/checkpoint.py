@@ -160,7 +160,7 @@ def _install_noise_filter() -> None:
         sys.unraisablehook = unraisablehook
 
 
-def _all_processes_agree(ok: bool) -> bool:
+def all_processes_agree(ok: bool) -> bool:
     """True only if ``ok`` on every process (the fallback decision must be the same everywhere)."""
     if jax.process_count() == 1:
         return ok
@@ -333,7 +333,7 @@ class Checkpointer:
                         out = self.check_step(step, abstract_state)
                 except Exception as e:  # noqa: BLE001 - any failure to read or validate marks the step bad
                     cause = describe_error(e)
-            if _all_processes_agree(cause is None):
+            if all_processes_agree(cause is None):
                 return (step, *out)
             cause = cause or "another process could not restore it"
             where = os.path.join(self.directory, str(step))

@@ -24,6 +24,7 @@ import os
 import re
 import signal
 import sys
+import threading
 
 import datasets
 import jax
@@ -159,8 +160,54 @@ def failure_message(kind: str, e: BaseException, c) -> str:
     return str(e)
 
 
-def _terminate(signum, frame) -> None:
-    STOP_REQUESTED.set()  # the loop saves a checkpoint after the current step and returns
+#: The signals that asked this process to stop, in order (names).
+STOPPED_BY: list[str] = []
+
+
+def install_stop_handlers() -> None:
+    """SIGINT (Ctrl-C) and SIGTERM (pre-emption) set ``train.STOP_REQUESTED``: the loop saves a
+    checkpoint after the current step and the CLI exits 130 / 143. Python runs a signal
+    handler only between bytecodes of the main thread, which can be inside an XLA compile for
+    minutes, and a ``KeyboardInterrupt`` raised there can be swallowed (XLA's gc callback):
+    so the handlers do nothing, and a thread woken by the C-level handler
+    (``signal.set_wakeup_fd``) acts at once: it sets the flag and says so on stderr; a second
+    Ctrl-C quits at once (exit 130; every complete checkpoint is kept)."""
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: None)
+    signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    threading.Thread(target=_watch_signals, args=(r,), name="spo_jax-stop", daemon=True).start()
+
+
+def _watch_signals(fd: int) -> None:
+    while True:
+        for signum in os.read(fd, 64):
+            _on_signal(signum)
+
+
+def _on_signal(signum: int) -> None:
+    name = signal.Signals(signum).name
+    if STOP_REQUESTED.is_set():
+        if signum == signal.SIGINT:
+            os.write(2, b"second Ctrl-C: quitting now; rerun the same command to resume from the last complete "
+                        b"checkpoint\n")
+            os._exit(EXIT_CODES["interrupted"])
+        return
+    STOPPED_BY.append(name)
+    STOP_REQUESTED.set()
+    os.write(2, f"{name} received: stopping after the current step, with a checkpoint there (Ctrl-C again to "
+                "quit at once)\n".encode())
+
+
+def _stopped_message(result) -> str:
+    name = STOPPED_BY[0] if STOPPED_BY else "a stop request"
+    step = int(jax.device_get(result.state.step))
+    if step > result.start_step:
+        return f"stopped by {name} after step {step} with a checkpoint there; rerun the same command to resume"
+    where = (f"the last checkpoint is step {step}; rerun the same command to resume" if step else
+             "nothing was trained; rerun the same command to start")
+    return f"stopped by {name} before the first step of this run; {where}"
 
 
 def _usage_error(message: str) -> None:
@@ -185,6 +232,7 @@ def _main(args) -> None:
         cfg = None
     if cfg is None:
         _usage_error("--config experiments/<name>.py is required (--help lists every config field)")
+    install_stop_handlers()
     setup_console(int(flags.FLAGS.verbosity))
     debug = flags.FLAGS.debug or debug_enabled()
     try:
@@ -193,7 +241,6 @@ def _main(args) -> None:
         raise SystemExit(f"config error: config.compile_cache={cfg.compile_cache!r}: {e}") from None
     if jax.process_index() == 0:
         logger.info("%s", config_summary(cfg))
-    signal.signal(signal.SIGTERM, _terminate)  # a pre-empted job saves where it is and exits 143
     try:
         with CompileStats() as compiles:
             result = train(cfg)
@@ -204,11 +251,9 @@ def _main(args) -> None:
         print(f"{PREFIXES[kind]}{failure_message(kind, e, cfg)}", file=sys.stderr)
         raise SystemExit(EXIT_CODES[kind]) from None
     logger.info("compile cache %s: %s", cache_dir or "off", compiles.summary())
-    if STOP_REQUESTED.is_set():
-        step = next((h["step"] for h in reversed(result.history) if h["split"] == "train"), result.start_step)
-        print(f"stopped by SIGTERM after step {step} with a checkpoint there; rerun the same command to resume",
-              file=sys.stderr)
-        raise SystemExit(EXIT_CODES["terminated"])
+    if STOP_REQUESTED.is_set() and cfg.stage != "eval" and int(jax.device_get(result.state.step)) < cfg.train.num_steps:
+        print(_stopped_message(result), file=sys.stderr)
+        raise SystemExit(EXIT_CODES["terminated" if STOPPED_BY[:1] == ["SIGTERM"] else "interrupted"])
     if jax.process_index() == 0:
         logger.info("run directory %s%s", result.run_dir,
                     f"; exported model {result.export_dir}" if result.export_dir else "")

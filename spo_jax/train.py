@@ -44,15 +44,16 @@ from spo_jax import config as config_lib
 from spo_jax import inputs, models, objectives, sampling, validation
 from spo_jax import reference as reference_lib
 from spo_jax import sharding as sharding_lib
-from spo_jax.checkpoint import Checkpointer, check_resume_config
+from spo_jax.checkpoint import Checkpointer, all_processes_agree, check_resume_config
 from spo_jax.metrics import (MetricWriter, Progress, TrainingHealth, degenerate_error, measure_peak_flops, mfu,
                              pooled_mean)
 from spo_jax.optim import make_optimizer
+from spo_jax.runlock import lock_run_dir
 
 logger = logging.getLogger("spo_jax.train")
 
-#: Set (e.g. by the CLI's SIGTERM handler) to end the loop after the current step, with a
-#: checkpoint there, as a pre-empted job should.
+#: Set (by the CLI's SIGINT / SIGTERM handling) to end the loop after the current step, with a
+#: checkpoint there, as a pre-empted job should (before the first step: at once, nothing to save).
 STOP_REQUESTED = threading.Event()
 
 # --------------------------------------------------------------------------- #
@@ -395,6 +396,8 @@ class _Loop:
                 self.history.append({"step": step, "split": "train", **m})
             progress.update(1, m)
 
+        if STOP_REQUESTED.is_set():  # asked before this invocation's first step: nothing new to save
+            last = start
         try:
             for step in range(start, last):
                 local = self._next_local(it)
@@ -405,7 +408,7 @@ class _Loop:
                     read(pending)  # step t's metrics, after step t+1 was dispatched
                 pending = (step + 1, metrics, dispatched)
                 done = step + 1
-                stopping = STOP_REQUESTED.is_set() and done < last  # SIGTERM (pre-emption): save and end here
+                stopping = STOP_REQUESTED.is_set() and done < last  # Ctrl-C, SIGTERM: save and end here
                 save_now = done == last or stopping or (c.checkpoint.every and done % c.checkpoint.every == 0)
                 eval_now = bool(c.eval.every) and done % c.eval.every == 0 and done != num_steps
                 if save_now or eval_now:
@@ -497,10 +500,15 @@ def train(config, *, train_data=None, eval_data=None, sft_data=None, stop_at: in
     sharding_lib.initialize_distributed(c.distributed.coordinator_address, c.distributed.num_processes,
                                         c.distributed.process_id, c.distributed.cpu_collectives)
     validate_for_run(c, train_data=train_data, eval_data=eval_data, sft_data=sft_data)
-    loop = _Loop(c, train_data=train_data, eval_data=eval_data, sft_data=sft_data)
-    if c.stage == "eval":
-        return loop.run_eval()
-    return loop.run(stop_at=stop_at)
+    lock = lock_run_dir(c.run_dir, is_main=jax.process_index() == 0, agree=all_processes_agree)
+    try:
+        loop = _Loop(c, train_data=train_data, eval_data=eval_data, sft_data=sft_data)
+        if c.stage == "eval":
+            return loop.run_eval()
+        return loop.run(stop_at=stop_at)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def validate_for_run(config, *, train_data=None, eval_data=None, sft_data=None) -> None:
@@ -518,7 +526,7 @@ def validate_for_run(config, *, train_data=None, eval_data=None, sft_data=None) 
     config_lib.validate_config(c)
 
 
-if __name__ == "__main__":
-    from spo_jax.cli import main  # the CLI imports this module: importing it at the top would be a cycle
+if __name__ == "__main__":  # ``python -m spo_jax.train``: the CLI, run as a script (this module never imports it)
+    import runpy
 
-    main()
+    runpy.run_module("spo_jax.cli", run_name="__main__", alter_sys=True)

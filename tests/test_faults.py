@@ -396,19 +396,3 @@ def test_training_health_detects_each_degenerate_pattern():
     assert first_problem(healthy[:2] + [{"loss": 0.7, "grad_norm": 0.0}, {"loss": 0.6, "grad_norm": 0.1}] * 3) is None
     frozen = healthy[:2] + [{"loss": 0.69, "grad_norm": 0.2}] * 5
     assert first_problem(frozen) == (6, "frozen_loss", 3)
-
-
-def test_stop_request_saves_where_it_is_and_resumes(pairs, tmp_path):
-    """SIGTERM (the CLI sets train.STOP_REQUESTED): the loop ends after the current step
-    with a checkpoint there; the rerun resumes from it."""
-    run_dir = tmp_path / "term"
-    train.STOP_REQUESTED.set()
-    try:
-        first = train.train(tiny_config(run_dir, pairs, train__num_steps=6, checkpoint__every=0))
-    finally:
-        train.STOP_REQUESTED.clear()
-    assert [h["step"] for h in first.history] == [1]
-    assert Checkpointer(str(run_dir / "checkpoints")).all_steps() == [1]
-    resumed = train.train(tiny_config(run_dir, pairs, train__num_steps=6, checkpoint__every=0))
-    assert resumed.start_step == 1
-    assert_continuous(run_dir, 6)

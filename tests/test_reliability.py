@@ -1,0 +1,161 @@
+"""Reliability faults with real processes and signals: two trainers on one run directory,
+Ctrl-C before the first step / mid-run / during a save (and a second Ctrl-C).
+
+Oracles: the exit code and the one line each process prints; the checkpoints and
+metrics on disk (one record per step, as ``tests.test_faults.assert_continuous``
+checks); a resumed run starting from the checkpoint the stopped one named.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from spo_jax import train
+from spo_jax.checkpoint import Checkpointer
+from spo_jax.runlock import LOCK_NAME, RunLock, RunLocked
+from tests.test_faults import assert_continuous, train_records
+from tests.test_train import ROOT, tiny_config, write_pairs
+
+TINY = os.path.join(ROOT, "experiments", "tiny_test.py")
+ENV = dict(os.environ, JAX_PLATFORMS="cpu")
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    return write_pairs(tmp_path_factory.mktemp("reliability") / "pairs.jsonl")
+
+
+def cli_args(run_dir, pairs, *overrides) -> list[str]:
+    return [sys.executable, "-m", "spo_jax.train", f"--config={TINY}", f"--config.run_dir={run_dir}",
+            f"--config.data.train_path={pairs}", *overrides]
+
+
+def start(args) -> subprocess.Popen:
+    return subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(cond, proc, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.02)
+    raise AssertionError("timed out")
+
+
+# --------------------------------------------------------------------------- #
+# The run lock
+# --------------------------------------------------------------------------- #
+
+
+def test_run_lock_is_exclusive_names_its_holder_and_a_stale_one_is_taken_over(tmp_path, caplog):
+    first = RunLock(str(tmp_path)).acquire()
+    with pytest.raises(RunLocked, match=rf"pid {os.getpid()} on host {socket.gethostname()} \(started "):
+        RunLock(str(tmp_path)).acquire()  # another open file description: refused even in one process
+    first.release()
+    assert not (tmp_path / LOCK_NAME).exists()
+    # a holder that died (SIGKILL) leaves its file, unlocked: the next run takes it over and says whose it was
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": 999999, "host": "gone", "started": "yesterday"}))
+    with caplog.at_level("WARNING", logger="spo_jax.runlock"):
+        lock = RunLock(str(tmp_path)).acquire()
+    assert "took over the stale lock of pid 999999 on host gone (started yesterday)" in caplog.text
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+    lock.release()
+
+
+def test_second_trainer_on_a_run_dir_exits_2_and_ctrl_c_mid_run_saves_and_resumes(pairs, tmp_path):
+    """Two real trainers on one run directory: the second exits 2 naming the first (pid,
+    host, start time) and writes nothing; then Ctrl-C (SIGINT) mid-run: acknowledged at once,
+    a checkpoint after the current step, exit 130; the rerun resumes from it."""
+    run_dir = tmp_path / "run"
+    num_steps = 400
+    first = start(cli_args(run_dir, pairs, f"--config.train.num_steps={num_steps}", "--config.checkpoint.every=50"))
+    jsonl = run_dir / "metrics.jsonl"
+    try:
+        wait_for(lambda: (run_dir / LOCK_NAME).exists(), first)
+        second = subprocess.run(cli_args(run_dir, pairs), cwd=ROOT, env=ENV, capture_output=True, text=True,
+                                timeout=300)
+        assert second.returncode == 2, second.stderr[-3000:]
+        last = second.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"config error: config.run_dir='{run_dir}' is in use by another run: pid {first.pid} "
+                               f"on host {socket.gethostname()} (started "), last
+        assert "Traceback" not in second.stderr
+        wait_for(lambda: jsonl.exists() and len(jsonl.read_text().splitlines()) >= 3, first)
+        first.send_signal(signal.SIGINT)
+        out, err = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 130, err[-3000:]
+    assert "SIGINT received: stopping after the current step" in err
+    stopped = Checkpointer(str(run_dir / "checkpoints")).latest_step()
+    assert 3 <= stopped < num_steps
+    assert err.strip().splitlines()[-1] == (f"stopped by SIGINT after step {stopped} with a checkpoint there; "
+                                            "rerun the same command to resume")
+    assert max(train_records(jsonl)) == stopped and not (run_dir / LOCK_NAME).exists()
+    resumed = train.train(tiny_config(run_dir, pairs, train__num_steps=stopped + 2))
+    assert resumed.start_step == stopped
+    assert_continuous(run_dir, stopped + 2)
+
+
+def test_ctrl_c_before_the_first_step_stops_at_once_and_a_second_quits(pairs, tmp_path):
+    run_dir = tmp_path / "early"
+    proc = start(cli_args(run_dir, pairs))
+    try:
+        wait_for(lambda: (run_dir / LOCK_NAME).exists(), proc)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert err.strip().splitlines()[-1] == ("stopped by SIGINT before the first step of this run; nothing was "
+                                            "trained; rerun the same command to start")
+    assert not (run_dir / "checkpoints").exists() or not os.listdir(run_dir / "checkpoints")
+    # a second Ctrl-C quits at once, whatever the main thread is doing
+    proc = start([sys.executable, "-c", "import time, sys; from spo_jax import cli; cli.install_stop_handlers(); "
+                  "print('ready', flush=True); time.sleep(60)"])
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130
+    assert "SIGINT received: stopping after the current step" in err and "second Ctrl-C: quitting now" in err
+
+
+SAVE_HOOK = """
+import os, signal, sys, time
+from spo_jax import checkpoint, cli
+save = checkpoint.Checkpointer.save
+def save_and_interrupt(self, step, *args, **kwargs):
+    if step == 5:  # Ctrl-C while the step-5 checkpoint is being written
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.5)
+    return save(self, step, *args, **kwargs)
+checkpoint.Checkpointer.save = save_and_interrupt
+cli.main(sys.argv)
+"""
+
+
+def test_ctrl_c_during_a_save_completes_it_and_stops_after_the_next_step(pairs, tmp_path):
+    run_dir = tmp_path / "save"
+    args = cli_args(run_dir, pairs, "--config.train.num_steps=20", "--config.checkpoint.async_save=True")
+    proc = subprocess.run([sys.executable, "-c", SAVE_HOOK, *args[3:]], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert Checkpointer(str(run_dir / "checkpoints")).all_steps() == [5, 6]
+    assert proc.stderr.strip().splitlines()[-1].startswith("stopped by SIGINT after step 6 with a checkpoint there")
