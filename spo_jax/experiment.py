@@ -507,7 +507,7 @@ def compare(methods: Sequence[Method], *, make_config: Callable[[Method, str], A
         done = os.path.join(run_dir, "arm.json")
         spec = m.spec()
         if resume and os.path.exists(done):
-            rec = _read_json(done)
+            rec = _read_json(done, ("method", "result"))
             if rec["method"] != json.loads(json.dumps(spec)):
                 raise ValueError(f"{done} holds a different method ({rec['method']}) than {spec}; "
                                  "resume only with the same settings, or use a new --out")
@@ -731,13 +731,20 @@ def _write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def _read_json(path: str):
+def _read_json(path: str, keys: Sequence[str] = ()):
+    """A record written by ``_write_json``; ValueError naming the file when it is not JSON or lacks
+    one of ``keys`` (what the caller reads from it)."""
+    fix = "fix or delete it (a deleted arm.json, sft.json or pairs .stats.json is recomputed by --resume)"
     try:
         with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); fix or delete it (a deleted arm.json, sft.json or "
-                         "pairs .stats.json is recomputed by --resume)") from e
+            rec = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); {fix}") from e
+    missing = [k for k in keys if not isinstance(rec, dict) or k not in rec]
+    if missing:
+        raise ValueError(f"{path} lacks the key(s) {missing} (it holds "
+                         f"{sorted(rec) if isinstance(rec, dict) else type(rec).__name__}); {fix}")
+    return rec
 
 
 def run_world_seed(s: WorldSettings, seed: int, arms: Mapping[str, Sequence[Method]], out_dir: str,
@@ -777,7 +784,7 @@ def run_world_seed(s: WorldSettings, seed: int, arms: Mapping[str, Sequence[Meth
     sft_record = os.path.join(sft_dir, "sft.json")
     sft_graphdef = sft_params = None
     if resume and os.path.exists(sft_record):
-        rec = _read_json(sft_record)
+        rec = _read_json(sft_record, ("export_dir", "curve", "seconds"))
         sft_export, curve = rec["export_dir"], {int(k): v for k, v in rec["curve"].items()}
         timings["sft"] = rec["seconds"]
         logger.info("seed %d: SFT model read back from %s", seed, sft_export)
@@ -984,7 +991,7 @@ def run_grid(s: WorldSettings, out_dir: str, *, families_: Sequence[str], report
         if not os.path.exists(grid_file):
             raise FileNotFoundError(f"--resume: {grid_file} not found; resume a directory an earlier grid run wrote, "
                                     "or drop --resume to start one")
-        stored = _read_json(grid_file)["settings"]
+        stored = _read_json(grid_file, ("settings",))["settings"]
         if stored != json.loads(json.dumps(dataclasses.asdict(s))):
             diff = sorted(k for k in stored if stored[k] != json.loads(json.dumps(dataclasses.asdict(s))).get(k))
             raise ValueError(f"--resume: {out_dir} was run with other world settings (differ: {diff}); resume with "

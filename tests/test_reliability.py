@@ -159,3 +159,32 @@ def test_ctrl_c_during_a_save_completes_it_and_stops_after_the_next_step(pairs, 
     assert proc.returncode == 130, proc.stderr[-3000:]
     assert Checkpointer(str(run_dir / "checkpoints")).all_steps() == [5, 6]
     assert proc.stderr.strip().splitlines()[-1].startswith("stopped by SIGINT after step 6 with a checkpoint there")
+
+
+# --------------------------------------------------------------------------- #
+# Records read back
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("content, want", [
+    ('{"method": {}}', r"lacks the key\(s\) \['result'\] \(it holds \['method'\]\)"),
+    ('[1, 2]', r"lacks the key\(s\) \['method', 'result'\] \(it holds list\)"),
+    ('{"method": ', "is not valid JSON"),
+    (b"\xff\xfe", "is not valid JSON")])
+def test_a_damaged_arm_record_is_named_with_the_fix(tmp_path, content, want):
+    from spo_jax import experiment
+    arm = tmp_path / "DPO" / "arm.json"
+    arm.parent.mkdir()
+    arm.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ValueError, match=rf"{arm} {want}.*recomputed by --resume"):
+        experiment.compare([experiment.method("DPO")], make_config=None, train_data=None, measure=None,
+                           out_dir=str(tmp_path), resume=True)
+
+
+def test_a_grid_record_without_its_settings_is_one_line_exit_2(tmp_path, capsys):
+    from spo_jax import experiment
+    (tmp_path / "grid.json").write_text("{}")
+    with pytest.raises(SystemExit) as e:
+        experiment.main(["--out", str(tmp_path), "--resume", "--quick", "--compile-cache", "off"])
+    assert e.value.code == 2
+    assert f"{tmp_path / 'grid.json'} lacks the key(s) ['settings']" in capsys.readouterr().err
