@@ -1,9 +1,13 @@
 """The trainer's command line.
 
-    python -m spo_jax.train --config experiments/<name>.py [--config.a.b=value ...]
-    python -m spo_jax.cli   --config experiments/<name>.py [--config.a.b=value ...]
+    python -m spo_jax.train --config=<preset>[:arg] [--config.a.b=value ...]
+    python -m spo_jax.train --config=path/to/config.py[:arg] [--config.a.b=value ...]
+    python -m spo_jax.train --config=<run_dir>/config.json     # rerun / resume that run
 
-Loads the ml_collections config file, turns on JAX's persistent compilation cache
+Presets (shipped with the package, spo_jax/configs/):
+{presets}
+
+Loads the ml_collections config file (a preset name resolved to its module first), turns on JAX's persistent compilation cache
 (``config.compile_cache``; see ``spo_jax.compile_cache``), runs ``spo_jax.train.train``
 (which validates the config before anything heavy starts) and prints a JSON summary of
 the run on process 0, with ``compile``: the XLA programs the run built, how many were
@@ -32,6 +36,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from spo_jax import config as config_lib
+from spo_jax import configs
+from spo_jax import optim
 from spo_jax.checkpoint import CheckpointError, debug_enabled
 from spo_jax.compile_cache import CompileStats, enable_compile_cache
 from spo_jax.data import DataError
@@ -115,7 +121,7 @@ def config_summary(c) -> str:
     sft = f"sft_data={c.data.sft_path} " if c.data.sft_path else ""
     return (f"stage={c.stage} model={model} loss={loss} train={c.data.train_path or '-'} "
             f"eval={c.data.eval_path or '-'} {sft}steps={c.train.num_steps} batch={c.data.batch_size} "
-            f"lr={c.optim.learning_rate:g} seed={c.seed} run_dir={os.path.abspath(os.path.expanduser(c.run_dir))}")
+            f"lr={optim.learning_rate(c):g} seed={c.seed} run_dir={os.path.abspath(os.path.expanduser(c.run_dir))}")
 
 
 #: Exception classes of the expected failures and their kinds (checked in order).
@@ -231,7 +237,7 @@ def _main(args) -> None:
     except AttributeError:
         cfg = None
     if cfg is None:
-        _usage_error("--config experiments/<name>.py is required (--help lists every config field)")
+        _usage_error("--config=<preset or file> is required (--help lists every config field)")
     install_stop_handlers()
     setup_console(int(flags.FLAGS.verbosity))
     debug = flags.FLAGS.debug or debug_enabled()
@@ -267,7 +273,7 @@ def usage() -> str:
     """This module's docstring, the exit codes, and every config field with its
     default and description (``config.field_help``): what ``--help`` prints."""
     help_ = config_lib.field_help()
-    lines = [__doc__.strip(), "", "Exit codes: 0 done; 1 unexpected error (a bug: traceback); "
+    lines = [__doc__.strip().replace("{presets}", configs.describe()), "", "Exit codes: 0 done; 1 unexpected error (a bug: traceback); "
              + "; ".join(f"{code} {kind}" for kind, code in EXIT_CODES.items()) + ".", "",
              "Config fields (--config.<field>=<value>; default, then description):", ""]
     for name, default in config_lib.config_fields():
@@ -276,9 +282,33 @@ def usage() -> str:
     return "\n".join(lines) + "\n"
 
 
+def resolve_config_arg(argv: list[str]) -> list[str]:
+    """``argv`` with the value of ``--config`` (``--config=X`` or ``--config X``) resolved by
+    ``spo_jax.configs.resolve``: a preset name to its module, a ``.json`` run description to its
+    loader. A value that is neither a file nor a preset prints one line naming the presets and
+    exits 2."""
+    out = list(argv)
+    for i, a in enumerate(out):
+        if a.startswith("--config="):
+            value, put = a[len("--config="):], lambda v, i=i: f"--config={v}"
+        elif a == "--config" and i + 1 < len(out):
+            value, put, i = out[i + 1], lambda v: v, i + 1
+        else:
+            continue
+        resolved = configs.resolve(value)
+        if resolved is None:
+            print(f"usage error: --config={value} is neither a file nor a preset; presets: "
+                  f"{', '.join(configs.PRESETS)} (e.g. --config=dpo), or a config file path", file=sys.stderr)
+            raise SystemExit(EXIT_CODES["config"])
+        out[i] = put(resolved)
+    return out
+
+
 def main(argv=None) -> None:
-    config_flags.DEFINE_config_file("config", None, "experiment config file (experiments/<name>.py); every field "
-                                    "is listed above with its default", lock_config=True)
+    argv = resolve_config_arg(sys.argv if argv is None else argv)
+    config_flags.DEFINE_config_file("config", None, "a preset name (" + ", ".join(configs.PRESETS) + "), a config "
+                                    "file, or a run's config.json; every field is listed above with its default",
+                                    lock_config=True)
     sys.modules["__main__"].__doc__ = usage()  # absl's --help prints it, then the flags
     try:
         app.run(_main, argv=argv)

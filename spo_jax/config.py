@@ -78,7 +78,8 @@ spo.<field>                spo_jax.bilevel.SPOConfig fields: solver, gamma, epsi
                            squared, inner_steps, inner_lr, inner_optimizer, mu, cg_iters, cg_tol,
                            barrier_alpha, barrier_delta, remat
 
-optim.learning_rate        peak learning rate
+optim.learning_rate        peak learning rate; 0 = by what trains (spo_jax.optim.DEFAULT_LEARNING_RATES): 1e-4 with
+                           LoRA, else 2e-5 for stage sft and 5e-7 for preference (full fine-tuning)
 optim.schedule             "cosine" | "linear" | "constant" (after a linear warm-up)
 optim.warmup_steps         warm-up steps (from 0 to the peak)
 optim.min_lr_ratio         final learning rate = learning_rate * min_lr_ratio
@@ -163,7 +164,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.loss = section({"name": "dpo", "hparams": section({"beta": 0.1}), "sft_weight": 0.0, "sft_data_weight": 0.0})
     c.spo = section({"enabled": False, **dataclasses.asdict(bilevel.SPOConfig())})
     c.optim = section({
-        "learning_rate": 1e-5, "schedule": "cosine", "warmup_steps": 0, "min_lr_ratio": 0.0, "weight_decay": 0.0,
+        "learning_rate": 0.0, "schedule": "cosine", "warmup_steps": 0, "min_lr_ratio": 0.0, "weight_decay": 0.0,
         "b1": 0.9, "b2": 0.999, "eps": 1e-8, "grad_clip": 1.0, "grad_accum_steps": 1})
     c.train = section({"num_steps": 100, "on_degenerate": "stop", "degenerate_steps": 5})
     c.logprobs = section({"seq_chunk": 128, "vocab_chunk": 0})

@@ -1,4 +1,4 @@
-"""experiments/paper.py: the SPO paper's grid of configs.
+"""spo_jax/configs/paper.py (``--config=paper:<arg>``): the SPO paper's grid of configs.
 
 1. Every grid entry (``paper.grid()``: 3 models x 6 losses x {alone, +SPO} on GSM8K
    and UltraFeedback, plus the GSM8K SFT and evaluation stages; 114 entries) builds,
@@ -36,10 +36,9 @@ import pytest
 
 from spo_jax import config as config_lib
 from spo_jax import train
+from spo_jax.configs import paper
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "experiments"))
-import paper  # noqa: E402
 
 NAMES = ["Ben", "Tom", "Ana", "Mia"]
 
@@ -130,10 +129,13 @@ def test_each_stage_reads_what_the_previous_stage_writes():
 
 
 def test_cli_flags_parse_the_argument_and_overrides():
-    """What ``python -m spo_jax.train --config experiments/paper.py:<arg> --config.x=y`` does."""
+    """What ``python -m spo_jax.train --config=paper:<arg> --config.x=y`` does (the preset name resolved
+    as spo_jax.cli does)."""
     from absl import flags
     from ml_collections import config_flags
-    argv = ["prog", f"--config={os.path.join(ROOT, 'experiments', 'paper.py')}:llama-3-8b,simpo,spo,ultrafeedback,tpu",
+
+    from spo_jax import configs
+    argv = ["prog", "--config=" + configs.resolve("paper:llama-3-8b,simpo,spo,ultrafeedback,tpu"),
             "--config.model.path=/ckpt/sft", "--config.train.num_steps=20", "--config.spo.gamma=5"]
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True, sys_argv=argv)
@@ -453,12 +455,12 @@ def test_two_steps_with_a_tiny_checkpoint_of_the_family(arg, layout, checkpoints
 
 
 def test_default_experiment_runs_two_steps_through_the_cli(checkpoints, tmp_path):
-    """experiments/default.py (the README's training command) with a tiny Llama checkpoint."""
+    """The ``dpo`` preset (the README's training command, ``--config=dpo``) with a tiny Llama checkpoint."""
     import subprocess
 
     pairs = _write_jsonl(tmp_path / "pairs.jsonl", _pair_rows(16))
     run_dir = tmp_path / "run"
-    args = [sys.executable, "-m", "spo_jax.train", f"--config={os.path.join(ROOT, 'experiments', 'default.py')}",
+    args = [sys.executable, "-m", "spo_jax.train", "--config=dpo",
             f"--config.run_dir={run_dir}", f"--config.model.path={checkpoints['llama']}",
             f"--config.data.train_path={pairs}", "--config.train.num_steps=2", "--config.data.batch_size=8",
             "--config.data.max_length=48", "--config.data.min_prompt_length=8", "--config.model.dtype=float32",

@@ -1,0 +1,23 @@
+"""Preset ``sft``: supervised fine-tuning (token-mean NLL of the completions) on prompt /
+completion, messages or question / answer rows; no reference model.
+
+    python -m spo_jax.train --config=sft --config.run_dir=runs/sft \\
+        --config.model.path=/path/to/hf_model --config.data.train_path=/path/to/sft.jsonl
+
+The learning rate is left to ``optim.learning_rate``'s default (0 = chosen by the run: 2e-5 for
+full fine-tuning, 1e-4 with LoRA; ``spo_jax.optim.learning_rate``).
+"""
+
+from spo_jax.config import get_default_config
+
+
+def get_config():
+    config = get_default_config()
+    config.stage = "sft"
+    config.reference.mode = "none"
+    config.optim.warmup_steps = 10
+    config.optim.schedule = "cosine"
+    config.train.num_steps = 1000
+    config.data.batch_size = 32
+    config.data.max_length = 1024
+    return config
