@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 from spo_jax import sharding as sharding_lib
 from spo_jax.models import from_pretrained, save_pretrained
 from spo_jax.models import lora
+from spo_jax import models as models_lib
 
 VOCAB = 67
 ATOL = 1e-4
@@ -246,3 +247,33 @@ def test_adapter_sharding_follows_the_tensor_split():
     assert spec("layers/0/mlp/down_proj/lora/lora_a", (96, 8)) == P("tensor", None)
     assert spec("layers/0/mlp/down_proj/lora/lora_b", (8, 64)) == P(None, None)
     assert spec("layers/0/mlp/down_proj/kernel", (96, 64)) == P("tensor", "fsdp")  # the base as before
+
+
+def test_remat_gives_the_same_loss_and_adapter_gradients(checkpoint):
+    """Per-layer remat (``model.remat``) with adapters, the frozen base and dropout key entering the jitted
+    function as arguments as in the trainer: the same loss and gradients as without, with dropout (0.3) and
+    without (``model.eval()``). Once it crashed: nnx.remat wrote the dropout key back across trace levels."""
+    ids = jnp.asarray(_ids(), jnp.int32)
+    model = from_pretrained(checkpoint("llama"))
+    lora.apply_lora(model, lora.LoRAConfig(rank=2, dropout=0.3), rngs=nnx.Rngs(0))
+    _randomize_adapters(model, seed=1)
+    results = {}
+    for training in (True, False):
+        model.train() if training else model.eval()
+        for remat in (False, True):
+            models_lib.set_remat(model, remat)
+            graphdef, adapters, base = lora.split_adapters(model)
+            base = lora.set_dropout_key(base, jax.random.PRNGKey(5))
+
+            def loss(adapters, base, graphdef=graphdef):
+                m = nnx.merge(graphdef, adapters, base)
+                return jnp.mean(jax.nn.log_softmax(m.logits(m(ids)))[..., 3])
+
+            results[training, remat] = jax.jit(jax.value_and_grad(loss))(adapters, base)
+    for training in (True, False):
+        (l0, g0), (l1, g1) = results[training, False], results[training, True]
+        np.testing.assert_allclose(l1, l0, atol=1e-6, rtol=0)
+        for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+            np.testing.assert_allclose(b, a, atol=1e-6, rtol=0)
+    assert abs(results[True, False][0] - results[False, False][0]) > 1e-4  # dropout was on in training
+    assert max(np.abs(np.asarray(x)).max() for x in jax.tree.leaves(results[True, False][1])) > 1e-3

@@ -96,8 +96,9 @@ def test_lora_dpo_trains_adapters_only_resumes_bitwise_and_exports(pairs, tmp_pa
 @pytest.mark.parametrize("name, overrides", [
     ("penalty_inner_sft_packed", dict(spo__enabled=True, spo__solver="penalty", spo__value="inner_sft",
                                       spo__inner_steps=1, data__packing=True, data__pack_rows=8)),
-    ("barrier_cached_dropout_bf16_base", dict(spo__enabled=True, spo__solver="barrier", reference__mode="cached",
-                                              model__lora__dropout=0.1, model__lora__base_dtype="bfloat16")),
+    ("barrier_cached_dropout_bf16_base_remat", dict(spo__enabled=True, spo__solver="barrier", reference__mode="cached",
+                                                    model__lora__dropout=0.1, model__lora__base_dtype="bfloat16",
+                                                    model__remat=True)),
     ("unrolled_fsdp_tensor", dict(spo__enabled=True, spo__solver="unrolled", spo__inner_steps=1,
                                   reference__mode="online", mesh__data=2, mesh__fsdp=2, mesh__tensor=2)),
     ("implicit_simpo", dict(spo__enabled=True, spo__solver="implicit", loss__name="simpo", loss__hparams={})),

@@ -212,7 +212,10 @@ class Decoder(nnx.Module):
         x, inv_freq = self.embed_inputs(input_ids, positions)
         for layer, mask in zip(self.layers, masks):
             if self.remat:
-                x = nnx.remat(lambda m, *a: m(*a))(layer, x, positions, mask, inv_freq)
+                # graph_updates=False: a layer mutates no state, so nothing is written back out of the
+                # checkpoint; with write-back nnx.remat tried to set the LoRA dropout key (a frozen,
+                # non-parameter Variable from the jit's trace level) inside the grad trace and crashed
+                x = nnx.remat(lambda m, *a: m(*a), graph_updates=False)(layer, x, positions, mask, inv_freq)
             else:
                 x = layer(x, positions, mask, inv_freq)
         return self.norm(x)
