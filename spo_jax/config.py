@@ -12,7 +12,8 @@ from the config: ``inputs``, ``adapters``, ``reference``, ``objectives``, ``opti
 dead fields), except ``compile_cache``, read by the CLI. The schema:
 
 stage                      "sft" | "preference" | "eval"
-run_dir                    run directory: checkpoints/, metrics.jsonl, tb/, hf_final/, ref_cache/
+run_dir                    run directory: config.json, run_info.json (spo_jax.run_info), checkpoints/,
+                           metrics.jsonl, tb/, hf_final/, ref_cache/
 seed                       int: parameter init (from-scratch models), data order, PRNG state
 compile_cache              JAX persistent compilation cache directory, read by the CLI (spo_jax.cli):
                            "" = $SPO_JAX_COMPILE_CACHE, else ~/.cache/spo_jax/jax_cache; "off" disables

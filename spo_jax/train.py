@@ -41,7 +41,7 @@ from flax import nnx, struct
 
 from spo_jax import adapters
 from spo_jax import config as config_lib
-from spo_jax import inputs, models, objectives, sampling, validation
+from spo_jax import inputs, models, objectives, run_info, sampling, validation
 from spo_jax import reference as reference_lib
 from spo_jax import sharding as sharding_lib
 from spo_jax.checkpoint import Checkpointer, all_processes_agree, check_resume_config
@@ -502,6 +502,8 @@ def train(config, *, train_data=None, eval_data=None, sft_data=None, stop_at: in
     validate_for_run(c, train_data=train_data, eval_data=eval_data, sft_data=sft_data)
     lock = lock_run_dir(c.run_dir, is_main=jax.process_index() == 0, agree=all_processes_agree)
     try:
+        run_info.write(c, _config_dict(c), in_memory=tuple(k for k, d in (("train", train_data), ("eval", eval_data),
+                                                                          ("sft", sft_data)) if d is not None))
         loop = _Loop(c, train_data=train_data, eval_data=eval_data, sft_data=sft_data)
         if c.stage == "eval":
             return loop.run_eval()

@@ -1,6 +1,7 @@
 """The package as a user installs it: a wheel built from this checkout carries the presets, and
 ``python -m spo_jax.train --config=<preset>`` works from an empty directory with only the wheel's
-files on the path (no checkout: the README's commands name no file of it)."""
+files on the path (no checkout: the README's commands name no file of it), and the run directory it
+writes describes the run and reruns it (``--config=<run_dir>/config.json``)."""
 
 from __future__ import annotations
 
@@ -54,11 +55,50 @@ def test_presets_run_from_the_wheel_in_an_empty_directory(wheel_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert all(f"  {name} " in proc.stdout for name in configs.PRESETS)
     pairs = write_pairs(tmp_path / "pairs.jsonl", n=8)
+    cache = f"--config.compile_cache={tmp_path / 'jax_cache'}"  # the rerun loads the first run's programs
     proc = _cli(wheel_dir, cwd, "--config=tiny", "--config.run_dir=run", f"--config.data.train_path={pairs}",
-                "--config.train.num_steps=2", "--config.checkpoint.every=2")
+                "--config.train.num_steps=2", "--config.checkpoint.every=2", cache)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["run_dir"] == str(cwd / "run") and out["last_train"]["step"] == 2
+    # the run directory describes the run (spo_jax.run_info) ...
+    with open(cwd / "run" / "config.json") as f:
+        saved = json.load(f)
+    assert (saved["model"]["tokenizer"], saved["train"]["num_steps"], saved["data"]["train_path"]) == (
+        "synthetic", 2, pairs)
+    with open(cwd / "run" / "run_info.json") as f:
+        (info,) = json.load(f)["invocations"]
+    assert info["command"].startswith("python -m spo_jax.train --config=tiny --config.run_dir=run")
+    assert info["versions"]["spo_jax"] == "0.1.0" and "git" not in info  # the wheel: no checkout
+    digest = subprocess.run(["sha256sum", pairs], capture_output=True, text=True).stdout.split()[0]
+    assert info["data"]["train"] == {"path": pairs, "bytes": os.path.getsize(pairs), "sha256": digest}
+    # ... and its config.json resumes it (one more step from the step-2 checkpoint)
+    proc = _cli(wheel_dir, cwd, "--config=run/config.json", "--config.train.num_steps=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (out["start_step"], out["last_train"]["step"]) == (2, 3)
+    with open(cwd / "run" / "run_info.json") as f:
+        assert len(json.load(f)["invocations"]) == 2
     proc = _cli(wheel_dir, cwd, "--config=experiments/default.py")  # a checkout's path means nothing here
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
         "usage error: --config=experiments/default.py is neither a file nor a preset; presets: dpo,")
+
+
+def test_run_info_names_the_checkout_commit_and_the_data(tmp_path):
+    """In a checkout: the commit is ``git rev-parse HEAD``'s; a data directory is hashed file by file."""
+    from spo_jax import run_info
+    from spo_jax.configs import tiny
+
+    head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    (tmp_path / "d").mkdir()
+    write_pairs(tmp_path / "d" / "a.jsonl", n=2)
+    c = tiny.get_config()
+    c.run_dir, c.data.train_path, c.data.eval_path = str(tmp_path / "run"), str(tmp_path / "d"), "org/some-set"
+    info = run_info.describe(c, in_memory=("sft",))
+    assert info["git"]["commit"] == head
+    (a,) = info["data"]["train"]
+    digest = subprocess.run(["sha256sum", str(tmp_path / "d" / "a.jsonl")], capture_output=True, text=True)
+    assert a["sha256"] == digest.stdout.split()[0]
+    assert info["data"]["eval"] == {"source": "Hugging Face Hub", "id": "org/some-set"}
+    assert "in-memory" in info["data"]["sft"]["source"]
+    assert info["rerun"].endswith(f"--config={tmp_path / 'run' / 'config.json'}")
