@@ -46,7 +46,15 @@ data.train_path            dataset file / save_to_disk dir / Hub id (required fo
 data.train_split           split of train_path
 data.eval_path             held-out set ("" = none)
 data.eval_split            split of eval_path
-data.format                "auto" or one of spo_jax.data.FORMATS
+data.format                "auto" (detected from the columns) or a format: "preference" (prompt, chosen, rejected),
+                           "implicit_preference" (chosen, rejected: full dialogues, the shared leading part is
+                           the prompt, as HH-RLHF), "prompt_completion" (prompt, completion), "messages"
+                           (messages: role/content list, the last assistant turn is the response),
+                           "question_answer" (question, answer: GSM8K, rendered with a template); any text
+                           field may be a role/content list (chat template). Files: .jsonl, .json, .jsonl.gz,
+                           .json.gz, .parquet, .csv(.gz), .arrow, a save_to_disk directory, or a Hub id
+data.max_examples          read only the first N rows of every data source (train, eval, sft) before
+                           tokenization (0 = all)
 data.max_length            tokens per sequence (prompt + one response); at most the model's
                            max_position_embeddings for learned positions (GPT-2: a config error), a warning
                            for RoPE models (they run past it, as in transformers, outside the trained range)
@@ -161,7 +169,7 @@ def get_default_config() -> ml_collections.ConfigDict:
         "train_path": "", "train_split": "train", "eval_path": "", "eval_split": "test", "format": "auto",
         "max_length": 512, "min_prompt_length": 64, "use_chat_template": False, "packing": False,
         "length_bucket": 64, "pack_rows": 0, "pack_length": 0, "shuffle": True, "batch_size": 8,
-        "eval_batch_size": 8, "sft_path": "", "sft_split": "train", "sft_batch_size": 0})
+        "eval_batch_size": 8, "sft_path": "", "sft_split": "train", "sft_batch_size": 0, "max_examples": 0})
     c.loss = section({"name": "dpo", "hparams": section({"beta": 0.1}), "sft_weight": 0.0, "sft_data_weight": 0.0})
     c.spo = section({"enabled": False, **dataclasses.asdict(bilevel.SPOConfig())})
     c.optim = section({

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 
+import datasets
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +20,7 @@ from flax import nnx
 from spo_jax import adapters, models
 from spo_jax import sharding as sharding_lib
 from spo_jax.data import FORMATS, BatchIterator, prepare_dataset, score_index, synthetic
-from spo_jax.data.loading import SFT_FORMATS
+from spo_jax.data.loading import SFT_FORMATS, load_rows
 from spo_jax.validation import ConfigError, check_bool, check_choice, check_int, check_source, fail
 
 JNP_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -78,7 +79,7 @@ def _validate_data(c) -> None:
     check_int(c, ("data.max_length",), 2)
     check_int(c, ("data.batch_size", "data.eval_batch_size"), 1)
     check_int(c, ("data.min_prompt_length", "data.length_bucket", "data.pack_rows", "data.pack_length",
-                  "data.sft_batch_size"), 0)
+                  "data.sft_batch_size", "data.max_examples"), 0)
     if d.pack_length and d.pack_length < d.max_length:
         fail("data.pack_length", d.pack_length, f"must be >= data.max_length={d.max_length} (or 0)")
     check_bool(c, "data.packing", "data.shuffle", "data.use_chat_template")
@@ -169,8 +170,12 @@ def load_split(config, tokenizer, path: str, split: str, data=None, *, sft: bool
     (else "auto"); ``ConfigError`` when its rows are not SFT rows."""
     d = config.data
     fmt = d.format if not sft or d.format in SFT_FORMATS else "auto"
+    source = data if data is not None else path
+    if d.max_examples:  # the first N rows, before tokenization drops any
+        source = source if isinstance(source, datasets.Dataset) else load_rows(source, split=split)
+        source = source.select(range(min(int(d.max_examples), len(source))))
     ds, stats = prepare_dataset(
-        data if data is not None else path, tokenizer, max_length=int(d.max_length), format=fmt,
+        source, tokenizer, max_length=int(d.max_length), format=fmt,
         split=split, min_prompt_length=int(d.min_prompt_length), use_chat_template=bool(d.use_chat_template))
     if sft and stats.get("kind") != "sft":
         fail("data.sft_path", path or "<in-memory sft_data>", f"holds {stats.get('kind')} data (format "

@@ -125,3 +125,20 @@ def test_dpo_steps_on_32_real_hh_rlhf_pairs_with_smollm2(shared_data_dir, smollm
     ev = [h for h in history if h["split"] == "eval"][-1]
     assert ev["loss"] < math.log(2) - 0.01, ev
     assert ev["rewards/margins"] > 0, ev
+
+
+def test_max_examples_takes_the_first_rows_of_the_real_hh_file(shared_data_dir, tokenizer):
+    """``data.max_examples``: the first N rows of the .jsonl.gz file, before tokenization; every kept
+    row is one of them, in file order (``example_index`` = the row number in the file)."""
+    from spo_jax import inputs
+    from spo_jax.configs import lora_dpo
+
+    path = str(shared_data_dir / "hh-rlhf" / "harmless-base-test.jsonl.gz")
+    c = lora_dpo.get_config()
+    c.data.max_examples, c.data.max_length, c.data.min_prompt_length = 64, 256, 32
+    ds, stats = inputs.load_split(c, tokenizer, path, "train")
+    raw = _raw_jsonl(path)[:64]
+    kept = list(ds["example_index"])
+    assert stats["kind"] == "preference" and 0 < len(ds) <= 64 and kept == sorted(kept) and max(kept) < 64
+    row = ds[0]
+    assert tokenizer.decode(row["prompt_ids"]).strip() in raw[row["example_index"]]["chosen"]
