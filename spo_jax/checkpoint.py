@@ -300,8 +300,8 @@ class Checkpointer:
             raise InvalidCheckpoint(f"non-finite values in {bad[:3]}{' ...' if len(bad) > 3 else ''}")
         return state, data_state, config
 
-    def restore_latest(self, abstract_state: Any, *, strict: bool = False, check_config=None
-                       ) -> tuple[int, Any, dict, dict] | None:
+    def restore_latest(self, abstract_state: Any, *, strict: bool = False, check_config=None,
+                       step: int | None = None) -> tuple[int, Any, dict, dict] | None:
         """``(step, state, data_state, config)`` of the newest checkpoint that restores
         and validates (:meth:`check_step`); None when the directory has no checkpoint.
 
@@ -313,8 +313,15 @@ class Checkpointer:
         ``check_config(saved_config)`` runs on the newest checkpoint's config before
         any array is read; what it raises (a config mismatch: the user's error, not a
         damaged checkpoint) propagates and nothing is moved.
+
+        ``step``: restore that step only (strict: no fall-back); ``ConfigError`` if there is none.
         """
         steps = sorted(self.all_steps(), reverse=True)
+        if step is not None:
+            if step not in steps:
+                raise ConfigError(f"config.checkpoint.restore_step={step}: {self.directory} has no checkpoint at that "
+                                  f"step; its steps are {sorted(steps)} (0 = the latest)")
+            steps, strict = [step], True
         if not steps:
             return None
         for i, step in enumerate(steps):
@@ -390,22 +397,48 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
 
 #: Config sections that must match a checkpoint to resume from it (they shape the state or the data order).
 RESUME_SECTIONS = ("model", "data", "loss", "spo", "optim", "stage")
+#: ... and to evaluate it (stage "eval" restores the parameters with their optimizer state).
+EVAL_SECTIONS = ("model", "optim")
+#: Fields of those sections that only the held-out evaluation reads: free to change on a resume.
+EVAL_ONLY_FIELDS = ("data.eval_path", "data.eval_split", "data.eval_batch_size")
 
 
-def check_resume_config(saved: dict, now: dict, directory: str, *, allow_optim_change: bool = False) -> None:
+def _flat(d, prefix: str = "") -> dict:
+    if not isinstance(d, dict):
+        return {prefix.rstrip("."): d}
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}."))
+    return out
+
+
+def check_resume_config(saved: dict, now: dict, directory: str, *, allow_optim_change: bool = False,
+                        sections: tuple[str, ...] = RESUME_SECTIONS) -> None:
     """Raise ``ConfigError`` when the checkpoint's config (``saved``) differs from the run's
-    (``now``) in a :data:`RESUME_SECTIONS` section; ``optim`` may change with
-    ``allow_optim_change`` (logged: e.g. resuming a diverged run with a lower learning rate)."""
-    for section in RESUME_SECTIONS:
-        if saved.get(section) is None or saved.get(section) == now.get(section):
+    (``now``) in one of ``sections``, naming each changed field with its old and new value
+    and what a resume accepts; ``optim`` may change with ``allow_optim_change`` (logged: e.g.
+    resuming a diverged run with a lower learning rate)."""
+    changed = {}
+    for section in sections:
+        if saved.get(section) is None:
             continue
-        if section == "optim" and allow_optim_change:
-            changed = {k: (saved["optim"].get(k), v) for k, v in now["optim"].items() if saved["optim"].get(k) != v}
-            logger.warning("resuming with changed optimizer settings (checkpoint.allow_optim_change=True): %s",
-                           ", ".join(f"optim.{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
-            continue
-        hint = ("; to resume with new optimizer settings (e.g. a lower learning rate after a divergence) "
-                "set checkpoint.allow_optim_change=True") if section == "optim" else ""
-        raise ConfigError(
-            f"config.{section} differs from the checkpoint in {directory} (saved {saved.get(section)!r}, now "
-            f"{now.get(section)!r}); use a new run_dir or set checkpoint.resume=False{hint}")
+        old, new = _flat(saved.get(section), f"{section}."), _flat(now.get(section), f"{section}.")
+        changed.update({k: (old.get(k, "<absent>"), new.get(k, "<absent>")) for k in sorted(set(old) | set(new))
+                        if old.get(k, "<absent>") != new.get(k, "<absent>") and k not in EVAL_ONLY_FIELDS})
+    optim = {k: v for k, v in changed.items() if k.startswith("optim.")}
+    if allow_optim_change and optim:
+        logger.warning("resuming with changed optimizer settings (checkpoint.allow_optim_change=True): %s",
+                       ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in optim.items()))
+        changed = {k: v for k, v in changed.items() if k not in optim}
+    if not changed:
+        return
+    fields = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changed.items())[:8])
+    more = f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""
+    hint = (" optim.* may change with checkpoint.allow_optim_change=True (e.g. a lower learning rate after a "
+            "divergence).") if optim and not allow_optim_change else ""
+    raise ConfigError(
+        f"the checkpoints in {directory} were written with other settings: {fields}{more}. Resuming keeps "
+        f"{', '.join(s if s == 'stage' else s + '.*' for s in sections)} as saved; train.num_steps, data.eval_*, "
+        f"eval.*, checkpoint.*, metrics.*, mesh.* may change.{hint} Undo these changes to resume, or start a "
+        "new run with them in a new run_dir (--config.run_dir=...)"
+        + ("; to evaluate this run, add --config.stage=eval" if "stage" in changed else ""))

@@ -122,6 +122,7 @@ checkpoint.strict_restore  a newest checkpoint that cannot be restored stops the
                            moved to checkpoints.corrupt/ with a fall-back to the previous one (False)
 checkpoint.allow_optim_change  resume even though config.optim differs from the checkpoint's (logged)
 checkpoint.export_hf       export the final policy in HF format to <run_dir>/hf_final
+checkpoint.restore_step    stage eval: the checkpoint step of run_dir to evaluate (0 = the latest)
 
 eval.every                 evaluate every N steps (0 = only at the end; needs data.eval_path)
 eval.num_batches           held-out batches per evaluation (0 = the whole eval set)
@@ -181,7 +182,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.distributed = section({"coordinator_address": "", "num_processes": 1, "process_id": 0,
                              "cpu_collectives": "gloo"})
     c.checkpoint = section({"every": 100, "keep": 3, "async_save": True, "resume": True, "strict_restore": False,
-                            "allow_optim_change": False, "export_hf": True})
+                            "allow_optim_change": False, "export_hf": True, "restore_step": 0})
     c.eval = section({"every": 0, "num_batches": 0, "generation": False, "num_prompts": 64, "max_new_tokens": 256,
                       "temperature": 0.0})
     c.metrics = section({"log_every": 1, "jsonl": True, "tensorboard": True, "progress_bar": True,
@@ -329,7 +330,10 @@ def _validate_hooks(c) -> None:
     """checkpoint.*, eval.*, metrics.*, train.on_degenerate / degenerate_steps (the loop's hooks)."""
     check_choice(c, "train.on_degenerate", DEGENERATE_ACTIONS)
     check_int(c, ("train.degenerate_steps",), 2)
-    check_int(c, ("checkpoint.every", "eval.every", "eval.num_batches"), 0)
+    check_int(c, ("checkpoint.every", "checkpoint.restore_step", "eval.every", "eval.num_batches"), 0)
+    if c.checkpoint.restore_step and c.stage != "eval":
+        fail("checkpoint.restore_step", c.checkpoint.restore_step, "names a checkpoint to evaluate: only with "
+             "stage eval (training resumes from the latest); set it to 0")
     check_int(c, ("checkpoint.keep", "eval.num_prompts", "eval.max_new_tokens", "metrics.log_every"), 1)
     check_bool(c, "checkpoint.async_save", "checkpoint.resume", "checkpoint.strict_restore",
                "checkpoint.allow_optim_change", "checkpoint.export_hf",

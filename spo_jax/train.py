@@ -44,7 +44,8 @@ from spo_jax import config as config_lib
 from spo_jax import inputs, models, objectives, run_info, sampling, validation
 from spo_jax import reference as reference_lib
 from spo_jax import sharding as sharding_lib
-from spo_jax.checkpoint import Checkpointer, all_processes_agree, check_resume_config
+from spo_jax.checkpoint import (EVAL_SECTIONS, RESUME_SECTIONS, Checkpointer, all_processes_agree,
+                                check_resume_config)
 from spo_jax.metrics import (MetricWriter, Progress, TrainingHealth, degenerate_error, measure_peak_flops, mfu,
                              pooled_mean)
 from spo_jax.optim import make_optimizer
@@ -339,7 +340,8 @@ class _Loop:
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                 self.state.saveable(), self.shardings.saveable())
         found = self.checkpointer.restore_latest(abstract, strict=bool(c.checkpoint.strict_restore),
-                                                 check_config=self._check_resume_config)
+                                                 check_config=self._check_resume_config,
+                                                 step=int(c.checkpoint.restore_step) or None)
         if found is None:
             return 0
         step, restored, data_state, _ = found
@@ -351,7 +353,8 @@ class _Loop:
 
     def _check_resume_config(self, saved: dict) -> None:
         check_resume_config(saved, _config_dict(self.config), self.checkpointer.directory,
-                            allow_optim_change=bool(self.config.checkpoint.allow_optim_change))
+                            allow_optim_change=bool(self.config.checkpoint.allow_optim_change),
+                            sections=EVAL_SECTIONS if self.config.stage == "eval" else RESUME_SECTIONS)
 
     def _save(self, step: int, it) -> None:
         self.writer.flush()  # every record up to this checkpoint is on disk before it exists
@@ -473,11 +476,18 @@ class _Loop:
         return path
 
     def run_eval(self) -> TrainResult:
-        """Stage "eval": restore the latest checkpoint if the run has one, then evaluate."""
+        """Stage "eval": restore the run's latest checkpoint (``checkpoint.restore_step``: that one; only
+        model.* and optim.* must match its config) and evaluate it; with ``checkpoint.resume=False``
+        evaluate the model as loaded, saying so when it is also its own reference."""
         c = self.config
-        start = 0
-        if c.checkpoint.resume and self.checkpointer.latest_step() is not None:
-            start = self.restore_if_any(None)  # no training data to position
+        start = self.restore_if_any(None) if c.checkpoint.resume else 0  # no training data to position
+        if not c.checkpoint.resume and self.reference.mode != "none" and not c.reference.path and self.is_main:
+            logger.warning(
+                "stage eval restored no checkpoint (checkpoint.resume=False): the policy is the model as loaded "
+                "(model.path=%r) and is also its own reference, so the preference metrics are an untrained "
+                "model's (loss ln 2, rewards 0). To evaluate a training run, set run_dir to it with "
+                "checkpoint.resume=True; to evaluate an exported model against its base, set reference.path to "
+                "the base", c.model.path)
         self.writer.start(None)  # appends an evaluation record to the run's history
         try:
             out = self.evaluate(self.state.params, start)
@@ -500,6 +510,8 @@ def train(config, *, train_data=None, eval_data=None, sft_data=None, stop_at: in
     sharding_lib.initialize_distributed(c.distributed.coordinator_address, c.distributed.num_processes,
                                         c.distributed.process_id, c.distributed.cpu_collectives)
     validate_for_run(c, train_data=train_data, eval_data=eval_data, sft_data=sft_data)
+    if c.stage == "eval" and c.checkpoint.resume:
+        _check_eval_source(c)
     lock = lock_run_dir(c.run_dir, is_main=jax.process_index() == 0, agree=all_processes_agree)
     try:
         run_info.write(c, _config_dict(c), in_memory=tuple(k for k, d in (("train", train_data), ("eval", eval_data),
@@ -511,6 +523,18 @@ def train(config, *, train_data=None, eval_data=None, sft_data=None, stop_at: in
     finally:
         if lock is not None:
             lock.release()
+
+
+def _check_eval_source(c) -> None:
+    """Stage eval with ``checkpoint.resume``: run_dir must hold a training run's checkpoints (a
+    mistyped run_dir would otherwise evaluate the initial model)."""
+    directory = os.path.join(os.path.abspath(os.path.expanduser(c.run_dir)), "checkpoints")
+    if not (os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))):
+        raise config_lib.ConfigError(
+            f"config.run_dir={c.run_dir!r}: stage eval evaluates a training run's latest checkpoint, and "
+            f"{directory} {'holds none' if os.path.isdir(directory) else 'does not exist'}; point run_dir at a "
+            "training run, or set checkpoint.resume=False to evaluate model.path as it is (e.g. "
+            "model.path=<run_dir>/hf_final)")
 
 
 def validate_for_run(config, *, train_data=None, eval_data=None, sft_data=None) -> None:

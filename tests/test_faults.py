@@ -346,7 +346,8 @@ def test_divergence_names_a_good_checkpoint_that_resumes_with_a_lower_learning_r
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored["state"]))
     ck.close()
     lower = dict(bad, optim__learning_rate=1e-3, optim__grad_clip=1.0)
-    with pytest.raises(config_lib.ConfigError, match=r"config\.optim differs .*checkpoint\.allow_optim_change=True"):
+    with pytest.raises(config_lib.ConfigError, match=r"other settings: optim\.grad_clip: 0\.0 -> 1\.0; optim\."
+                       r"learning_rate: .*optim\.\* may change with checkpoint\.allow_optim_change=True"):
         train.train(tiny_config(run_dir, pairs, **lower))
     assert Checkpointer(str(run_dir / "checkpoints")).all_steps() == [1]  # a config mismatch moves nothing
     resumed = train.train(tiny_config(run_dir, pairs, checkpoint__allow_optim_change=True, **lower))

@@ -16,13 +16,15 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from spo_jax import train
 from spo_jax.checkpoint import Checkpointer
 from spo_jax.runlock import LOCK_NAME, RunLock, RunLocked
+from spo_jax.validation import ConfigError
 from tests.test_faults import assert_continuous, train_records
-from tests.test_train import ROOT, tiny_config, write_pairs
+from tests.test_train import ROOT, tiny_config, write_pairs, write_sft
 
 TINY = os.path.join(ROOT, "experiments", "tiny_test.py")
 ENV = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -188,3 +190,68 @@ def test_a_grid_record_without_its_settings_is_one_line_exit_2(tmp_path, capsys)
         experiment.main(["--out", str(tmp_path), "--resume", "--quick", "--compile-cache", "off"])
     assert e.value.code == 2
     assert f"{tmp_path / 'grid.json'} lacks the key(s) ['settings']" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- #
+# Evaluating a trained run; refusals whose advice is followed
+# --------------------------------------------------------------------------- #
+
+
+@pytest.fixture(scope="module")
+def trained(pairs, tmp_path_factory):
+    """A 10-step run with checkpoints at 5 and 10 and a final evaluation on the training pairs."""
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    result = train.train(tiny_config(run_dir, pairs, data__eval_path=pairs, optim__schedule="constant"))
+    return run_dir, result.final_eval
+
+
+def eval_config(run_dir, pairs, **overrides):
+    return tiny_config(run_dir, "", stage="eval", data__eval_path=pairs, optim__schedule="constant", **overrides)
+
+
+def test_stage_eval_on_a_run_restores_its_latest_or_a_named_checkpoint(trained, pairs):
+    run_dir, final = trained
+    assert final["loss"] < 0.69  # trained: not the initial model's ln 2
+    latest = train.train(eval_config(run_dir, pairs))
+    assert latest.start_step == 10 and latest.final_eval == final  # the same parameters, the same numbers
+    at5 = train.train(eval_config(run_dir, pairs, checkpoint__restore_step=5))
+    assert at5.start_step == 5 and final["loss"] < at5.final_eval["loss"] < 0.69
+    with pytest.raises(ConfigError, match=r"restore_step=7: .* its steps are \[5, 10\] \(0 = the latest\)"):
+        train.train(eval_config(run_dir, pairs, checkpoint__restore_step=7))
+    with pytest.raises(ConfigError, match="config.checkpoint.restore_step=5: names a checkpoint to evaluate"):
+        train.train(tiny_config(run_dir, pairs, checkpoint__restore_step=5))
+
+
+def test_stage_eval_of_a_missing_run_refuses_and_its_advice_evaluates_the_model_saying_so(pairs, tmp_path, caplog):
+    typo = tmp_path / "no_such_run"
+    with pytest.raises(ConfigError, match=r"stage eval evaluates a training run's latest checkpoint, and .* does not "
+                                          r"exist; point run_dir at a training run, or set checkpoint.resume=False"):
+        train.train(eval_config(typo, pairs))
+    assert not typo.exists()  # nothing written
+    with caplog.at_level("WARNING", logger="spo_jax.train"):
+        untrained = train.train(eval_config(typo, pairs, checkpoint__resume=False))
+    assert "is also its own reference" in caplog.text
+    assert untrained.final_eval["loss"] == pytest.approx(np.log(2), abs=1e-6)  # DPO at policy = reference
+
+
+def test_resume_refusal_names_the_changed_fields_and_its_advice_leads_to_a_working_run(trained, pairs, tmp_path):
+    run_dir, _ = trained
+    with pytest.raises(ConfigError) as e:
+        train.train(tiny_config(run_dir, pairs, data__batch_size=8, loss__name="ipo", optim__schedule="constant"))
+    msg = str(e.value)
+    assert "other settings: data.batch_size: 4 -> 8; loss.name: 'dpo' -> 'ipo'." in msg, msg
+    assert "train.num_steps" in msg and "new run_dir" in msg and "data.eval_path" not in msg
+    assert "checkpoint.resume=False" not in msg  # (that advice was refused in turn: a circle)
+    fresh = train.train(tiny_config(tmp_path / "new", pairs, data__batch_size=8, loss__name="ipo", train__num_steps=2))
+    assert fresh.start_step == 0 and len(fresh.history) == 2
+    # a changed stage: the advice is to evaluate the run, which works (previous test)
+    with pytest.raises(ConfigError, match=r"stage: 'preference' -> 'sft'.*to evaluate this run, add --config.stage=eval"):
+        train.train(tiny_config(run_dir, write_sft(tmp_path / "sft.jsonl"), stage="sft", optim__schedule="constant",
+                                reference__mode="none"))
+    # checkpoint.resume=False on a run with checkpoints: its advice (resume=True, the same settings) continues it
+    with pytest.raises(ConfigError, match="set checkpoint.resume=True to continue"):
+        train.train(tiny_config(run_dir, pairs, data__eval_path=pairs, optim__schedule="constant",
+                                checkpoint__resume=False))
+    more = train.train(tiny_config(run_dir, pairs, data__eval_path=pairs, optim__schedule="constant",
+                                   train__num_steps=11))
+    assert more.start_step == 10 and more.history[0]["step"] == 11

@@ -363,6 +363,7 @@ def get_config(arg: str = "qwen2.5-0.5b,dpo,spo,gsm8k") -> ml_collections.Config
     c.checkpoint.every = 100
     c.checkpoint.keep = 2
     c.checkpoint.export_hf = stage != "eval"
+    c.checkpoint.resume = stage != "eval"  # eval scores model.path (the run's hf_final), not a checkpoint
     c.metrics.log_every = 1
     return c
 
