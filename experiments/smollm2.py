@@ -309,7 +309,7 @@ def _check_run_record(out: str, settings: dict, resume: bool) -> None:
     now = json.loads(json.dumps(settings))
     if resume and os.path.exists(path):
         try:
-            before = experiment._read_json(path)
+            before = experiment.read_json(path)
         except ValueError as e:
             raise SystemExit(str(e)) from None
         if before != now:
@@ -318,7 +318,7 @@ def _check_run_record(out: str, settings: dict, resume: bool) -> None:
                              "rerun with the same --size/--seed/--model/--task-pairs, or use a new --out")
     elif not resume and any(os.path.exists(os.path.join(out, p)) for p in ("part1", "part2")):
         raise SystemExit(f"{out} holds arms of an earlier run: pass --resume to continue it, or use a new --out")
-    experiment._write_json(path, now)
+    experiment.write_json(path, now)
 
 
 def _check_devices() -> None:

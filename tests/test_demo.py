@@ -109,8 +109,9 @@ def test_grid_resume_reads_back_finished_work_and_runs_only_new_arms(quick_run, 
     half_done.mkdir(parents=True)
     (half_done / "metrics.jsonl").write_text('{"step": 1}\n')
     trained = []
-    real_train = experiment.train
-    monkeypatch.setattr(experiment, "train", lambda c, **kw: trained.append(c.run_dir) or real_train(c, **kw))
+    real_train = experiment.runs.train
+    for stage in (experiment.pipeline, experiment.runs):  # the SFT run and the arms
+        monkeypatch.setattr(stage, "train", lambda c, **kw: trained.append(c.run_dir) or real_train(c, **kw))
     s = experiment.WorldSettings.quick()
     again = experiment.run_grid(s, str(out), families_=[*FAMILIES, "RFT"], report_seeds=[0], fixed=demo.FIXED,
                                 settings=["style"], resume=True)  # one setting: half the cost

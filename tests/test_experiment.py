@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from spo_jax import compile_cache
 from spo_jax import config as config_lib
 from spo_jax import experiment as E
 
@@ -94,7 +95,7 @@ def test_compare_gives_sft_data_to_the_arms_that_read_them_only(tmp_path, monkey
         calls.append(kw)
         raise Trained
 
-    monkeypatch.setattr(E, "train", fake_train)
+    monkeypatch.setattr(E.runs, "train", fake_train)
     arms = [E.method("DPO"), E.method("SFT-mix")]
     with pytest.raises(ValueError, match=r"arms \['SFT-mix'\] train on SFT data; pass sft_data="):
         E.compare(arms, make_config=lambda m, d: None, train_data="pairs", measure=None, out_dir=str(tmp_path))
@@ -130,7 +131,7 @@ def test_compare_measures_after_dropping_the_trained_state(tmp_path, monkeypatch
         assert trained[-1]() is None, "the trained state is still alive while measuring"
         return {"sum": float(np.sum(params["w"])), "on_host": isinstance(params["w"], np.ndarray)}
 
-    monkeypatch.setattr(E, "train", fake_train)
+    monkeypatch.setattr(E.runs, "train", fake_train)
     out = E.compare([E.method("DPO")], make_config=lambda m, d: d, train_data="pairs", measure=measure,
                     out_dir=str(tmp_path))
     assert out["DPO"]["sum"] == 3.0 and out["DPO"]["on_host"] and out["DPO"]["steps"] == 1
@@ -368,9 +369,9 @@ def test_run_command_reports_and_makes_expected_errors_one_line_with_exit_2(tmp_
     """The grid's and the demo's shared command-line tail: the --compile-cache value reaches the cache, the
     report path and wall time are printed, an expected error is one line with exit code 2, others propagate."""
     caches = []
-    monkeypatch.setattr(E, "enable_compile_cache", caches.append)
+    monkeypatch.setattr(E.cli, "enable_compile_cache", caches.append)
     p = argparse.ArgumentParser(prog="prog")
-    E.compile_cache.add_flag(p)
+    compile_cache.add_flag(p)
     a = p.parse_args(["--compile-cache", "off"])
     res = E.run_command(p, a, str(tmp_path), lambda: {"timings_s": {"total": 3.2}}, expected=(ValueError,), quiet=())
     assert res == {"timings_s": {"total": 3.2}} and caches == ["off"]
