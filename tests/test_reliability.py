@@ -255,3 +255,42 @@ def test_resume_refusal_names_the_changed_fields_and_its_advice_leads_to_a_worki
     more = train.train(tiny_config(run_dir, pairs, data__eval_path=pairs, optim__schedule="constant",
                                    train__num_steps=11))
     assert more.start_step == 10 and more.history[0]["step"] == 11
+
+
+# --------------------------------------------------------------------------- #
+# Wrong-typed data fields
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("format, row, key, kind", [
+    ("preference", {"prompt": "p", "chosen": {"text": "a", "score": 1}, "rejected": "b"}, "chosen", "dict"),
+    ("preference", {"prompt": "p", "chosen": "a", "rejected": ["b", "c"]}, "rejected", "list"),
+    ("preference", {"prompt": {"q": 1}, "chosen": "a", "rejected": "b"}, "prompt", "dict"),
+    ("implicit_preference", {"chosen": ["a"], "rejected": "b"}, "chosen", "list"),
+    ("prompt_completion", {"prompt": "p", "completion": {"text": "a"}}, "completion", "dict"),
+    ("question_answer", {"question": "q", "answer": [{"role": "assistant", "content": "4"}]}, "answer", "list"),
+])
+def test_a_structured_value_where_text_is_expected_is_a_data_error_naming_file_line_and_key(
+        tmp_path, format, row, key, kind):
+    from spo_jax.data.loading import DataError, load_rows, standardize
+    path = tmp_path / "rows.jsonl"
+    good = {k: ("x" if not isinstance(v, str) else v) for k, v in row.items()}
+    path.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
+    want = rf"{path}:2: '{key}' is a {kind} \(.*\), not text; format '{format}' takes a string here.*accepted by the " \
+           r"formats \['preference', 'implicit_preference', 'prompt_completion', 'messages'\]"
+    with pytest.raises(DataError, match=want):
+        standardize(load_rows(str(path)), format=format, source=str(path))
+    # the conversational form (a list of messages) stays accepted where the format takes it
+    if format != "question_answer":
+        msgs = dict(good, **{key: [{"role": "user" if key == "prompt" else "assistant", "content": "x"}]})
+        assert "x" in standardized(msgs, format)[key if format != "implicit_preference" else "chosen"]
+
+
+def standardized(row, format) -> dict:
+    import datasets
+    from spo_jax.data.loading import standardize
+    from spo_jax.data.synthetic import build_tokenizer
+    tok = build_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    ds, _ = standardize(datasets.Dataset.from_list([row]), format=format, tokenizer=tok)
+    return ds[0]

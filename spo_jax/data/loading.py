@@ -348,6 +348,28 @@ def _as_messages(value: Any, role: str) -> list[dict[str, Any]]:
     return [{"role": role, "content": _text(value)}]
 
 
+#: The formats whose text fields may instead be conversational (lists of {"role", "content"} messages).
+STRUCTURED_FORMATS = ("preference", "implicit_preference", "prompt_completion", "messages")
+
+
+def _check_text(value: Any, key: str, format: str, source: str | None, idx: int) -> None:
+    """A text field is a string (or a number); in a format of :data:`STRUCTURED_FORMATS` also a
+    list of messages. Anything else (a dict, a list of strings) would be trained on as its repr."""
+    if isinstance(value, str) or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        return
+    if format in STRUCTURED_FORMATS and is_conversational(value):
+        return
+    if format == "messages":
+        return  # checked with its own message below
+    shown = repr(value)
+    raise DataError(
+        f"{row_location(source, idx)}: {key!r} is a {type(value).__name__} ({shown[:60]}{'...' if len(shown) > 60 else ''}), "
+        f"not text; format {format!r} takes a string here"
+        + (" or a list of {'role', 'content'} messages" if format in STRUCTURED_FORMATS else "")
+        + f". Structured fields (lists of messages) are accepted by the formats {list(STRUCTURED_FORMATS)}; "
+        "put the text itself in the field (or set data.format).")
+
+
 def _standardize_row(row: dict[str, Any], idx: int, *, format: str, columns, tokenizer,
                      prompt_template: str, completion_template: str, use_chat_template: bool,
                      marker: str | None, source: str | None = None) -> dict[str, Any]:
@@ -357,6 +379,7 @@ def _standardize_row(row: dict[str, Any], idx: int, *, format: str, columns, tok
                 f"{row_location(source, idx)}: row {idx} has no {_actual(columns, c)!r} (the key is missing or "
                 f"null); every {format!r} row needs {[_actual(columns, k) for k in REQUIRED_COLUMNS[format]]}. "
                 "Fix or remove the row.")
+        _check_text(row[_actual(columns, c)], _actual(columns, c), format, source, idx)
     get = lambda c: row[_actual(columns, c)]  # noqa: E731
     if format == "question_answer":
         fields = {"question": _text(get("question")), "answer": _text(get("answer"))}
