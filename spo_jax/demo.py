@@ -66,14 +66,16 @@ def run_demo(out_dir: str, settings: experiment.WorldSettings | None = None, *, 
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m spo_jax.demo", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny version for tests")
+    p = argparse.ArgumentParser(prog="python -m spo_jax.demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny version for tests (default: off, the demo's size)")
     p.add_argument("--out", default="", help="run directory (default: ./runs/demo-<timestamp>)")
     p.add_argument("--seed", type=int, default=3,
                    help="whole-pipeline seed: task split, SFT initialisation and order, samples, preference order "
                         "(default 3: none of the evidence grid's seeds, so the demo's fixed weights were not chosen "
                         "on it)")
-    p.add_argument("--families", nargs="+", default=None, help=f"subset of {experiment.families()}")
+    p.add_argument("--families", nargs="+", default=None,
+                   help=f"subset of {experiment.families()} (default: {' '.join(FAMILIES)})")
     compile_cache.add_flag(p)
     args = p.parse_args(argv)
     s = experiment.WorldSettings.quick() if args.quick else experiment.WorldSettings.demo()

@@ -139,11 +139,11 @@ def test_compare_measures_after_dropping_the_trained_state(tmp_path, monkeypatch
 
 def test_sweep_arms_and_choose_per_family():
     arms = E.sweep_arms(["DPO+SPO", "RPO", "RFT"])
-    assert [a.label for a in arms] == ["DPO+SPO γ=3", "DPO+SPO γ=10", "DPO+SPO γ=30", "RPO λ=0.3", "RPO λ=1",
-                                       "RPO λ=3", "RPO λ=10", "RFT"]
+    assert [a.label for a in arms] == ["DPO+SPO γ=3", "DPO+SPO γ=10", "DPO+SPO γ=30", "DPO+SPO γ=100", "RPO λ=0.3",
+                                       "RPO λ=1", "RPO λ=3", "RPO λ=10", "RPO λ=30", "RFT"]
     assert [a.label for a in E.sweep_arms(["SFT-mix", "DPO+SPO(SFT)"])] == [
-        "SFT-mix λ=0.3", "SFT-mix λ=1", "SFT-mix λ=3", "SFT-mix λ=10", "DPO+SPO(SFT) γ=3", "DPO+SPO(SFT) γ=10",
-        "DPO+SPO(SFT) γ=30"]
+        "SFT-mix λ=0.3", "SFT-mix λ=1", "SFT-mix λ=3", "SFT-mix λ=10", "SFT-mix λ=30", "DPO+SPO(SFT) γ=3",
+        "DPO+SPO(SFT) γ=10", "DPO+SPO(SFT) γ=30", "DPO+SPO(SFT) γ=100"]
     runs = {a.label: {"accuracy": 0.5, "win_rate": 0.5} for a in arms}
     runs["DPO+SPO γ=10"]["accuracy"] = 0.7
     runs["RPO λ=3"].update(accuracy=0.4, win_rate=0.9)  # best for style (win + acc), not for correctness
@@ -387,6 +387,36 @@ def test_run_command_reports_and_makes_expected_errors_one_line_with_exit_2(tmp_
     assert e.value.code == 2 and capsys.readouterr().err == "prog: error: unknown method family 'XPO'\n"
     with pytest.raises(KeyError):
         E.run_command(p, a, str(tmp_path), fails(KeyError("a bug")), expected=(ValueError,), quiet=())
+
+
+def test_grid_dry_run_lists_and_counts_the_runs_and_estimates_their_time(capsys):
+    """Counted by hand from the sweep: 7 SPO families x 4 gammas, RPO and SFT-mix 5 lambdas each, DPOP 4
+    lambdas, DPO 4 betas, 5 families at their defaults = 51 runs per setting on the validation seed; 16 per
+    setting on each report seed; 2 settings."""
+    E.main(["--dry-run"])
+    text = capsys.readouterr().out
+    assert "51 runs per setting" in text and "  DPOP: λ=5, λ=50, λ=500, λ=5000" in text and "  RFT: defaults" in text
+    assert "In all: 3 SFT models (one per seed) and 166 preference runs." in text  # 2 x (51 + 2 x 16)
+    per_run, source = E.cli.RUN_COST["grid"]
+    assert f"166 runs x {per_run:.1f} CPU s = {166 * per_run:,.0f} CPU s" in text and source in text
+    E.main(["--dry-run", "--quick", "--families", "DPO", "RFT", "--seeds", "4"])
+    assert "In all: 2 SFT models (one per seed) and 14 preference runs." in capsys.readouterr().out  # 2 x (5 + 2)
+    with pytest.raises(SystemExit) as e:
+        E.main(["--dry-run", "--families", "XPO"])
+    assert e.value.code == 2 and "unknown method family 'XPO'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("prog", ["experiment", "demo"])
+def test_help_shows_the_whole_description_and_every_default(prog, capsys):
+    from spo_jax import demo
+    main = E.main if prog == "experiment" else demo.main
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    options = re.split(r"\n  (?=-)", out.split("options:")[1])[1:]  # one entry per option
+    assert len(options) >= 5 and all("default" in o for o in options if not o.startswith("-h,")), options
+    if prog == "demo":
+        assert " ".join(demo.__doc__.split()) in " ".join(out.split())  # the whole description
 
 
 def test_sft_goes_on_until_the_curve_levels_off():

@@ -25,13 +25,15 @@ from spo_jax.experiment.world import SETTINGS, WorldSettings
 
 #: The hyperparameters swept on the validation seed (every other one stays at its default):
 #: SPO's weight gamma for every SPO family ("+SPO", "+SPO(SFT)"), RPO's, SFT-mix's and DPOP's
-#: lambda, DPO's beta.
+#: lambda, DPO's beta. The grid of 2026-11-30 (README) swept the values up to gamma 30, lambda 10, DPOP
+#: lambda 500 and beta 0.3, and several families chose their largest; the next value of each is added here so
+#: that a winner at the old edge can be told from one past it (that sweep has not been rerun yet).
 SWEEP: dict[str, dict[str, tuple[float, ...]]] = {
-    "+SPO": {"spo_gamma": (3.0, 10.0, 30.0)},
-    "RPO": {"lam": (0.3, 1.0, 3.0, 10.0)},
-    "SFT-mix": {"lam": (0.3, 1.0, 3.0, 10.0)},
-    "DPOP": {"lam": (5.0, 50.0, 500.0)},
-    "DPO": {"beta": (0.03, 0.1, 0.3)},
+    "+SPO": {"spo_gamma": (3.0, 10.0, 30.0, 100.0)},
+    "RPO": {"lam": (0.3, 1.0, 3.0, 10.0, 30.0)},
+    "SFT-mix": {"lam": (0.3, 1.0, 3.0, 10.0, 30.0)},
+    "DPOP": {"lam": (5.0, 50.0, 500.0, 5000.0)},
+    "DPO": {"beta": (0.03, 0.1, 0.3, 1.0)},
 }
 
 #: What "best" means when a family's hyperparameter is chosen on the validation seed.
