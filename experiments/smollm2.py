@@ -65,8 +65,8 @@ if __name__ == "__main__":
     sys.path.insert(0, REPO)  # run as a script from a checkout: import this checkout's spo_jax
 
 from spo_jax import evaluate, experiment, models, objectives, sampling  # noqa: E402
+from spo_jax.experiment import ci  # noqa: E402
 from spo_jax.compile_cache import enable_compile_cache  # noqa: E402
-from spo_jax.config import get_default_config  # noqa: E402
 from spo_jax.data import BatchIterator, loading, prepare_dataset, synthetic  # noqa: E402
 
 
@@ -191,7 +191,7 @@ def sft_rows(tokenizer, data_dir: str, n: int) -> datasets.Dataset:
 
 
 def tokenized_pairs(tokenizer, pairs: list[dict], max_length: int):
-    ds = datasets.Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
+    ds = experiment.pairs_dataset(pairs)
     tok, _ = prepare_dataset(ds, tokenizer, max_length=max_length, format="preference",
                              min_prompt_length=min(64, max_length // 2))
     return tok
@@ -278,27 +278,16 @@ def preference_config(model_path: str, run_dir: str, size: Size, num_steps: int,
     ``ref_cache``: the reference log-prob cache shared by a part's arms (same start, same pairs: the
     first arm that reads the reference computes it, the others load it). ``length_bucket``: the
     padded lengths of the training batches; each distinct one compiles the arm's step again (~30 s
-    for SmolLM2 on 2 CPU cores): the cpu size pads part 1's batches to one length."""
-    c = experiment.in_process_arm(get_default_config())
-    c.run_dir = run_dir
-    c.seed = seed
-    c.model.path = model_path
-    c.model.dtype = "float32"
-    experiment.apply_method(c, m)
-    c.data.max_length = max_length
-    c.data.min_prompt_length = min(64, max_length // 2)
-    c.data.length_bucket = length_bucket
-    c.data.batch_size = size.batch_size
-    c.data.eval_batch_size = size.batch_size
+    for SmolLM2 on 2 CPU cores): the cpu size pads part 1's batches to one length. What is SmolLM2's own:
+    gradient accumulation to ``size.batch_size``, the model sharded over every device (FSDP), the cache."""
+    c = experiment.experiment_config(run_dir, seed, max_length=max_length, min_prompt_length=min(64, max_length // 2),
+                                     length_bucket=length_bucket)
+    experiment.preference_stage(c, m, model_path=model_path, batch_size=size.batch_size,
+                                learning_rate=size.learning_rate, num_steps=num_steps)
     c.optim.grad_accum_steps = size.batch_size // size.micro_batch
     c.reference.cache_dir = ref_cache
-    c.optim.learning_rate = size.learning_rate
-    c.optim.schedule = "constant"
-    c.optim.warmup_steps = 0
-    c.train.num_steps = num_steps
     c.mesh.data = 1
     c.mesh.fsdp = -1
-    c.checkpoint.export_hf = False
     return c
 
 
@@ -507,8 +496,7 @@ def run(size_name: str, out: str, model_path: str | None = None, data_dir: str |
                                                          size.hh_max_length, m, seed,
                                                          os.path.join(out, "part1", "ref_cache"),
                                                          length_bucket=size.hh_length_bucket),
-        train_data=datasets.Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")}
-                                               for p in hh_train]),
+        train_data=experiment.pairs_dataset(hh_train),
         measure=measure_hh, out_dir=os.path.join(out, "part1"), resume=resume, keep_checkpoints=False,
         sft_data=sft_rows(tokenizer, data_dir, steps(len(tok_hh_train)) * size.batch_size))
     results["part2"] = {}
@@ -519,8 +507,7 @@ def run(size_name: str, out: str, model_path: str | None = None, data_dir: str |
             arms, make_config=lambda m, d: preference_config(model_path, d, size, steps(len(tok_task)),
                                                              size.max_length, m, seed,
                                                              os.path.join(out, "part2", "ref_cache")),
-            train_data=datasets.Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")}
-                                                   for p in task_pairs]),
+            train_data=experiment.pairs_dataset(task_pairs),
             measure=measure_task, out_dir=os.path.join(out, "part2"), resume=resume, keep_checkpoints=False,
             sft_data=sft_rows(tokenizer, data_dir, steps(len(tok_task)) * size.batch_size))
     results["stages"] = st.rows
@@ -596,10 +583,6 @@ def _fmt(x, spec=".3f"):
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
-def _ci(r: dict) -> str:
-    return f"{r['mean']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}]"
-
-
 def report(results: dict) -> str:
     s, stats, base = results["size"], results["statistics"], results["base"]
     parts = results.get("parts", [1, 2])
@@ -619,11 +602,11 @@ def report(results: dict) -> str:
                   "| Δ log p chosen / rejected (train) | violation (train) | Δ log p chosen / rejected (held-out) "
                   "| violation (held-out) |", "|---|---|---|---|---|---|---|---|---|",
                   f"| start | — | {_fmt(base.get('heldout_pref_acc_len'))} | "
-                  f"{_ci(stats['part1']['task_accuracy']['start'])} | {_fmt(base['solution_nll'], '.4f')} "
+                  f"{ci(stats['part1']['task_accuracy']['start'])} | {_fmt(base['solution_nll'], '.4f')} "
                   f"| 0 / 0 | — | 0 / 0 | — |"]
         for a, r in results["part1"].items():
-            lines.append(f"| {a} | {_ci(stats['part1']['heldout_pref_acc'][a])} | {_fmt(r['heldout_pref_acc_len'])} "
-                         f"| {_ci(stats['part1']['task_accuracy'][a])} | {_fmt(r['solution_nll'], '.4f')} "
+            lines.append(f"| {a} | {ci(stats['part1']['heldout_pref_acc'][a])} | {_fmt(r['heldout_pref_acc_len'])} "
+                         f"| {ci(stats['part1']['task_accuracy'][a])} | {_fmt(r['solution_nll'], '.4f')} "
                          f"| {r['train']['delta_chosen']:+.2f} / {r['train']['delta_rejected']:+.2f} "
                          f"| {r['train']['violation_frac']:.2f} "
                          f"| {r['heldout']['delta_chosen']:+.2f} / {r['heldout']['delta_rejected']:+.2f} "
@@ -636,10 +619,10 @@ def report(results: dict) -> str:
                       f"problems x {s['samples']} samples at T = {s['temperature']}; sample accuracy "
                       f"{_fmt(p.get('sample_accuracy'))}).", "",
                   "| method | task accuracy | Δ vs start | Δ log p chosen | Δ log p rejected | violation frac |",
-                  "|---|---|---|---|---|---|", f"| start | {_ci(stats['part2']['task_accuracy']['start'])} | — | 0 | 0 | — |"]
+                  "|---|---|---|---|---|---|", f"| start | {ci(stats['part2']['task_accuracy']['start'])} | — | 0 | 0 | — |"]
         for a, r in results["part2"].items():
             t = stats["part2"]["task_accuracy"][a]
-            lines.append(f"| {a} | {_ci(t)} | {t['diff']:+.3f} [{t['diff_lo']:+.3f}, {t['diff_hi']:+.3f}] "
+            lines.append(f"| {a} | {ci(t)} | {ci(t, diff=True)} "
                          f"| {r['train']['delta_chosen']:+.2f} "
                          f"| {r['train']['delta_rejected']:+.2f} | {r['train']['violation_frac']:.2f} |")
         lines += ["", "Reading (generated): " + stats["part2"]["reading"]]

@@ -43,11 +43,12 @@ from spo_jax.experiment.methods import (BASELINES, BT_LOSSES, FRONTIER_BASELINES
 from spo_jax.experiment.style import restyle_answer, style_pairs, style_reward, win_rate
 from spo_jax.experiment.stats import (diff_interval, dominates, frontier_position, pair_shift, paired_bootstrap,
                                       pareto_front, reading)
-from spo_jax.experiment.runs import compare, in_process_arm, read_json, release_host_memory, write_json
+from spo_jax.experiment.runs import (compare, experiment_config, in_process_arm, pairs_dataset, preference_stage,
+                                     read_json, release_host_memory, write_json)
 from spo_jax.experiment.world import (LEVEL_TOLERANCE, SETTINGS, WorldSettings, base_config, levelled_off,
                                       preference_config, sft_config, sft_until_levelled)
 from spo_jax.experiment.pipeline import run_world_seed
-from spo_jax.experiment.report import pareto_figure, summarize, write_report
+from spo_jax.experiment.report import ci, pareto_figure, summarize, write_report
 from spo_jax.experiment.grid import CRITERIA, SWEEP, choose, run_grid, sweep_arms
 from spo_jax.experiment.cli import QUIET_LOGGERS, main, run_command
 
@@ -56,10 +57,11 @@ __all__ = [
     "apply_method", "families", "is_spo_family", "method", "plain_family",
     "restyle_answer", "style_pairs", "style_reward", "win_rate",
     "diff_interval", "dominates", "frontier_position", "pair_shift", "paired_bootstrap", "pareto_front", "reading",
-    "compare", "in_process_arm", "read_json", "release_host_memory", "write_json",
+    "compare", "experiment_config", "in_process_arm", "pairs_dataset", "preference_stage", "read_json",
+    "release_host_memory", "write_json",
     "LEVEL_TOLERANCE", "SETTINGS", "WorldSettings", "base_config", "levelled_off", "preference_config",
     "sft_config", "sft_until_levelled",
-    "run_world_seed", "pareto_figure", "summarize", "write_report",
+    "run_world_seed", "ci", "pareto_figure", "summarize", "write_report",
     "CRITERIA", "SWEEP", "choose", "run_grid", "sweep_arms",
     "QUIET_LOGGERS", "main", "run_command",
 ]

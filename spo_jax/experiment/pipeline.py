@@ -28,7 +28,7 @@ from flax import nnx
 from spo_jax import evaluate, models, sampling
 from spo_jax.data import BatchIterator, prepare_dataset, synthetic
 from spo_jax.experiment.methods import Method
-from spo_jax.experiment.runs import compare, read_json, write_json
+from spo_jax.experiment.runs import compare, pairs_dataset, read_json, write_json
 from spo_jax.experiment.stats import pair_shift
 from spo_jax.experiment.style import restyle_answer, style_pairs, style_reward, win_rate
 from spo_jax.experiment.world import SETTINGS, WorldSettings, preference_config, sft_config, sft_until_levelled
@@ -202,7 +202,7 @@ def _setting(w: _Seed, name: str, methods: Sequence[Method], pairs: list[dict], 
     """Every arm of one setting from the SFT model on the setting's pairs, measured: ``{"runs", "methods"}``
     plus, for the correctness setting, the SFT model's mass split and the gradient geometry."""
     s = w.s
-    ds = _dataset([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
+    ds = pairs_dataset(pairs)
     tok_pairs, _ = prepare_dataset(ds, w.tok, max_length=s.max_length, format="preference", min_prompt_length=8)
     lp_kw = dict(max_length=s.max_length, pad_id=0, batch_size=64)
     start_lp = evaluate.pair_logps(sft_graphdef, sft_params, tok_pairs, **lp_kw)

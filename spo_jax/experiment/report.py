@@ -91,7 +91,9 @@ def _reading_correctness(st: Mapping) -> str:
     return " ".join(parts)
 
 
-def _ci(r: Mapping, nd: int = 3, diff: bool = False) -> str:
+def ci(r: Mapping, nd: int = 3, diff: bool = False) -> str:
+    """``mean [lo, hi]`` of a :func:`~spo_jax.experiment.stats.paired_bootstrap` arm (``diff``: its difference
+    to the reference arm), ``nd`` decimals."""
     if diff:
         return f"{r['diff']:+.{nd}f} [{r['diff_lo']:+.{nd}f}, {r['diff_hi']:+.{nd}f}]"
     return f"{r['mean']:.{nd}f} [{r['lo']:.{nd}f}, {r['hi']:.{nd}f}]"
@@ -162,11 +164,11 @@ def _correctness_table(st: Mapping, seeds: Sequence[Mapping]) -> list[str]:
         return " / ".join(f"{np.mean([x[n] for x in m]):.2f}" for n in ("chosen", "rejected", "other"))
     L = ["| arm | held-out accuracy | Δ vs SFT | Δ log p chosen | Δ log p rejected | violation frac | "
          "mass: chosen / rejected / other |", "|---|---|---|---|---|---|---|",
-         f"| SFT | {_ci(acc['SFT'])} | 0 | 0 | 0 | - | "
+         f"| SFT | {ci(acc['SFT'])} | 0 | 0 | 0 | - | "
          f"{mass(lambda r: r['settings']['correctness']['sft_mass_split'])} |"]
     for a in st["labels"]:
-        L.append(f"| {a} | {_ci(acc[a])} | {_ci(acc[a], diff=True)} | {_ci(st['delta_chosen'][a], 2)} | "
-                 f"{_ci(st['delta_rejected'][a], 2)} | {_ci(st['violation'][a], 2)} | "
+        L.append(f"| {a} | {ci(acc[a])} | {ci(acc[a], diff=True)} | {ci(st['delta_chosen'][a], 2)} | "
+                 f"{ci(st['delta_rejected'][a], 2)} | {ci(st['violation'][a], 2)} | "
                  f"{mass(lambda r, a=a: r['settings']['correctness']['runs'][a]['mass_split'])} |")
     g = [r["settings"]["correctness"]["gradient_diagnostics"] for r in seeds]
     return L + ["", "Mass: share of answers sampled at the pairs' prompts equal to the pair's chosen answer / its "
@@ -182,10 +184,10 @@ def _style_table(st: Mapping) -> list[str]:
     acc = st["accuracy"]
     L = ["| arm | win rate vs SFT | style reward | held-out accuracy | Δ acc vs SFT | Δ log p chosen | "
          "violation frac |", "|---|---|---|---|---|---|---|",
-         f"| SFT | 0.500 | {_ci(st['reward']['SFT'])} | {_ci(acc['SFT'])} | 0 | 0 | - |"]
+         f"| SFT | 0.500 | {ci(st['reward']['SFT'])} | {ci(acc['SFT'])} | 0 | 0 | - |"]
     for a in st["labels"]:
-        L.append(f"| {a} | {_ci(st['win_rate'][a])} | {_ci(st['reward'][a])} | {_ci(acc[a])} | "
-                 f"{_ci(acc[a], diff=True)} | {_ci(st['delta_chosen'][a], 2)} | {_ci(st['violation'][a], 2)} |")
+        L.append(f"| {a} | {ci(st['win_rate'][a])} | {ci(st['reward'][a])} | {ci(acc[a])} | "
+                 f"{ci(acc[a], diff=True)} | {ci(st['delta_chosen'][a], 2)} | {ci(st['violation'][a], 2)} |")
     return L + ["", "![Pareto](pareto_style.png)"]
 
 

@@ -1,7 +1,8 @@
 """Training a list of methods from one start and measuring each (:func:`compare`): the same start, pairs,
 order, seed, steps and optimiser for every arm, one ``arm.json`` record per finished arm (read back on
 resume), and the host memory an arm freed handed back before the next (:func:`release_host_memory`).
-Also the trainer settings of such an in-process arm (:func:`in_process_arm`) and the atomic JSON records
+Also the trainer settings every experiment's runs share (:func:`experiment_config`, :func:`preference_stage`,
+:func:`in_process_arm`), the pairs as a dataset (:func:`pairs_dataset`) and the atomic JSON records
 (:func:`write_json`, :func:`read_json`).
 """
 
@@ -15,12 +16,14 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import datasets
 import jax
 
-from spo_jax.experiment.methods import Method
+from spo_jax.config import get_default_config
+from spo_jax.experiment.methods import Method, apply_method
 from spo_jax.train import train
 
 logger = logging.getLogger("spo_jax.experiment")
@@ -98,6 +101,41 @@ def release_host_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def experiment_config(run_dir: str, seed: int, *, max_length: int, min_prompt_length: int, length_bucket: int):
+    """The trainer settings every run of an experiment shares (the synthetic world's SFT and arms, SmolLM2's
+    arms): an in-process arm (:func:`in_process_arm`), float32 compute, the data lengths, a constant learning
+    rate. Each experiment adds its own (:func:`spo_jax.experiment.world.base_config`, ``experiments/smollm2.py``)."""
+    c = in_process_arm(get_default_config())
+    c.run_dir = run_dir
+    c.seed = int(seed)
+    c.model.dtype = "float32"
+    c.data.max_length = max_length
+    c.data.min_prompt_length = min_prompt_length
+    c.data.length_bucket = length_bucket
+    c.optim.schedule = "constant"
+    return c
+
+
+def preference_stage(c, m: Method, *, model_path: str, batch_size: int, learning_rate: float, num_steps: int):
+    """Make ``c`` (in place; returns it) the preference stage of arm ``m`` from ``model_path`` (also the cached
+    reference): the method (:func:`~spo_jax.experiment.methods.apply_method`), the batch, the learning rate
+    without warm-up, the steps, and no HF export (the arm is measured in-process)."""
+    c.model.path = model_path
+    apply_method(c, m)
+    c.data.batch_size = batch_size
+    c.data.eval_batch_size = batch_size
+    c.optim.learning_rate = learning_rate
+    c.optim.warmup_steps = 0
+    c.train.num_steps = num_steps
+    c.checkpoint.export_hf = False
+    return c
+
+
+def pairs_dataset(pairs: Sequence[Mapping]) -> datasets.Dataset:
+    """Preference rows (``prompt``, ``chosen``, ``rejected``; other keys dropped) as a dataset to train on."""
+    return datasets.Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
 
 
 def in_process_arm(c):

@@ -11,10 +11,9 @@ from collections.abc import Callable, Mapping
 
 import ml_collections
 
-from spo_jax.config import get_default_config
 from spo_jax.data import synthetic
-from spo_jax.experiment.methods import Method, apply_method
-from spo_jax.experiment.runs import in_process_arm
+from spo_jax.experiment.methods import Method
+from spo_jax.experiment.runs import experiment_config, preference_stage
 
 SETTINGS = ("correctness", "style")
 #: The SFT model counts as levelled off when its validation accuracy rose by less than this over the
@@ -110,22 +109,14 @@ def _model_config(s: WorldSettings) -> dict:
 
 
 def base_config(s: WorldSettings, run_dir: str, seed: int):
-    """The trainer settings every run of the world shares (SFT and preference arms): an in-process arm
-    (:func:`~spo_jax.experiment.runs.in_process_arm`), the synthetic tokenizer, float32, the data lengths,
-    a constant learning rate with clipping and no weight decay, one kept checkpoint, every device on the
-    data axis."""
-    c = in_process_arm(get_default_config())
-    c.run_dir = run_dir
-    c.seed = int(seed)
+    """The trainer settings every run of the world shares (SFT and preference arms): those of every experiment
+    (:func:`~spo_jax.experiment.runs.experiment_config`), the synthetic tokenizer, float32 parameters,
+    clipping and no weight decay, one kept checkpoint, every device on the data axis."""
+    c = experiment_config(run_dir, seed, max_length=s.max_length, min_prompt_length=8, length_bucket=16)
     c.model.tokenizer = "synthetic"
-    c.model.dtype = "float32"
     c.model.param_dtype = "float32"
-    c.data.max_length = s.max_length
-    c.data.min_prompt_length = 8
-    c.data.length_bucket = 16
     c.optim.grad_clip = 1.0
     c.optim.weight_decay = 0.0
-    c.optim.schedule = "constant"
     c.checkpoint.keep = 1
     c.checkpoint.resume = False
     c.metrics.peak_tflops = 1.0
@@ -157,18 +148,11 @@ def sft_config(s: WorldSettings, run_dir: str, seed: int):
 
 def preference_config(s: WorldSettings, m: Method, run_dir: str, sft_path: str, seed: int):
     """The preference stage from the SFT export (also the cached reference); only the method differs
-    (the arms that read SFT data get them from ``train(..., sft_data=)``, see :func:`compare`)."""
-    c = base_config(s, run_dir, seed)
-    c.model.path = sft_path
-    apply_method(c, m)
-    c.data.batch_size = s.pref_batch
-    c.data.eval_batch_size = s.pref_batch
+    (the arms that read SFT data get them from ``train(..., sft_data=)``, see
+    :func:`~spo_jax.experiment.runs.compare`)."""
+    c = preference_stage(base_config(s, run_dir, seed), m, model_path=sft_path, batch_size=s.pref_batch,
+                         learning_rate=s.pref_lr, num_steps=s.pref_steps)
     c.data.sft_batch_size = s.pref_batch  # SFT examples per step of the arms that read the SFT data
     c.data.shuffle = True
-    c.optim.learning_rate = s.pref_lr
-    c.optim.warmup_steps = 0
-    c.train.num_steps = s.pref_steps
     c.eval.every = 0
-    c.checkpoint.export_hf = False
     return c
-
