@@ -184,6 +184,16 @@ def test_levelled_off():
     assert E.levelled_off({"900": 0.8, "1000": 0.7, "200": 0.1})  # steps sort as numbers
 
 
+def test_the_report_says_what_the_sft_curve_did_and_how_that_was_decided():
+    fell = E.curve_words({"75": 0.062, "150": 0.0})  # the quick demo's curve on seed 3
+    assert fell.startswith("**fell** (0.062 -> 0.000 over the last 75 steps") and "levelled" not in fell
+    assert E.curve_words({"1500": 0.925, "1750": 0.94, "2000": 0.78}).startswith("**fell** (0.940 -> 0.780")
+    assert E.curve_words({"100": 0.5, "200": 0.79, "300": 0.8}) == (
+        "levelled off (0.790 -> 0.800 over the last 100 steps, less than 0.03 apart)")
+    assert E.curve_words({"100": 0.5, "200": 0.7}).startswith("**still rising** (0.500 -> 0.700 over the last 100")
+    assert E.curve_words({"100": 0.5}).startswith("one point")
+
+
 def test_pair_shift():
     start = {"example_index": np.arange(3), "chosen": np.array([-10.0, -20.0, -5.0]),
              "rejected": np.array([-12.0, -8.0, -6.0]), "chosen_len": np.array([5.0, 10.0, 5.0])}
@@ -320,7 +330,8 @@ def test_summarize_report_and_figure_on_stored_results(tmp_path):
     text = E.write_report(res, str(tmp_path))
     assert (tmp_path / "report.md").read_text() == text
     assert "swept on **seed 0**" in text and "reported on seeds [1, 2]" in text
-    assert text.count("-- levelled off") == 2
+    assert text.count("-- levelled off (0.790 -> 0.800 over the last 100 steps") == 2
+    assert f"Rule: {E.SFT_RULE}." in text
     assert "| DPO+SPO | 0.9" in text and "![Pareto](pareto_style.png)" in text
     assert (tmp_path / "pareto_style.png").stat().st_size > 5000
 

@@ -14,7 +14,7 @@ import numpy as np
 from spo_jax.experiment.methods import FRONTIER_BASELINES, is_spo_family, plain_family
 from spo_jax.experiment.stats import diff_interval, paired_bootstrap, reading
 from spo_jax.experiment.style import win_rate
-from spo_jax.experiment.world import LEVEL_TOLERANCE, levelled_off
+from spo_jax.experiment.world import SFT_RULE, curve_words
 
 
 def summarize(result: Mapping, *, n_boot: int = 2000) -> dict:
@@ -147,12 +147,10 @@ def _report_header(result: Mapping) -> list[str]:
             f"Held-out problems per seed: {s['n_test']}; pairs per setting from {s['n_pair_prompts']} training prompts "
             f"x {s['num_samples']} samples; preference training {s['pref_steps']} steps, batch {s['pref_batch']}, "
             f"AdamW lr {s['pref_lr']}, the same for every arm. Intervals: 95% paired bootstrap over seeds and items.",
-            "", "SFT (held-out greedy accuracy on the validation problems during SFT, per seed): "
+            "", "SFT (greedy accuracy on the validation problems during SFT, per seed): "
             + "; ".join(f"seed {r['seed']}: " + ", ".join(f"{k}: {v:.3f}" for k, v in r['sft']['curve'].items())
-                        + (" -- levelled off" if levelled_off(r["sft"]["curve"]) else
-                           f" -- **still rising** (gain >= {LEVEL_TOLERANCE} over the last interval: an extra NLL "
-                           "term can raise accuracy here without any help from SPO)")
-                        for r in result["per_seed"]) + "."]
+                        + f" -- {curve_words(r['sft']['curve'])}" for r in result["per_seed"])
+            + f". Rule: {SFT_RULE}."]
 
 
 def _correctness_table(st: Mapping, seeds: Sequence[Mapping]) -> list[str]:

@@ -21,6 +21,29 @@ SETTINGS = ("correctness", "style")
 LEVEL_TOLERANCE = 0.03
 
 
+#: How the SFT run ends (written into every report).
+SFT_RULE = (f"SFT runs sft_steps, then on by sft_eval_every steps while the last interval of its validation curve "
+            f"gained {LEVEL_TOLERANCE} or more (up to sft_max_steps); it has levelled off when the last interval "
+            f"gained less than {LEVEL_TOLERANCE}, and fell when it lost {LEVEL_TOLERANCE} or more. The arms start "
+            "from the last step")
+
+
+def curve_words(curve: Mapping[str, float]) -> str:
+    """What the SFT curve did over its last interval, in the report's words (:data:`SFT_RULE`)."""
+    steps = sorted(curve, key=int)
+    if len(steps) < 2:
+        return "one point: too few to tell whether it levelled off"
+    a, b = curve[steps[-2]], curve[steps[-1]]
+    span = f"{a:.3f} -> {b:.3f} over the last {int(steps[-1]) - int(steps[-2])} steps"
+    if b - a >= LEVEL_TOLERANCE:
+        return (f"**still rising** ({span}, a gain of {LEVEL_TOLERANCE} or more: an extra NLL term can raise "
+                "accuracy here without any help from SPO)")
+    if b - a <= -LEVEL_TOLERANCE:
+        return (f"**fell** ({span}: the arms start from a weaker model than an earlier step's, and an extra NLL "
+                "term can win back the drop without any help from SPO)")
+    return f"levelled off ({span}, less than {LEVEL_TOLERANCE} apart)"
+
+
 def levelled_off(curve: Mapping[str, float]) -> bool:
     """Whether an SFT accuracy curve (``{step: accuracy}``) gained less than :data:`LEVEL_TOLERANCE`
     over its last interval (False with fewer than two points)."""
