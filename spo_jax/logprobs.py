@@ -16,8 +16,12 @@ online log-sum-exp (running max m and scaled sum s, the body again under
     logsumexp z = m_K + log s_K
 
 (the running max is held under stop-gradient: the result does not depend on
-it, and the gradient is then exactly the softmax). A length ``T`` or a
-vocabulary ``V`` not divisible by its chunk is fine (the sequence is padded,
+it, and the gradient is then exactly the softmax). When only the hidden states are
+differentiated (a frozen unembedding: LoRA's base), the forward pass also forms
+d log p_t / d h_t = W[:, y_t] − softmax(z_t) Wᵀ per chunk ([B, T, D], saved for the
+backward pass, which is then one multiply): two vocabulary-sized matmuls per step
+instead of three (forward, recomputed forward, backward); unchunked vocabularies only.
+A length ``T`` or a vocabulary ``V`` not divisible by its chunk is fine (the sequence is padded,
 the last vocabulary chunk is clamped and overlapping columns masked).
 
 Matmuls run in the input dtype (bf16 allowed) with fp32 accumulation
@@ -39,6 +43,8 @@ halves the log-prob work, the largest part of a training step.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -178,29 +184,82 @@ def token_logps(hidden_BTD, w_DV, targets_BT, b_V=None, *, seq_chunk: int = 128,
     _check(hidden_BTD, w_DV, targets_BT, b_V)
     _check_chunk("seq_chunk", seq_chunk)
     _check_chunk("vocab_chunk", vocab_chunk)
+    return _token_logps(hidden_BTD, targets_BT.astype(jnp.int32), w_DV, b_V, seq_chunk, vocab_chunk)
+
+
+def _over_seq_chunks(chunk_fn, hidden_BTD, targets_BT, w_DV, b_V, seq_chunk):
+    """``chunk_fn(h, t, w, b)`` (a pytree of [B, C, ...] arrays) over chunks of ``seq_chunk``
+    positions, reassembled to [B, T, ...]."""
     B, T, D = hidden_BTD.shape
-    V = w_DV.shape[1]
-    targets_BT = targets_BT.astype(jnp.int32)
-    if vocab_chunk and vocab_chunk < V:
-        def chunk_fn(h, t, w, b):
-            return _chunk_vocab_scan(h, t, w, b, vocab_chunk)
-    else:
-        chunk_fn = _chunk_full_vocab
     if not seq_chunk or seq_chunk >= T:
-        return jax.checkpoint(chunk_fn)(hidden_BTD, targets_BT, w_DV, b_V)
+        return chunk_fn(hidden_BTD, targets_BT, w_DV, b_V)
     n = -(-T // seq_chunk)
     C = -(-T // n)
     pad = n * C - T
     h_NBCD = jnp.pad(hidden_BTD, ((0, 0), (0, pad), (0, 0))).reshape(B, n, C, D).swapaxes(0, 1)
     t_NBC = jnp.pad(targets_BT, ((0, 0), (0, pad))).reshape(B, n, C).swapaxes(0, 1)
-    # inside scan, prevent_cse is unnecessary (the scan already stops CSE across the remat boundary)
-    fn = jax.checkpoint(chunk_fn, prevent_cse=False)
 
     def body(_, xs):
-        return None, fn(xs[0], xs[1], w_DV, b_V)
+        return None, chunk_fn(xs[0], xs[1], w_DV, b_V)
 
-    _, out_NBC = jax.lax.scan(body, None, (h_NBCD, t_NBC))
-    return out_NBC.swapaxes(0, 1).reshape(B, n * C)[:, :T]
+    _, out = jax.lax.scan(body, None, (h_NBCD, t_NBC))
+    return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(B, n * C, *x.shape[3:])[:, :T], out)
+
+
+def _checkpointed(hidden_BTD, targets_BT, w_DV, b_V, seq_chunk, vocab_chunk):
+    """Each chunk under ``jax.checkpoint``: its logits are recomputed in the backward pass."""
+    if vocab_chunk and vocab_chunk < w_DV.shape[1]:
+        def chunk_fn(h, t, w, b):
+            return _chunk_vocab_scan(h, t, w, b, vocab_chunk)
+    else:
+        chunk_fn = _chunk_full_vocab
+    if not seq_chunk or seq_chunk >= hidden_BTD.shape[1]:
+        return jax.checkpoint(chunk_fn)(hidden_BTD, targets_BT, w_DV, b_V)
+    # inside scan, prevent_cse is unnecessary (the scan already stops CSE across the remat boundary)
+    return _over_seq_chunks(jax.checkpoint(chunk_fn, prevent_cse=False), hidden_BTD, targets_BT, w_DV, b_V,
+                            seq_chunk)
+
+
+def _chunk_with_jacobian(h_BCD, t_BC, w_DV, b_V):
+    """Log-probs of one chunk and their gradient w.r.t. the hidden states, d logp_t / d h_t =
+    W[:, y_t] − softmax(z_t) Wᵀ ([B, C, D]), for a frozen W: one more matmul here instead of the
+    backward pass's recomputed logits and its matmul."""
+    z = _logits(h_BCD, w_DV, b_V)
+    lse = jax.nn.logsumexp(z, axis=-1)
+    p = jnp.exp(z - lse[..., None])
+    expected = jnp.einsum("bck,dk->bcd", p.astype(h_BCD.dtype), w_DV.astype(h_BCD.dtype),
+                          preferred_element_type=z.dtype)
+    picked = jnp.take(w_DV.T, t_BC, axis=0, mode="fill", fill_value=jnp.nan).astype(z.dtype)
+    return _pick(z, t_BC) - lse, picked - expected
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _token_logps(hidden_BTD, targets_BT, w_DV, b_V, seq_chunk, vocab_chunk):
+    return _checkpointed(hidden_BTD, targets_BT, w_DV, b_V, seq_chunk, vocab_chunk)
+
+
+def _token_logps_fwd(hidden, targets, w, b, seq_chunk, vocab_chunk):
+    # symbolic zeros: each argument comes with .perturbed, whether it is differentiated. A frozen
+    # unembedding (LoRA's base) needs only d logp / d hidden, computed in the forward pass.
+    h, t, wv = hidden.value, targets.value, w.value
+    bv = None if b is None else b.value
+    frozen = not w.perturbed and (b is None or not b.perturbed)
+    if frozen and not (vocab_chunk and vocab_chunk < wv.shape[1]):
+        logps, jac = _over_seq_chunks(_chunk_with_jacobian, h, t, wv, bv, seq_chunk)
+        return logps, (jac.astype(h.dtype), None)
+    logps, vjp = jax.vjp(lambda h, w, b: _checkpointed(h, t, w, b, seq_chunk, vocab_chunk), h, wv, bv)
+    return logps, (None, vjp)
+
+
+def _token_logps_bwd(seq_chunk, vocab_chunk, res, g_BT):
+    jac, vjp = res
+    if jac is not None:
+        return (g_BT[..., None] * jac).astype(jac.dtype), None, None, None
+    dh, dw, db = vjp(g_BT)
+    return dh, None, dw, db
+
+
+_token_logps.defvjp(_token_logps_fwd, _token_logps_bwd, symbolic_zeros=True)
 
 
 def sequence_logps(logps_BT, loss_mask_BT, seq_ids_BT, num_seqs: int):

@@ -75,6 +75,24 @@ def test_chunked_equals_naive_and_numpy_value_and_grads(seq_chunk, vocab_chunk, 
     for a, b_, e in zip(g_chunk, g_naive, g_np):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b_), atol=1e-5, rtol=1e-5)
         np.testing.assert_allclose(np.asarray(a), e, atol=1e-5, rtol=1e-5)
+    # W (and b) frozen, as LoRA's unembedding: d/dh alone (computed in the forward pass)
+    g_h = jax.jit(jax.grad(objective(chunked)))(*args)
+    np.testing.assert_allclose(np.asarray(g_h), g_np[0], atol=1e-5, rtol=1e-5)
+
+
+def test_frozen_unembedding_gradient_is_differentiable_again():
+    """Forward-over-reverse through d/dh with W frozen (the implicit solver's Hessian-vector products,
+    ``jax.linearize`` of a gradient) equals the naive path's."""
+    h, w, _, y, c = make_inputs(4)
+    w_, y_, c_ = jnp.asarray(w, jnp.float32), jnp.asarray(y), jnp.asarray(c, jnp.float32)
+    v = jnp.asarray(make_inputs(5)[0], jnp.float32)
+    hvps = []
+    for fn in (lambda h_: logprobs.token_logps(h_, w_, y_, seq_chunk=8),
+               lambda h_: logprobs.naive_token_logps(h_, w_, y_)):
+        grad = jax.grad(lambda h_: jnp.sum(c_ * fn(h_)))
+        hvps.append(jax.linearize(grad, jnp.asarray(h, jnp.float32))[1](v))
+    np.testing.assert_allclose(np.asarray(hvps[0]), np.asarray(hvps[1]), atol=1e-4, rtol=1e-4)
+    assert np.abs(np.asarray(hvps[1])).max() > 1e-2
 
 
 def test_large_logits_stay_finite_and_exact():
