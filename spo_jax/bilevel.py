@@ -47,6 +47,10 @@ import optax
 
 from spo_jax.numerics import at_least_f32, f32_metrics
 
+__all__ = ["SOLVERS", "VALUES", "INNER_OPTIMIZERS", "tree_vdot", "tree_add_scaled", "tree_scale", "inner_loop",
+           "make_inner_optimizer", "CGInfo", "conjugate_gradient", "penalized", "gradient_solver",
+           "penalty_solver", "barrier_solver", "unrolled_solver", "implicit_solver", "SPOConfig"]
+
 Params = Any
 Batch = Mapping[str, Any]
 Metrics = dict[str, jax.Array]

@@ -46,6 +46,9 @@ from spo_jax.models import ModelPathError
 from spo_jax.train import STOP_REQUESTED, train
 from spo_jax.validation import ConfigError
 
+__all__ = ["summary", "EXIT_CODES", "PREFIXES", "LIBRARY_LOGGERS", "setup_console", "config_summary", "classify",
+           "failure_message", "STOPPED_BY", "install_stop_handlers", "usage", "resolve_config_arg", "main"]
+
 
 def summary(result) -> dict:
     """The printed summary of a ``TrainResult``: run_dir, start_step, final_eval,

@@ -32,6 +32,9 @@ import os
 import jax
 from jax.experimental.compilation_cache import compilation_cache
 
+__all__ = ["ENV_VAR", "OFF_VALUES", "default_cache_dir", "resolve_cache_dir", "add_flag", "enable_compile_cache",
+           "CompileStats"]
+
 ENV_VAR = "SPO_JAX_COMPILE_CACHE"
 OFF_VALUES = ("off", "none", "false", "0")
 

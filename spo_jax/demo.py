@@ -45,6 +45,8 @@ import time
 
 from spo_jax import compile_cache, experiment
 
+__all__ = ["run_demo", "main", "FAMILIES", "FIXED"]
+
 #: The demo's arms: the BT loss alone and with SPO, and the four baselines that decide the claim.
 FAMILIES = ("DPO", "DPO+SPO", "RPO", "DPOP", "SFT-mix", "RFT")
 #: The weights the evidence grid chose on its validation seed (``python -m spo_jax.experiment``,

@@ -85,7 +85,13 @@ def _rows(batch):
 
 
 def batch_logps(graphdef, params, batch) -> tuple[np.ndarray, np.ndarray]:
-    """``(sums [S], counts [S])``: summed response log-probs and response token counts."""
+    """``(sums [S], counts [S])``: summed response log-probs and response token counts of a padded batch.
+
+    ``batch``: Contract 1, a dict of arrays (``help(spo_jax.data.batching)``): ``input_ids``, ``targets``,
+    ``loss_mask``, ``positions``, ``segment_ids``, ``seq_ids`` [R, T]; ``example_index``, ``seq_valid`` [S];
+    ``score_index`` [R, N]; preference data interleaves sequence 2i (pair i's chosen) and 2i+1 (its
+    rejected); optional ``ref_logps`` [S] (reference sums) and ``sft`` (a nested SFT batch).
+    """
     _check_padded(batch, need_pairs=False)
     fn = _jitted(graphdef, "logps")
     sums = np.asarray(fn(params, *_rows(batch)))

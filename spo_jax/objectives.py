@@ -74,6 +74,11 @@ def make_logps_fn(graphdef, *, seq_chunk: int = 128, vocab_chunk: int = 0) -> Lo
     (``logprobs.scored_sequence_logps`` through ``batch["score_index"]``; chunked, never
     [B, T, V]), summed per sequence over ``loss_mask``. A batch without ``score_index``
     gets one with N = T (every position; correct, no saving).
+
+    ``batch``: Contract 1, a dict of arrays (``help(spo_jax.data.batching)``): ``input_ids``, ``targets``,
+    ``loss_mask``, ``positions``, ``segment_ids``, ``seq_ids`` [R, T]; ``example_index``, ``seq_valid`` [S];
+    ``score_index`` [R, N]; preference data interleaves sequence 2i (pair i's chosen) and 2i+1 (its
+    rejected); optional ``ref_logps`` [S] (reference sums) and ``sft`` (a nested SFT batch).
     """
 
     def logps_fn(params, batch):
@@ -357,7 +362,13 @@ def make_solver(config, logps_fn: LogpsFn) -> bilevel.Solver:
     gradient of the SFT NLL, of the preference loss, or the SPO solver of
     ``spo.solver``. ``metrics["loss"]`` is the objective's value (spo/objective
     under SPO). ``loss.sft_data_weight`` > 0 adds λ·NLL of ``batch["sft"]`` to the
-    upper objective (``make_terms``)."""
+    upper objective (``make_terms``).
+
+    ``batch``: Contract 1, a dict of arrays (``help(spo_jax.data.batching)``): ``input_ids``, ``targets``,
+    ``loss_mask``, ``positions``, ``segment_ids``, ``seq_ids`` [R, T]; ``example_index``, ``seq_valid`` [S];
+    ``score_index`` [R, N]; preference data interleaves sequence 2i (pair i's chosen) and 2i+1 (its
+    rejected); optional ``ref_logps`` [S] (reference sums) and ``sft`` (a nested SFT batch).
+    """
     if config.stage == "sft":
         return bilevel.gradient_solver(sft_objective(logps_fn))
     upper = make_upper_loss(config.loss.name, config.loss.hparams, config.loss.sft_weight)
@@ -380,7 +391,13 @@ def make_eval_metrics(config, logps_fn: LogpsFn, *, sft_data: bool) -> Callable[
     metrics and ``num_seqs``. Preference data: the upper loss's metrics, the constraint
     metrics (``losses.constraint_metrics`` of the reference gap) when the batch has
     reference log-probs, and ``num_pairs`` (held-out batches carry no SFT batch: the
-    ``loss.sft_data_weight`` term is a training metric, ``sft_data/nll``, only)."""
+    ``loss.sft_data_weight`` term is a training metric, ``sft_data/nll``, only).
+
+    ``batch``: Contract 1, a dict of arrays (``help(spo_jax.data.batching)``): ``input_ids``, ``targets``,
+    ``loss_mask``, ``positions``, ``segment_ids``, ``seq_ids`` [R, T]; ``example_index``, ``seq_valid`` [S];
+    ``score_index`` [R, N]; preference data interleaves sequence 2i (pair i's chosen) and 2i+1 (its
+    rejected); optional ``ref_logps`` [S] (reference sums) and ``sft`` (a nested SFT batch).
+    """
     if sft_data:
         objective = sft_objective(logps_fn)
 

@@ -23,6 +23,8 @@ import socket
 
 from spo_jax.validation import ConfigError
 
+__all__ = ["RunLocked", "RunLock", "lock_run_dir", "LOCK_NAME"]
+
 logger = logging.getLogger("spo_jax.runlock")
 
 LOCK_NAME = "run.lock"

@@ -30,6 +30,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+__all__ = ["AXES", "BATCH_AXES", "LLAMA_RULES", "DEFAULT_RULES", "resolve_axes", "make_mesh", "path_str",
+           "spec_for", "param_specs", "param_shardings", "replicated", "batch_spec", "batch_shardings",
+           "make_global_batch", "check_batch_divisible", "initialize_distributed"]
+
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -183,6 +187,11 @@ def make_global_batch(local: Mapping[str, np.ndarray], mesh: Mesh, leading_micro
     Every process passes its own rows/sequences (Contract 1: ``seq_ids`` already
     global); the global leading (row / sequence) dimension is the concatenation
     over processes in process order. Sharded over ``("data", "fsdp")``.
+
+    ``local``: Contract 1, a dict of arrays (``help(spo_jax.data.batching)``): ``input_ids``, ``targets``,
+    ``loss_mask``, ``positions``, ``segment_ids``, ``seq_ids`` [R, T]; ``example_index``, ``seq_valid`` [S];
+    ``score_index`` [R, N]; preference data interleaves sequence 2i (pair i's chosen) and 2i+1 (its
+    rejected); optional ``ref_logps`` [S] (reference sums) and ``sft`` (a nested SFT batch).
     """
     shardings = batch_shardings(local, mesh, leading_micro_axis)
     n = jax.process_count()

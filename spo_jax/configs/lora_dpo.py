@@ -9,6 +9,8 @@ the reference. Its learning rate is LoRA's (1e-4, ``spo_jax.optim.learning_rate`
 
 from spo_jax.configs import dpo
 
+__all__ = ["get_config"]
+
 
 def get_config():
     config = dpo.get_config()

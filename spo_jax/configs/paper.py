@@ -66,6 +66,11 @@ import ml_collections
 from spo_jax import objectives
 from spo_jax.config import get_default_config
 
+__all__ = ["ROOT", "data_root", "runs_root", "MODELS", "LOSSES", "LR_OVERRIDE", "SPO", "MESHES", "DATASETS",
+           "STAGES_OF", "PAPER_TABLE2_METRICS", "PAPER_TABLE2_MODELS", "PAPER_TABLE2", "UF_ROWS",
+           "GSM8K_TRAIN_ROWS", "BATCH", "SFT_EPOCHS", "GSM8K_PREF_STEPS", "GridError", "parse", "method_name",
+           "grid", "get_config", "main"]
+
 #: The checkout this package sits in (``$SPO_JAX_DATA`` defaults to ``../shared/data`` next to it).
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -16,6 +16,8 @@ import ml_collections
 from spo_jax.config import get_default_config
 from spo_jax.validation import ConfigError
 
+__all__ = ["FREE_DICTS", "get_config"]
+
 #: Fields whose value is a dict of free keys (the loss's hyperparameters, an inline HF config).
 FREE_DICTS = ("loss.hparams", "model.config")
 

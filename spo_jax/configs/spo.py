@@ -7,6 +7,8 @@ solver, the reference value, gamma 10, epsilon 0, per sample: ``spo_jax.configs.
 
 from spo_jax.configs import dpo, paper
 
+__all__ = ["get_config"]
+
 
 def get_config():
     config = dpo.get_config()

@@ -10,6 +10,8 @@ import ml_collections
 
 from spo_jax.config import get_default_config
 
+__all__ = ["TINY_LLAMA", "get_config"]
+
 # Vocabulary of spo_jax.data.synthetic.build_tokenizer() is < 128 tokens.
 TINY_LLAMA = dict(
     model_type="llama",

@@ -1,6 +1,6 @@
 """Tokenized rows -> Contract-1 batches (padded with length buckets, or packed).
 
-The batch (``docs/DESIGN.md``, Contract 1) is a ``dict[str, np.ndarray]``:
+The batch (Contract 1; also in the repository's ``docs/DESIGN.md``) is a ``dict[str, np.ndarray]``:
 
 =================  ======  =======  ============================================
 key                shape   dtype    meaning
@@ -54,6 +54,9 @@ from typing import Any, Iterator
 
 import datasets
 import numpy as np
+
+__all__ = ["BATCH_KEYS", "TokenizedExamples", "bucket_length", "bucket_scored", "score_index", "empty_batch",
+           "write_sequence", "BatchIterator"]
 
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "positions", "segment_ids", "seq_ids",
               "example_index", "seq_valid", "score_index")

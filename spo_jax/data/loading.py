@@ -40,6 +40,11 @@ from typing import Any
 
 import datasets
 
+__all__ = ["DataError", "PREFERENCE_FORMATS", "SFT_FORMATS", "FORMATS", "REQUIRED_COLUMNS",
+           "DEFAULT_PROMPT_TEMPLATE", "DEFAULT_COMPLETION_TEMPLATE", "HH_ASSISTANT_MARKER", "kind_of",
+           "load_rows", "json_error_location", "utf8_error_location", "row_location", "detect_format",
+           "check_columns", "is_conversational", "extract_prompt", "render_chat", "standardize"]
+
 logger = logging.getLogger(__name__)
 
 class DataError(ValueError):

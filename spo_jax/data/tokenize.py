@@ -46,6 +46,8 @@ import numpy as np
 
 from spo_jax.data import loading
 
+__all__ = ["DROP_REASONS", "special_token_policy", "truncate", "tokenize_dataset", "prepare_dataset"]
+
 logger = logging.getLogger(__name__)
 
 DROP_REASONS = ("empty_response", "identical_responses", "prompt_too_long")

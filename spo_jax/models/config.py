@@ -12,6 +12,8 @@ import functools
 
 import jax
 
+__all__ = ["SUPPORTED_MODEL_TYPES", "ACTIVATIONS", "ModelConfig"]
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
 _LAYER_TYPES = ("full_attention", "sliding_attention")
 _HF_DEFAULT_WINDOW = 4096  # MistralConfig / Qwen2Config / Qwen3Config fill a missing sliding_window with it

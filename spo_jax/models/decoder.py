@@ -18,6 +18,10 @@ from flax import nnx
 
 from spo_jax.models.config import ACTIVATIONS, ModelConfig
 
+__all__ = ["layer_masks", "at_least_f32", "rope_inv_freq", "apply_rope", "RMSNorm", "LayerNorm", "Attention",
+           "MLP", "Block", "Decoder", "create_model", "set_remat", "ATTENTION_IMPLEMENTATIONS", "set_attention",
+           "apply", "unembedding"]
+
 
 def layer_masks(cfg: ModelConfig, mask, q_pos, k_pos) -> list:
     """Each layer's attention mask: ``mask`` (causal, padding, segments) and, on a windowed layer, also
@@ -176,7 +180,9 @@ class Block(nnx.Module):
 
 
 class Decoder(nnx.Module):
-    """Pre-norm decoder: ``model(input_ids, positions, segment_ids) -> hidden [B, T, D]``."""
+    """Pre-norm decoder: ``model(input_ids, positions, segment_ids) -> hidden [B, T, D]`` (the final
+    norm's output, not logits: ``model.logits(hidden)`` gives them; ``spo_jax.logprobs`` computes
+    token log-probs from ``hidden`` and :meth:`unembedding` in chunks, without [B, T, V] logits)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
         self.config = cfg
@@ -201,6 +207,12 @@ class Decoder(nnx.Module):
         return x, rope_inv_freq(self.config)
 
     def __call__(self, input_ids, positions=None, segment_ids=None):
+        """Hidden states ``[B, T, D]`` (compute dtype) of ``input_ids`` ``[B, T]`` int.
+
+        ``positions`` ``[B, T]`` int (default ``0..T-1`` per row): each token's position in its own
+        sequence (RoPE / learned positions). ``segment_ids`` ``[B, T]`` int (default all 1): tokens
+        attend causally within their segment only, so packed rows hold several sequences (Contract 1:
+        segment 0 is padding). Returns hidden states, not logits (see :meth:`logits`)."""
         B, T = input_ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -221,11 +233,15 @@ class Decoder(nnx.Module):
         return self.norm(x)
 
     def unembedding(self):
+        """``(W [D, V], None)``: the output projection (the tied embedding's transpose, or ``lm_head``)."""
         if self.config.tie_word_embeddings:
             return self.embed.embedding[...].T, None
         return self.lm_head.kernel[...], None
 
     def logits(self, hidden):
+        """Next-token logits ``[B, T, V]`` (at least fp32) of hidden states ``[B, T, D]`` from ``__call__``:
+        ``model.logits(model(input_ids))``. Materialises ``[B, T, V]``: for log-probs of long sequences or
+        large vocabularies use ``spo_jax.logprobs`` (chunked)."""
         w, _ = self.unembedding()
         return jnp.einsum("btd,dv->btv", hidden, w.astype(hidden.dtype)).astype(at_least_f32(hidden.dtype))
 
@@ -262,8 +278,12 @@ def set_attention(model: Decoder, implementation: str = "einsum") -> None:
 
 
 def apply(graphdef, params, input_ids, positions=None, segment_ids=None):
+    """Functional :meth:`Decoder.__call__`: hidden states ``[B, T, D]`` (not logits) of the model
+    ``nnx.merge(graphdef, params)``, for ``jax.jit`` / ``jax.grad`` over ``params`` (``graphdef, params =
+    nnx.split(model)``); arguments as ``Decoder.__call__``."""
     return nnx.merge(graphdef, params)(input_ids, positions, segment_ids)
 
 
 def unembedding(graphdef, params):
+    """Functional :meth:`Decoder.unembedding`: ``(W [D, V], None)``."""
     return nnx.merge(graphdef, params).unembedding()

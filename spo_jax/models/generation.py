@@ -56,6 +56,10 @@ from flax import nnx
 
 from spo_jax.models.decoder import Decoder, at_least_f32, layer_masks
 
+__all__ = ["DECODE_CHUNK", "PREFIX_MULTIPLE", "length_bucket", "prompt_bucket", "batch_bucket", "PromptPack",
+           "pack_prompts", "prefill_forward", "decode_step", "row_levels", "next_size", "compact_size",
+           "compact_slots", "generate", "BACKGROUND_COMPILE"]
+
 DECODE_CHUNK = 32  # decode steps per compiled call (the host checks "all rows done" between calls)
 PREFIX_MULTIPLE = 8  # a shared prompt prefix is prefilled once, rounded down to this (fewer prefill programs)
 

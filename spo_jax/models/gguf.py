@@ -17,6 +17,8 @@ from gguf.quants import dequantize
 
 from spo_jax.models.paths import ModelPathError
 
+__all__ = ["SUPPORTED_GGUF_ARCHITECTURES", "unpermute_rope_rows", "load_gguf", "load_tokenizer"]
+
 SUPPORTED_GGUF_ARCHITECTURES = ("llama",)
 
 # GGUF per-block tensor -> HF name under model.layers.<i>.

@@ -21,6 +21,8 @@ from spo_jax.models.config import ModelConfig
 from spo_jax.models.decoder import Decoder, create_model
 from spo_jax.models.paths import local_or_hub
 
+__all__ = ["params_from_hf_state", "from_pretrained", "save_pretrained", "load_tokenizer"]
+
 
 def _hf_names(cfg: ModelConfig) -> dict[tuple, tuple[str, bool, tuple | None]]:
     """Our parameter path -> (HF tensor name, transpose?, fused part).

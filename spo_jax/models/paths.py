@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import re
 
+__all__ = ["MODEL_SUFFIXES", "DATA_SUFFIXES", "ModelPathError", "looks_like_path", "local_or_hub"]
+
 # What the Hub accepts as a repo id: "name" or "org/name", word characters, "-" and "." (not at the ends).
 _HUB_ID = re.compile(r"^(?:[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?/)?[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?$")
 MODEL_SUFFIXES = (".gguf", ".safetensors", ".json", ".bin", ".pt", ".pth")
