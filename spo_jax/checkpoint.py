@@ -50,6 +50,10 @@ from jax.experimental import multihost_utils
 
 from spo_jax.validation import ConfigError
 
+__all__ = ["ITEMS", "REQUIRED_FILES", "CheckpointError", "CheckpointRestoreError", "CheckpointSaveError",
+           "InvalidCheckpoint", "debug_enabled", "describe_error", "all_processes_agree", "Checkpointer",
+           "abstract_like", "RESUME_SECTIONS", "check_resume_config"]
+
 ITEMS = ("state", "data", "config")
 
 #: Files every complete checkpoint has (checked before a restore, to name what is missing).
@@ -217,7 +221,13 @@ class Checkpointer:
         with self._reporting_save_failure(int(step)):
             started = bool(self.manager.save(int(step), args=args, force=force))
         self._pending_step = int(step) if self.async_save else None
+        if started and not self.async_save:
+            self._written(int(step))
         return started
+
+    def _written(self, step: int) -> None:
+        if jax.process_index() == 0:
+            logger.info("checkpoint step %d written: %s", step, os.path.join(self.directory, str(step)))
 
     @contextlib.contextmanager
     def _reporting_save_failure(self, step: int | None):
@@ -259,6 +269,8 @@ class Checkpointer:
         :class:`CheckpointSaveError` if it failed)."""
         with self._reporting_save_failure(self._pending_step):
             self.manager.wait_until_finished()
+        if self._pending_step is not None:  # an asynchronous save is announced once complete on disk
+            self._written(self._pending_step)
         self._pending_step = None
 
     def close(self) -> None:

@@ -136,11 +136,14 @@ metrics.jsonl              write <run_dir>/metrics.jsonl
 metrics.tensorboard        write TensorBoard events to <run_dir>/tb
 metrics.progress_bar       tqdm progress bar
 metrics.peak_tflops        peak FLOP/s per device in TFLOP/s for MFU (0 = measure a matmul)
+metrics.wandb_project      log to Weights & Biases under this project ("" = off; needs the optional dependency:
+                           pip install "spo_jax[wandb]"; WANDB_MODE=offline logs without a network)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
 from typing import Any
 
@@ -186,7 +189,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.eval = section({"every": 0, "num_batches": 0, "generation": False, "num_prompts": 64, "max_new_tokens": 256,
                       "temperature": 0.0})
     c.metrics = section({"log_every": 1, "jsonl": True, "tensorboard": True, "progress_bar": True,
-                         "peak_tflops": 0.0})
+                         "peak_tflops": 0.0, "wandb_project": ""})
     c.lock()
     c.loss.hparams.unlock()
     return c
@@ -340,6 +343,11 @@ def _validate_hooks(c) -> None:
                "eval.generation", "metrics.jsonl", "metrics.tensorboard", "metrics.progress_bar")
     if not is_num(c.eval.temperature) or c.eval.temperature < 0:
         fail("eval.temperature", c.eval.temperature, "must be >= 0 (0 = greedy)")
+    if not isinstance(c.metrics.wandb_project, str):
+        fail("metrics.wandb_project", c.metrics.wandb_project, "must be a W&B project name, or '' (off)")
+    if c.metrics.wandb_project and importlib.util.find_spec("wandb") is None:
+        fail("metrics.wandb_project", c.metrics.wandb_project, "needs the wandb package: pip install "
+             "\"spo_jax[wandb]\" (or pip install wandb), or leave it '' to log to metrics.jsonl / TensorBoard only")
     if not is_num(c.metrics.peak_tflops) or c.metrics.peak_tflops < 0:
         fail("metrics.peak_tflops", c.metrics.peak_tflops, "must be >= 0 (0 = measure)")
     if c.eval.every and not c.data.eval_path:

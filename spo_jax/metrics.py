@@ -16,6 +16,7 @@ embeddings), tokens = non-padding tokens in the step (forward + backward =
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -29,6 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+__all__ = ["MetricWriter", "trim_jsonl", "COUNT_KEYS", "pooled_mean", "Progress", "mfu", "measure_peak_flops",
+           "PARAM_GROWTH_LIMIT", "DEGENERATE_ACTIONS", "TrainingHealth", "DegenerateTrainingError",
+           "NonFiniteLossError", "degenerate_error"]
+
 logger = logging.getLogger("spo_jax.metrics")
 
 
@@ -37,7 +42,10 @@ def _scalar(v: Any) -> float:
 
 
 class MetricWriter:
-    """Writes scalar dicts to ``<run_dir>/metrics.jsonl`` and TensorBoard ``<run_dir>/tb``.
+    """Writes scalar dicts to ``<run_dir>/metrics.jsonl``, TensorBoard ``<run_dir>/tb`` and, with
+    ``wandb_project``, Weights & Biases (run id from the run directory, so a resume continues the same
+    W&B run; ``<split>/<name>`` keys at the optimizer step; ``wandb_config``: the run's config; its
+    local files under ``<run_dir>/wandb``; ``WANDB_MODE=offline`` works without a network).
 
     Each JSONL line is ``{"step": int, "split": "train"|"eval", <name>: float, ...}``.
 
@@ -53,12 +61,15 @@ class MetricWriter:
     leaves no gap.
     """
 
-    def __init__(self, run_dir: str, *, jsonl: bool = True, tensorboard: bool = True, enabled: bool = True):
+    def __init__(self, run_dir: str, *, jsonl: bool = True, tensorboard: bool = True, enabled: bool = True,
+                 wandb_project: str = "", wandb_config: Mapping[str, Any] | None = None):
         self.enabled = enabled
         self.run_dir = run_dir
         self._want_jsonl, self._want_tb = bool(jsonl), bool(tensorboard)
+        self._wandb_project, self._wandb_config = wandb_project, dict(wandb_config or {})
         self._jsonl = None
         self._tb = None
+        self._wandb = None
         self._started = False
 
     @property
@@ -86,6 +97,11 @@ class MetricWriter:
             from tensorboardX import SummaryWriter  # optional writer: imported only when asked for
             purge = int(step) + 1 if step is not None and os.path.isdir(os.path.join(self.run_dir, "tb")) else None
             self._tb = SummaryWriter(os.path.join(self.run_dir, "tb"), purge_step=purge)
+        if self._wandb_project:
+            import wandb  # optional writer (pip install "spo_jax[wandb]"): imported only when asked for
+            run_id = hashlib.sha1(os.path.abspath(self.run_dir).encode()).hexdigest()[:16]  # a resume continues it
+            self._wandb = wandb.init(project=self._wandb_project, dir=self.run_dir, id=run_id, resume="allow",
+                                     name=os.path.basename(os.path.abspath(self.run_dir)), config=self._wandb_config)
 
     def write(self, step: int, metrics: Mapping[str, Any], split: str = "train") -> None:
         if not self._started:
@@ -100,6 +116,8 @@ class MetricWriter:
         if self._tb is not None:
             for k, v in values.items():
                 self._tb.add_scalar(f"{split}/{k}", v, int(step))
+        if self._wandb is not None:
+            self._wandb.log({f"{split}/{k}": v for k, v in values.items()}, step=int(step))
 
     def flush(self) -> None:
         """Push every record written so far to the files (JSONL fsynced)."""
@@ -116,6 +134,9 @@ class MetricWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
 
 
 def trim_jsonl(path: str, step: int) -> int:

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
 
 from spo_jax import inputs, objectives
 from spo_jax import sharding as sharding_lib
@@ -184,6 +185,8 @@ def compute_reference_table(config, graphdef, ref_params, dataset, mesh, pad_id:
     it = inputs.make_iterator(config, dataset, batch_size=batch_size, shuffle=False, num_epochs=1, seed=0,
                               pad_id=pad_id)
     rows, values = [], []
+    bar = tqdm(total=len(dataset), desc="reference log-probs", unit="example", dynamic_ncols=True,
+               disable=not (config.metrics.progress_bar and jax.process_index() == 0))  # examples/s and ETA
     for local in it:
         batch = sharding_lib.make_global_batch(local, mesh)
         sums = np.asarray(jax.device_get(fn(ref_params, batch)))
@@ -192,6 +195,8 @@ def compute_reference_table(config, graphdef, ref_params, dataset, mesh, pad_id:
         valid = ex >= 0
         rows.append(ex[valid].reshape(-1, 2)[:, 0])
         values.append(sums[valid].reshape(-1, 2))
+        bar.update(int(np.sum(np.asarray(local["example_index"]) >= 0)) // 2 * jax.process_count())
+    bar.close()
     return RefLogpsTable(np.concatenate(rows), np.concatenate(values))
 
 

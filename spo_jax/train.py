@@ -48,8 +48,12 @@ from spo_jax.checkpoint import (EVAL_SECTIONS, RESUME_SECTIONS, Checkpointer, al
                                 check_resume_config)
 from spo_jax.metrics import (MetricWriter, Progress, TrainingHealth, degenerate_error, measure_peak_flops, mfu,
                              pooled_mean)
+from spo_jax import optim as optim_lib
 from spo_jax.optim import make_optimizer
 from spo_jax.runlock import lock_run_dir
+
+__all__ = ["STOP_REQUESTED", "TrainState", "TrainResult", "make_step_fn", "make_train_step", "make_eval_step",
+           "SCAN_STEPS", "FlatLossCheck", "train", "validate_for_run"]
 
 logger = logging.getLogger("spo_jax.train")
 
@@ -114,6 +118,11 @@ def make_step_fn(config, graphdef, tx: optax.GradientTransformation, schedule) -
     ``jax.lax.scan`` of the micro-batches and optax updates once.
     Metrics: the solver's (loss, rewards/*, logps/*, spo/*), ``grad_norm`` (of the
     averaged direction, before clipping), ``learning_rate`` (of this update).
+
+    ``batch``: Contract 1, a dict of arrays (``help(spo_jax.data.batching)``): ``input_ids``, ``targets``,
+    ``loss_mask``, ``positions``, ``segment_ids``, ``seq_ids`` [R, T]; ``example_index``, ``seq_valid`` [S];
+    ``score_index`` [R, N]; preference data interleaves sequence 2i (pair i's chosen) and 2i+1 (its
+    rejected); optional ``ref_logps`` [S] (reference sums) and ``sft`` (a nested SFT batch).
     """
     policy = adapters.as_policy(graphdef)
     logps_fn = _logps_fn(config, policy.graphdef)
@@ -224,7 +233,8 @@ class _Loop:
         self.history: list[dict] = []
         self._warned: set[str] = set()
         self.writer = MetricWriter(self.run_dir, jsonl=c.metrics.jsonl, tensorboard=c.metrics.tensorboard,
-                                   enabled=self.is_main)
+                                   enabled=self.is_main, wandb_project=c.metrics.wandb_project,
+                                   wandb_config=_config_dict(c))
         self.tokenizer = inputs.load_tokenizer(c)
         self.pad_id = inputs.pad_id(self.tokenizer)
         self.accum = int(c.optim.grad_accum_steps)
@@ -369,6 +379,8 @@ class _Loop:
         start = self.restore_if_any(it)
         self.writer.start(start)  # drops records after the resumed step (recomputed now)
         train_step = make_train_step(c, self.policy, self.tx, self.schedule, self.mesh, self.shardings)
+        programs = self._compile_ahead(it, start, last, train_step)
+        flat = FlatLossCheck(start, self._lr_hint())
         peak = c.metrics.peak_tflops * 1e12 if c.metrics.peak_tflops else measure_peak_flops(
             "bfloat16" if jax.devices()[0].platform != "cpu" and c.model.dtype == "bfloat16" else "float32")
         ref_n = self.num_params if self.reference.mode == "online" else 0
@@ -394,6 +406,8 @@ class _Loop:
                 m["step_time"] = dt
                 m["tokens_per_sec"] = tokens / dt
                 m["mfu"] = mfu(self.num_params, tokens, dt, peak, jax.device_count(), ref_n)
+            if self.is_main and (warning := flat.check(step, m["loss"])):
+                logger.warning("%s", warning)
             if step % c.metrics.log_every == 0 or step == num_steps:
                 self.writer.write(step, m)
                 self.history.append({"step": step, "split": "train", **m})
@@ -406,7 +420,7 @@ class _Loop:
                 local = self._next_local(it)
                 batch = sharding_lib.make_global_batch(local, self.mesh, leading_micro_axis=self.accum > 1)
                 dispatched = time.perf_counter()
-                self.state, metrics = train_step(self.state, batch)
+                self.state, metrics = programs.get(_shape_key(local), train_step)(self.state, batch)
                 if pending is not None:
                     read(pending)  # step t's metrics, after step t+1 was dispatched
                 pending = (step + 1, metrics, dispatched)
@@ -424,6 +438,7 @@ class _Loop:
                 if save_now or eval_now:
                     done_at[0] = None
                 if stopping:
+                    self.checkpointer.wait()  # complete on disk before it is announced
                     logger.warning("stop requested: checkpoint at step %d written; rerun the same command to resume",
                                    done)
                     last = done
@@ -442,6 +457,43 @@ class _Loop:
             self.writer.close()
         return TrainResult(self.state, self.graphdef, self.history, final_eval, self.run_dir, export, start,
                            self.policy)
+
+    def _compile_ahead(self, it: inputs.TrainBatches, start: int, last: int, train_step) -> dict:
+        """Compile the train step for every batch shape of steps ``start..last`` before the first
+        step (a new length bucket mid-run would stall that step for the whole compile). The shapes
+        come from a copy of the data iterator at the run's position (NumPy batches only; the first
+        :data:`SCAN_STEPS` steps). Returns ``{shape key: compiled step}``; a shape not in it (past
+        the scan) compiles where it first occurs."""
+        peek = inputs.train_batches(self.config, self.train_ds, self.sft_ds, pad_id=self.pad_id)
+        peek.set_state(it.get_state())
+        firsts: dict = {}
+        for _ in range(min(last - start, SCAN_STEPS)):
+            local = self._next_local(peek)
+            firsts.setdefault(_shape_key(local), local)
+        if self.is_main and firsts:
+            logger.info("the train step compiles for %d batch shape(s) over steps %d-%d (length x scored positions: "
+                        "%s); compiling each before the first step", len(firsts), start + 1, last,
+                        ", ".join(_shape_name(b) for b in firsts.values()))
+        programs = {}
+        for i, (key, local) in enumerate(firsts.items(), 1):
+            t0 = time.perf_counter()
+            if self.is_main:
+                logger.info("compiling the train step for %s (%d of %d) ...", _shape_name(local), i, len(firsts))
+            batch = sharding_lib.make_global_batch(local, self.mesh, leading_micro_axis=self.accum > 1)
+            programs[key] = train_step.lower(self.state, batch).compile()
+            if self.is_main:
+                logger.info("compiled the train step for %s in %.1f s", _shape_name(local), time.perf_counter() - t0)
+        return programs
+
+    def _lr_hint(self) -> str:
+        c = self.config
+        lr = optim_lib.learning_rate(c)
+        hint = f"peak learning rate {lr:g}" + (f" reached after optim.warmup_steps={c.optim.warmup_steps}"
+                                               if c.optim.warmup_steps else "")
+        if c.model.lora.enabled and lr < optim_lib.DEFAULT_LEARNING_RATES["lora"] / 10:
+            hint += (f"; LoRA adapters need a rate ~10-100x full fine-tuning's (default "
+                     f"{optim_lib.DEFAULT_LEARNING_RATES['lora']:g})")
+        return hint
 
     def _degenerate(self, problem: tuple[str, str], first_bad: int) -> None:
         """Stop (or, with train.on_degenerate='warn', log once and go on) on degenerate
@@ -496,6 +548,47 @@ class _Loop:
             self.checkpointer.close()
             self.writer.close()
         return TrainResult(self.state, self.graphdef, self.history, out, self.run_dir, None, start, self.policy)
+
+
+#: Steps of the data iterator scanned for the train step's batch shapes (``_Loop._compile_ahead``).
+SCAN_STEPS = 10_000
+
+
+def _shape_key(local: dict) -> tuple:
+    return tuple(np.shape(x) for x in jax.tree.leaves(local))
+
+
+def _shape_name(local: dict) -> str:
+    ids, scored = local["input_ids"], local["score_index"]
+    micro = f"{ids.shape[0]} micro-batches of " if ids.ndim == 3 else ""
+    name = f"{micro}length {ids.shape[-1]} x {scored.shape[-1]} scored"
+    if "sft" in local:
+        name += f", SFT batch length {local['sft']['input_ids'].shape[-1]}"
+    return name
+
+
+class FlatLossCheck:
+    """Warns once when the loss has not moved over the first :attr:`STEPS` steps of an invocation
+    (relative change below :attr:`RTOL`): the updates are too small, most often a learning rate
+    meant for another setting (e.g. full fine-tuning's under LoRA) or a warm-up longer than the
+    steps run. ``check(step, loss)`` returns the warning's text once, else None."""
+
+    STEPS = 10
+    RTOL = 1e-3
+
+    def __init__(self, start: int, hint: str):
+        self.start, self.hint, self.first, self.warned = start, hint, None, False
+
+    def check(self, step: int, loss: float) -> str | None:
+        if self.first is None:
+            self.first = loss
+        if self.warned or step != self.start + self.STEPS or not np.isfinite(loss):
+            return None
+        self.warned = True
+        if abs(loss - self.first) > self.RTOL * max(abs(self.first), 1e-8):
+            return None
+        return (f"the loss has not moved over the first {self.STEPS} steps ({self.first:.6g} -> {loss:.6g}): "
+                f"the updates are too small; {self.hint}. Raise optim.learning_rate or shorten optim.warmup_steps")
 
 
 def train(config, *, train_data=None, eval_data=None, sft_data=None, stop_at: int | None = None) -> TrainResult:

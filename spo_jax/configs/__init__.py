@@ -19,7 +19,7 @@ __all__ = ["PRESETS", "preset_path", "resolve", "describe"]
 
 #: name -> one line on what it is (the module ``spo_jax/configs/<name>.py``).
 PRESETS = {
-    "dpo": "DPO (beta 0.1), cached reference, cosine schedule with 10 warm-up steps, batch 32 pairs, 1024 tokens",
+    "dpo": "DPO (beta 0.1), cached reference, cosine schedule, 10% warm-up, 1000 steps of 32 pairs, 1024 tokens",
     "spo": "the dpo preset wrapped in SPO (penalty solver, reference value, gamma 10)",
     "lora_dpo": "the dpo preset training LoRA adapters (rank 16, alpha 32, every projection) on a frozen base",
     "sft": "supervised fine-tuning (token NLL of the completions), no reference",

@@ -10,6 +10,8 @@ meaning, is listed by ``python -m spo_jax.train --help``.
 
 from spo_jax.config import get_default_config
 
+__all__ = ["get_config"]
+
 
 def get_config():
     config = get_default_config()
@@ -17,7 +19,9 @@ def get_config():
     config.loss.name = "dpo"
     config.loss.hparams.beta = 0.1
     config.reference.mode = "cached"
-    config.optim.warmup_steps = 10
+    # warm-up over 10% of the steps (the alignment-handbook / SimPO recipes' warmup_ratio 0.1, as the paper
+    # grid), following --config.train.num_steps
+    config.optim.warmup_steps = config.train.get_ref("num_steps") // 10
     config.optim.schedule = "cosine"
     config.train.num_steps = 1000
     config.data.batch_size = 32
