@@ -42,7 +42,7 @@ from spo_jax.checkpoint import CheckpointError, debug_enabled
 from spo_jax.compile_cache import CompileStats, enable_compile_cache
 from spo_jax.data import DataError
 from spo_jax.metrics import DegenerateTrainingError
-from spo_jax.models import ModelPathError
+from spo_jax.models import ModelError
 from spo_jax.train import STOP_REQUESTED, train
 from spo_jax.validation import ConfigError
 
@@ -128,7 +128,7 @@ def config_summary(c) -> str:
 
 
 #: Exception classes of the expected failures and their kinds (checked in order).
-_KINDS = ((KeyboardInterrupt, "interrupted"), (ConfigError, "config"), (DataError, "data"), (ModelPathError, "model"),
+_KINDS = ((KeyboardInterrupt, "interrupted"), (ConfigError, "config"), (DataError, "data"), (ModelError, "model"),
           (CheckpointError, "checkpoint"), (DegenerateTrainingError, "diverged"))
 
 
@@ -247,8 +247,17 @@ def _main(args) -> None:
     try:
         cache_dir = enable_compile_cache(cfg.compile_cache)
     except ValueError as e:  # an unusable directory: the message names it and the fix
-        raise SystemExit(f"config error: config.compile_cache={cfg.compile_cache!r}: {e}") from None
-    if jax.process_index() == 0:
+        print(f"config error: config.compile_cache={cfg.compile_cache!r}: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_CODES["config"]) from None
+    try:
+        main_process = jax.process_index() == 0  # starts JAX's backend
+    except RuntimeError as e:
+        env = {k: os.environ[k] for k in ("JAX_PLATFORMS", "JAX_PLATFORM_NAME") if os.environ.get(k)}
+        print(f"config error: JAX cannot start a backend with the environment {env or '(no JAX_PLATFORMS)'}: "
+              f"{str(e).splitlines()[0]}; unset JAX_PLATFORMS to use what this machine has, or name one of its "
+              "platforms (e.g. JAX_PLATFORMS=cpu)", file=sys.stderr)
+        raise SystemExit(EXIT_CODES["config"]) from None
+    if main_process:
         logger.info("%s", config_summary(cfg))
     try:
         with CompileStats() as compiles:

@@ -15,11 +15,12 @@ import datasets
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pyarrow.compute as pc
 from flax import nnx
 
 from spo_jax import adapters, models
 from spo_jax import sharding as sharding_lib
-from spo_jax.data import FORMATS, BatchIterator, prepare_dataset, score_index, synthetic
+from spo_jax.data import FORMATS, BatchIterator, DataError, prepare_dataset, score_index, synthetic
 from spo_jax.data.loading import SFT_FORMATS, load_rows
 from spo_jax.validation import ConfigError, check_bool, check_choice, check_int, check_source, fail
 
@@ -101,6 +102,27 @@ def _known_model_config(c) -> models.ModelConfig | None:
     return None
 
 
+def check_token_ids(config, vocab_size: int, splits: dict, pad_id: int) -> None:
+    """The tokenized data against the model's embedding table: an id >= ``vocab_size`` (a tokenizer that
+    is not the model's) would be a silent clamp or NaN in the gather. ``ConfigError`` naming both numbers.
+    ``splits``: ``{config field: tokenized dataset or None}``."""
+    tokenizer = config.model.tokenizer or config.model.path or "model.config"
+    why = (f"the tokenizer (model.tokenizer={tokenizer!r}) does not belong to the model, whose vocab_size is "
+           f"{vocab_size}; use the model's own tokenizer (model.tokenizer='' uses model.path's)")
+    if pad_id >= vocab_size:
+        fail("model.tokenizer", config.model.tokenizer, f"its padding id {pad_id} is >= the model's vocab_size "
+             f"{vocab_size}: {why}")
+    for field, ds in splits.items():
+        if ds is None:
+            continue
+        table = ds.with_format("arrow")[:]
+        for col in (n for n in table.column_names if n.endswith("_ids")):
+            top = pc.max(pc.list_flatten(table[col])).as_py()
+            if top is not None and top >= vocab_size:
+                fail("model.tokenizer", config.model.tokenizer, f"{field} tokenizes to id {top} (column {col}) "
+                     f"but the model's vocab_size is {vocab_size}: {why}")
+
+
 def check_positions(config, mcfg: models.ModelConfig) -> str | None:
     """``data.max_length`` against the model's ``max_position_embeddings`` (``mcfg``), as transformers treats
     the family. Learned absolute positions (GPT-2's ``n_positions``) have no embedding beyond the table
@@ -155,7 +177,10 @@ def build_model(config, source: str | None = None):
     if path:
         model = models.from_pretrained(path, **kw)
     else:
-        mcfg = models.ModelConfig.from_hf(dict(config.model.config))
+        try:
+            mcfg = models.ModelConfig.from_hf(dict(config.model.config))
+        except (ValueError, TypeError, KeyError) as e:
+            fail("model.config", dict(config.model.config).get("model_type"), f"{e}")
         model = models.create_model(mcfg, rngs=nnx.Rngs(int(config.seed)), **kw)
     if config.model.remat:
         models.set_remat(model, True)
@@ -174,9 +199,14 @@ def load_split(config, tokenizer, path: str, split: str, data=None, *, sft: bool
     if d.max_examples:  # the first N rows, before tokenization drops any
         source = source if isinstance(source, datasets.Dataset) else load_rows(source, split=split)
         source = source.select(range(min(int(d.max_examples), len(source))))
-    ds, stats = prepare_dataset(
-        source, tokenizer, max_length=int(d.max_length), format=fmt,
-        split=split, min_prompt_length=int(d.min_prompt_length), use_chat_template=bool(d.use_chat_template))
+    try:
+        ds, stats = prepare_dataset(
+            source, tokenizer, max_length=int(d.max_length), format=fmt,
+            split=split, min_prompt_length=int(d.min_prompt_length), use_chat_template=bool(d.use_chat_template))
+    except DataError as e:  # say which source, when the message does not (e.g. every row dropped)
+        if isinstance(path, str) and path and path not in str(e):
+            raise DataError(f"{path}: {e}") from e
+        raise
     if sft and stats.get("kind") != "sft":
         fail("data.sft_path", path or "<in-memory sft_data>", f"holds {stats.get('kind')} data (format "
              f"{stats.get('format')!r}) but the SFT batch needs SFT data (prompt/completion, messages or "

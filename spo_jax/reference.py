@@ -173,8 +173,12 @@ class RefLogpsTable:
 
     @classmethod
     def load(cls, path: str) -> "RefLogpsTable":
+        """A saved table; ``ValueError`` (or numpy's / zipfile's error) when the file is not a whole one."""
         with np.load(path) as f:
-            return cls(f["example_index"], f["logps"])
+            ex, logps = np.asarray(f["example_index"]), np.asarray(f["logps"])
+        if ex.ndim != 1 or logps.ndim != 2 or len(ex) != len(logps) or not np.isfinite(logps).all():
+            raise ValueError(f"arrays of shapes {ex.shape} / {logps.shape}, finite: {bool(np.isfinite(logps).all())}")
+        return cls(ex, logps)
 
 
 def compute_reference_table(config, graphdef, ref_params, dataset, mesh, pad_id: int,
@@ -246,9 +250,13 @@ class Reference:
             key = reference_cache_key(c, ds, c.reference.path or None)
             path = os.path.join(os.path.abspath(os.path.expanduser(cache_dir)), f"ref_logps-{key}.npz")
             if os.path.exists(path):
-                logger.info("reference log-probs (%s): cache hit %s", name, path)
-                tables[name] = RefLogpsTable.load(path)
-                continue
+                try:
+                    tables[name] = RefLogpsTable.load(path)
+                    logger.info("reference log-probs (%s): cache hit %s", name, path)
+                    continue
+                except Exception as e:  # noqa: BLE001 - truncated, not an npz, wrong arrays: recompute it
+                    logger.warning("reference log-probs (%s): the cache file %s is damaged (%s: %s); recomputing it",
+                                   name, path, type(e).__name__, e)
             logger.info("reference log-probs (%s): computing one pass -> %s", name, path)
             tables[name] = compute_reference_table(c, graphdef, params, ds, mesh, pad_id, batch_sizes[name])
             if is_main:

@@ -245,6 +245,10 @@ class _Loop:
             self.train_ds, stats = inputs.load_split(c, self.tokenizer, c.data.train_path, c.data.train_split,
                                                      train_data)
             self._check_kind(stats, "data.train_path", c.data.train_path)
+            if len(self.train_ds) < c.data.batch_size and self.is_main:
+                logger.warning("data.train_path has %d usable row(s), fewer than data.batch_size=%d: each batch "
+                               "holds at most %d distinct row(s)", len(self.train_ds), c.data.batch_size,
+                               len(self.train_ds))
         if c.data.sft_path or sft_data is not None:  # validated: a preference run whose objective reads it
             self.sft_ds, _ = inputs.load_split(c, self.tokenizer, c.data.sft_path, c.data.sft_split, sft_data,
                                                sft=True)
@@ -258,6 +262,8 @@ class _Loop:
         # LoRA: params = the adapters, frozen = the base (spo_jax.adapters); else frozen is None
         model = inputs.build_model(c)
         too_long = inputs.check_positions(c, model.config)  # a Hub id / .gguf is first known here
+        inputs.check_token_ids(c, model.config.vocab_size, {"data.train_path": self.train_ds,
+                               "data.eval_path": self.eval_ds, "data.sft_path": self.sft_ds}, self.pad_id)
         if too_long and self.is_main:
             logger.warning("%s", too_long)
         self.policy, params, frozen = adapters.split_policy(c, model)

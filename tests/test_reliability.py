@@ -294,3 +294,156 @@ def standardized(row, format) -> dict:
     tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     ds, _ = standardize(datasets.Dataset.from_list([row]), format=format, tokenizer=tok)
     return ds[0]
+
+
+# --------------------------------------------------------------------------- #
+# Model files: damaged, unsupported, non-finite; data that does not fit the model
+# --------------------------------------------------------------------------- #
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    from flax import nnx
+
+    from spo_jax import models
+    from tests.test_train import tiny_test
+    path = tmp_path_factory.mktemp("model") / "good"
+    models.save_pretrained(models.create_model(models.ModelConfig.from_hf(dict(tiny_test.TINY_LLAMA)),
+                                               rngs=nnx.Rngs(0)), str(path))
+    return path
+
+
+def _damage(path, how):
+    from safetensors.numpy import load_file, save_file
+    weights, config = path / "model.safetensors", path / "config.json"
+    if how == "truncated_weights":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        return rf"{weights} cannot be read \(SafetensorError: .*\): the file is damaged or incomplete"
+    if how == "nan_weight":
+        t = load_file(str(weights))
+        t["model.layers.1.self_attn.q_proj.weight"][2, 3] = np.inf
+        save_file(t, str(weights), metadata={"format": "pt"})
+        return r"weight model.layers.1.self_attn.q_proj.weight holds 1 non-finite value\(s\)"
+    if how == "no_config":
+        config.unlink()
+        return r"no config.json"
+    if how == "truncated_config":
+        config.write_text(config.read_text()[:20])
+        return rf"{config} is not valid JSON"
+    cfg = json.loads(config.read_text())
+    if how == "phi_without_model_type":
+        cfg.pop("model_type")
+        cfg["architectures"] = ["PhiForCausalLM"]
+        want = r"the model config has no model_type, and its architectures \['PhiForCausalLM'\] name no supported family"
+    elif how in ("mixtral", "gemma"):
+        cfg["model_type"] = how
+        want = rf"unsupported model_type '{how}'; supported: llama, mistral, qwen2, qwen3, gpt2"
+    config.write_text(json.dumps(cfg))
+    return rf"{config}: {want}"
+
+
+DAMAGES = ("truncated_weights", "nan_weight", "no_config", "truncated_config", "phi_without_model_type", "mixtral",
+           "gemma")
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_a_damaged_or_unsupported_model_directory_is_a_model_error_naming_the_file(saved_model, tmp_path, how):
+    import shutil
+
+    from spo_jax import models
+    path = tmp_path / how
+    shutil.copytree(saved_model, path)
+    want = _damage(path, how)
+    with pytest.raises(models.ModelError, match=want):
+        models.from_pretrained(str(path))
+
+
+def test_a_config_without_model_type_loads_by_its_architecture(saved_model, tmp_path):
+    import shutil
+
+    from spo_jax import models
+    shutil.copytree(saved_model, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg.pop("model_type") == "llama" and cfg["architectures"] == ["LlamaForCausalLM"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    assert models.from_pretrained(str(tmp_path / "m")).config.model_type == "llama"
+
+
+def test_cli_truncated_model_file_exits_4_in_one_line(saved_model, pairs, tmp_path):
+    import shutil
+    path = tmp_path / "model"
+    shutil.copytree(saved_model, path)
+    _damage(path, "truncated_weights")
+    args = [sys.executable, "-m", "spo_jax.train", "--config=dpo", f"--config.run_dir={tmp_path / 'run'}",
+            f"--config.data.train_path={pairs}", f"--config.model.path={path}", "--config.model.tokenizer=synthetic",
+            "--config.data.max_length=32", "--config.data.min_prompt_length=4", "--config.data.batch_size=4"]
+    proc = subprocess.run(args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 4, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"model error: {path}/model.safetensors cannot be read")
+    assert "Traceback" not in proc.stderr
+
+
+def test_token_ids_beyond_the_models_vocabulary_are_refused_naming_both_numbers(pairs, tmp_path):
+    small = tiny_config(tmp_path / "run", pairs)
+    small.model.config.vocab_size = 40  # the synthetic tokenizer's ids go past 40
+    with pytest.raises(ConfigError, match=r"config.model.tokenizer='synthetic': data.train_path tokenizes to id \d+ "
+                                          r"\(column \w+_ids\) but the model's vocab_size is 40"):
+        train.train(small)
+
+
+def test_a_truncated_reference_cache_is_recomputed_with_a_warning_naming_it(trained, pairs, caplog):
+    run_dir, final = trained
+    [cache] = (run_dir / "ref_cache").glob("*.npz")  # train and eval are the same pairs: one table
+    whole = np.load(cache)["logps"]
+    cache.write_bytes(cache.read_bytes()[:100])
+    with caplog.at_level("WARNING", logger="spo_jax.reference"):
+        again = train.train(eval_config(run_dir, pairs))
+    assert f"the cache file {cache} is damaged (BadZipFile" in caplog.text
+    assert again.final_eval == final  # the recomputed reference gives the same numbers
+    np.testing.assert_array_equal(np.load(cache)["logps"], whole)  # rewritten whole
+
+
+def test_a_lora_adapter_for_another_model_shape_is_a_model_error(tmp_path):
+    from flax import nnx
+
+    from spo_jax import models
+    from spo_jax.models import lora
+    from tests.test_train import tiny_test
+
+    def tiny(**kw):
+        return models.create_model(models.ModelConfig.from_hf(dict(tiny_test.TINY_LLAMA, **kw)), rngs=nnx.Rngs(0))
+
+    wide = tiny(hidden_size=64, intermediate_size=128)
+    lora.apply_lora(wide, lora.LoRAConfig(rank=4), rngs=nnx.Rngs(1))
+    lora.save_peft_adapter(wide, str(tmp_path / "adapter"))
+    with pytest.raises(models.ModelError, match=r"adapter_model.safetensors: .* has lora_A \(4, 64\), lora_B .*; "
+                                                r"expected \(4, 32\)"):
+        lora.load_peft_adapter(tiny(), str(tmp_path / "adapter"))
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:50])
+    with pytest.raises(models.ModelError, match=rf"{weights} cannot be read"):
+        lora.load_peft_adapter(tiny(), str(tmp_path / "adapter"))
+
+
+# --------------------------------------------------------------------------- #
+# Weak spots: tiny data, an eval file that keeps nothing, the JAX environment
+# --------------------------------------------------------------------------- #
+
+
+def test_an_eval_file_whose_rows_are_all_dropped_is_named_and_tiny_data_is_warned(pairs, tmp_path, caplog):
+    from spo_jax.data import DataError
+    same = tmp_path / "same.jsonl"
+    same.write_text(json.dumps({"prompt": "Ben has 3 apples .", "chosen": " 3", "rejected": " 3"}) + "\n")
+    one = tmp_path / "one.jsonl"
+    one.write_text(open(pairs).readline())
+    with caplog.at_level("WARNING", logger="spo_jax.train"), pytest.raises(DataError, match=rf"^{same}: no row survived"):
+        train.train(tiny_config(tmp_path / "run", one, data__eval_path=str(same)))
+    assert "data.train_path has 1 usable row(s), fewer than data.batch_size=4" in caplog.text
+
+
+def test_a_jax_platform_this_machine_lacks_is_one_line_exit_2(pairs, tmp_path):
+    proc = subprocess.run(cli_args(tmp_path / "run", pairs), cwd=ROOT, env=dict(ENV, JAX_PLATFORMS="nosuchplatform"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "config error: JAX cannot start a backend with the environment {'JAX_PLATFORMS': 'nosuchplatform'}")

@@ -93,7 +93,7 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, d: dict) -> "ModelConfig":
         d = dict(d)
-        mt = d.get("model_type", "llama")
+        mt = d.get("model_type") or _type_from_architectures(d.get("architectures"))
         if mt not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"unsupported model_type {mt!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
         if mt == "gpt2":
@@ -191,6 +191,23 @@ class ModelConfig:
         if types == ["full_attention"] * first + ["sliding_attention"] * (len(types) - first):
             out["max_window_layers"] = first  # what older transformers versions read instead of layer_types
         return out
+
+
+#: HF ``architectures`` names of the supported families (a config.json without ``model_type``).
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+                 "Qwen3ForCausalLM": "qwen3", "GPT2LMHeadModel": "gpt2"}
+
+
+def _type_from_architectures(architectures) -> str:
+    """The family of a config without ``model_type``, from its ``architectures``; never a guess."""
+    names = list(architectures or [])
+    types = {ARCHITECTURES.get(a) for a in names}
+    if len(types) == 1 and None not in types:
+        return types.pop()
+    raise ValueError(f"the model config has no model_type, and its architectures {names} "
+                     f"{'name no supported family' if names else 'are not given either'} (supported: "
+                     f"{', '.join(ARCHITECTURES)}); set model_type to one of {', '.join(SUPPORTED_MODEL_TYPES)} "
+                     "if the model is one of them")
 
 
 def _eos(e):

@@ -15,7 +15,7 @@ import numpy as np
 from gguf import GGUFReader
 from gguf.quants import dequantize
 
-from spo_jax.models.paths import ModelPathError
+from spo_jax.models.paths import ModelError, ModelPathError, damaged_file
 
 __all__ = ["SUPPORTED_GGUF_ARCHITECTURES", "unpermute_rope_rows", "load_gguf", "load_tokenizer"]
 
@@ -52,21 +52,22 @@ def load_gguf(path: str) -> tuple[dict, dict[str, np.ndarray]]:
     under HF LlamaForCausalLM names (Q/K un-permuted; no ``lm_head.weight`` when the output is tied)."""
     if not os.path.isfile(path):
         raise ModelPathError(f"no such directory or file: {path} (expected a GGUF file)")
-    reader = GGUFReader(path)
+    with damaged_file(path):
+        reader = GGUFReader(path)
     arch = _field(reader, "general.architecture")
     if arch not in SUPPORTED_GGUF_ARCHITECTURES:
-        raise ValueError(f"{path}: unsupported GGUF architecture {arch!r}; supported: "
+        raise ModelError(f"{path}: unsupported GGUF architecture {arch!r}; supported: "
                          f"{', '.join(SUPPORTED_GGUF_ARCHITECTURES)}")
 
     def need(key):
         v = _field(reader, f"{arch}.{key}")
         if v is None:
-            raise ValueError(f"{path}: GGUF metadata is missing {arch}.{key}")
+            raise ModelError(f"{path}: GGUF metadata is missing {arch}.{key}")
         return v
 
     if _field(reader, f"{arch}.rope.scaling.type") not in (None, "none") or any(
             t.name == "rope_freqs.weight" for t in reader.tensors):
-        raise ValueError(f"{path}: GGUF RoPE scaling (rope.scaling.type / rope_freqs) is not supported")
+        raise ModelError(f"{path}: GGUF RoPE scaling (rope.scaling.type / rope_freqs) is not supported")
     heads = int(need("attention.head_count"))
     kv_heads = int(_field(reader, f"{arch}.attention.head_count_kv", heads))
     hidden = int(need("embedding_length"))
@@ -90,7 +91,7 @@ def load_gguf(path: str) -> tuple[dict, dict[str, np.ndarray]]:
         "attention_bias": False, "hidden_act": "silu",
     }
     if config["vocab_size"] is None:
-        raise ValueError(f"{path}: GGUF has neither tokenizer.ggml.tokens nor {arch}.vocab_size")
+        raise ModelError(f"{path}: GGUF has neither tokenizer.ggml.tokens nor {arch}.vocab_size")
     for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
         config[k] = None if config[k] is None else int(config[k])
 
@@ -98,7 +99,7 @@ def load_gguf(path: str) -> tuple[dict, dict[str, np.ndarray]]:
         f"blk.{i}.{n}.weight" for i in range(config["num_hidden_layers"]) for n in _BLOCK_NAMES}
     missing = sorted(expected - names, key=lambda n: (len(n), n))
     if missing:
-        raise ValueError(f"{path}: GGUF is missing tensor(s) {missing[:5]} for a {arch} model")
+        raise ModelError(f"{path}: GGUF is missing tensor(s) {missing[:5]} for a {arch} model")
     tensors = {}
     for t in reader.tensors:
         base, _, leaf = t.name.rpartition(".")
@@ -108,7 +109,7 @@ def load_gguf(path: str) -> tuple[dict, dict[str, np.ndarray]]:
         elif base in _GLOBAL_NAMES:
             hf = f"{_GLOBAL_NAMES[base]}.{leaf}"
         else:
-            raise ValueError(f"{path}: unexpected GGUF tensor {t.name!r} for a {arch} model")
+            raise ModelError(f"{path}: unexpected GGUF tensor {t.name!r} for a {arch} model")
         w = np.asarray(dequantize(t.data, t.tensor_type), np.float32)
         expect_shape = tuple(int(x) for x in reversed(t.shape))
         if w.shape != expect_shape:

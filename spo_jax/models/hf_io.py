@@ -19,7 +19,7 @@ from safetensors.numpy import save_file
 from spo_jax.models import gguf
 from spo_jax.models.config import ModelConfig
 from spo_jax.models.decoder import Decoder, create_model
-from spo_jax.models.paths import local_or_hub
+from spo_jax.models.paths import ModelError, damaged_file, local_or_hub
 
 __all__ = ["params_from_hf_state", "from_pretrained", "save_pretrained", "load_tokenizer"]
 
@@ -89,17 +89,19 @@ def _open_tensors(path: str):
     else:
         files = [f for f in sorted(os.listdir(path)) if f.endswith(".safetensors")]
     if not files:
-        raise ValueError(f"no .safetensors weights in {path}")
+        raise ModelError(f"no .safetensors weights in {path}")
     where = {}
     for f in files:
-        with safe_open(os.path.join(path, f), framework="numpy") as h:
-            for k in h.keys():
-                where[k] = os.path.join(path, f)
+        with damaged_file(os.path.join(path, f)):
+            with safe_open(os.path.join(path, f), framework="numpy") as h:
+                for k in h.keys():
+                    where[k] = os.path.join(path, f)
 
     def get(name):
-        with safe_open(where[name], framework="numpy") as h:
+        with damaged_file(where[name]), safe_open(where[name], framework="numpy") as h:
             return h.get_tensor(name)
     return where, get
+
 
 
 def _hf_extra_ok(cfg: ModelConfig, name: str) -> bool:
@@ -127,9 +129,9 @@ def params_from_hf_state(model: Decoder, names: set, get, source: str, shardings
     missing = sorted(wanted - names)
     extra = sorted(n for n in names - wanted if not _hf_extra_ok(cfg, n))
     if missing:
-        raise ValueError(f"{source}: missing weight(s) {missing[:5]} for a {cfg.model_type} model")
+        raise ModelError(f"{source}: missing weight(s) {missing[:5]} for a {cfg.model_type} model")
     if extra:
-        raise ValueError(f"{source}: unexpected weight(s) {extra[:5]} for a {cfg.model_type} model "
+        raise ModelError(f"{source}: unexpected weight(s) {extra[:5]} for a {cfg.model_type} model "
                          f"(wrong model_type in config.json?)")
     state = nnx.state(model)
     flat = dict(nnx.to_flat_state(state))
@@ -147,14 +149,18 @@ def params_from_hf_state(model: Decoder, names: set, get, source: str, shardings
         if part is not None:
             i, n = part
             if arr.shape[-1] % n:
-                raise ValueError(f"{source}: fused weight {hf} has shape {arr.shape}; its last axis does "
+                raise ModelError(f"{source}: fused weight {hf} has shape {arr.shape}; its last axis does "
                                  f"not split into {n} equal parts")
             w = arr.shape[-1] // n
             arr = arr[..., i * w:(i + 1) * w]
         if arr.shape != var.shape:
-            raise ValueError(f"{source}: weight {hf} has shape {arr.shape}, expected {var.shape} "
+            raise ModelError(f"{source}: weight {hf} has shape {arr.shape}, expected {var.shape} "
                              f"(parameter {'/'.join(map(str, path))})")
-        arr = np.asarray(arr).astype(var.dtype)
+        arr = np.asarray(arr)
+        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+            raise ModelError(f"{source}: weight {hf} holds {int((~np.isfinite(arr)).sum())} non-finite value(s) "
+                             "(NaN/Inf): the checkpoint is damaged or was saved from a diverged run; use another one")
+        arr = arr.astype(var.dtype)
         sh = shardings(path, arr.shape) if callable(shardings) else None
         new[path] = var.replace(jax.device_put(arr, sh) if sh is not None else jnp.asarray(arr))
     nnx.update(model, nnx.from_flat_state(new))
@@ -168,19 +174,32 @@ def from_pretrained(path_or_id: str, *, dtype=jnp.float32, param_dtype=jnp.float
     name, local = local_or_hub(path_or_id)
     if local and name.endswith(".gguf"):
         hf_cfg, tensors = gguf.load_gguf(name)
-        cfg = ModelConfig.from_hf(hf_cfg)
+        cfg = _model_config(hf_cfg, name)
         model = nnx.eval_shape(lambda: create_model(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
         params_from_hf_state(model, set(tensors), tensors.pop, name, shardings)
         return model
     path = name if local else _download(name)
     cfg_file = os.path.join(path, "config.json")
     if not os.path.exists(cfg_file):
-        raise ValueError(f"{path_or_id}: no config.json (expected a Hugging Face checkpoint directory)")
-    cfg = ModelConfig.from_hf(json.load(open(cfg_file)))
+        raise ModelError(f"{path_or_id}: no config.json (expected a Hugging Face checkpoint directory)")
+    try:
+        with open(cfg_file, encoding="utf-8") as f:
+            hf_cfg = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ModelError(f"{cfg_file} is not valid JSON ({e}): the file is damaged; download or export it "
+                         "again") from e
+    cfg = _model_config(hf_cfg, cfg_file)
     model = nnx.eval_shape(lambda: create_model(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
     where, get = _open_tensors(path)
     params_from_hf_state(model, set(where), get, path, shardings)
     return model
+
+
+def _model_config(hf_cfg, source: str) -> ModelConfig:
+    try:
+        return ModelConfig.from_hf(hf_cfg if isinstance(hf_cfg, dict) else {"model_type": None})
+    except (ValueError, TypeError, KeyError) as e:
+        raise ModelError(f"{source}: {e}") from e
 
 
 def save_pretrained(model: Decoder, path: str) -> None:

@@ -52,6 +52,7 @@ from safetensors.numpy import load_file, save_file
 
 from spo_jax.models.config import ModelConfig
 from spo_jax.models.decoder import Decoder, create_model
+from spo_jax.models.paths import ModelError, damaged_file
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 GPT2_TARGETS = ("c_attn", "c_proj", "c_fc")
@@ -327,20 +328,21 @@ def read_peft_config(path: str) -> LoRAConfig:
     """The ``LoRAConfig`` of a PEFT adapter directory; options spo_jax does not implement are refused."""
     file = os.path.join(path, ADAPTER_CONFIG)
     if not os.path.isfile(file):
-        raise ValueError(f"{path}: no {ADAPTER_CONFIG} (expected a PEFT LoRA adapter directory)")
-    d = json.load(open(file))
+        raise ModelError(f"{path}: no {ADAPTER_CONFIG} (expected a PEFT LoRA adapter directory)")
+    with damaged_file(file), open(file, encoding="utf-8") as f:
+        d = json.load(f)
     if d.get("peft_type") != "LORA":
-        raise ValueError(f"{file}: peft_type={d.get('peft_type')!r}; only LORA adapters are supported")
+        raise ModelError(f"{file}: peft_type={d.get('peft_type')!r}; only LORA adapters are supported")
     unsupported = {"use_dora": False, "bias": "none", "modules_to_save": None, "layers_to_transform": None,
                    "rank_pattern": {}, "alpha_pattern": {}, "target_parameters": None, "exclude_modules": None}
     for k, ok in unsupported.items():
         v = d.get(k, ok)
         if v != ok and not (ok in (None, {}) and not v):
-            raise ValueError(f"{file}: {k}={v!r} is not supported (spo_jax implements plain LoRA with "
+            raise ModelError(f"{file}: {k}={v!r} is not supported (spo_jax implements plain LoRA with "
                              f"{k}={ok!r})")
     targets = d.get("target_modules")
     if targets is None:
-        raise ValueError(f"{file}: target_modules is null (PEFT's per-architecture default); list the modules")
+        raise ModelError(f"{file}: target_modules is null (PEFT's per-architecture default); list the modules")
     return LoRAConfig(rank=int(d["r"]), alpha=float(d["lora_alpha"]), dropout=float(d.get("lora_dropout", 0.0)),
                       targets=targets if isinstance(targets, str) else tuple(targets),
                       use_rslora=bool(d.get("use_rslora", False)))
@@ -355,20 +357,26 @@ def load_peft_adapter(model: Decoder, path: str, *, dropout: float | None = None
         cfg = dataclasses.replace(cfg, dropout=float(dropout))
     file = os.path.join(path, ADAPTER_WEIGHTS)
     if not os.path.isfile(file):
-        raise ValueError(f"{path}: no {ADAPTER_WEIGHTS} (PEFT's safetensors adapter weights; re-save a .bin "
+        raise ModelError(f"{path}: no {ADAPTER_WEIGHTS} (PEFT's safetensors adapter weights; re-save a .bin "
                          "adapter with safe_serialization=True)")
-    tensors = {k.removeprefix(_PEFT_PREFIX).replace(".default.", "."): v for k, v in load_file(file).items()}
+    with damaged_file(file):
+        raw = load_file(file)
+    bad = [k for k, v in raw.items() if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all()]
+    if bad:
+        raise ModelError(f"{file}: tensor(s) {bad[:3]} hold non-finite values (NaN/Inf); the adapter is damaged or "
+                         "was saved from a diverged run")
+    tensors = {k.removeprefix(_PEFT_PREFIX).replace(".default.", "."): v for k, v in raw.items()}
     chosen = apply_lora(model, cfg, rngs=rngs)
     wanted = {f"{n}.lora_{x}.weight" for n in chosen for x in "AB"}
     missing, extra = sorted(wanted - set(tensors)), sorted(set(tensors) - wanted)
     if missing or extra:
-        raise ValueError(f"{file}: the weights do not match adapter_config.json's targets on this "
+        raise ModelError(f"{file}: the weights do not match adapter_config.json's targets on this "
                          f"{model.config.model_type} model: missing {missing[:4]}, unexpected {extra[:4]}")
     for name, mods in adapted_modules(model).items():
         a, b = tensors[f"{name}.lora_A.weight"].T, tensors[f"{name}.lora_B.weight"].T
         out = sum(m.out_features for m in mods)
         if a.shape != (mods[0].in_features, cfg.rank) or b.shape != (cfg.rank, out):
-            raise ValueError(f"{file}: {name} has lora_A {a.T.shape}, lora_B {b.T.shape}; expected "
+            raise ModelError(f"{file}: {name} has lora_A {a.T.shape}, lora_B {b.T.shape}; expected "
                              f"({cfg.rank}, {mods[0].in_features}) and ({out}, {cfg.rank})")
         mods[0].lora.lora_a[...] = jnp.asarray(a, jnp.float32)
         col = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 
@@ -13,7 +14,12 @@ MODEL_SUFFIXES = (".gguf", ".safetensors", ".json", ".bin", ".pt", ".pth")
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow", ".gz")
 
 
-class ModelPathError(ValueError):
+class ModelError(ValueError):
+    """A model, tokenizer or adapter that cannot be used (damaged or unsupported files, non-finite weights,
+    weights that do not fit): the message names the file and the problem (the CLI's exit 4)."""
+
+
+class ModelPathError(ModelError):
     """A model or tokenizer name that is a local path (not a Hub id) names nothing on disk."""
 
 
@@ -45,3 +51,16 @@ def local_or_hub(name: str) -> tuple[str, bool]:
         raise ModelPathError(f"no such directory or file: {name}" + (f" (looked at {where})" if where != name else "")
                              + "; fix the path, or give a Hugging Face Hub id like 'org/name'")
     return name, False
+
+
+@contextlib.contextmanager
+def damaged_file(file: str):
+    """A file that cannot be read as what it should be (truncated, not safetensors) is a ``ModelError``
+    naming it; a missing one is the file system's error."""
+    try:
+        yield
+    except (FileNotFoundError, PermissionError):
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError, OSError, ...
+        raise ModelError(f"{file} cannot be read ({type(e).__name__}: {e}): the file is damaged or incomplete "
+                         "(e.g. an interrupted download or copy); download or export it again") from e
