@@ -26,6 +26,8 @@ model.dtype                compute dtype: "float32" | "bfloat16" | "float16"
 model.param_dtype          master-weight dtype (the optimizer's): "float32" | "bfloat16"
 model.remat                rematerialise each decoder layer in the backward pass (saves memory on GPU/TPU; XLA:CPU
                            keeps the forward values anyway: benchmarks/RESULTS.md, "step's memory")
+model.remat_policy         what a rematerialised layer keeps (MaxText's names): "full" (nothing: least memory),
+                           "dots_saveable" (matmul outputs), "dots_with_no_batch_dims_saveable"
 model.attention            attention kernel (spo_jax.models.set_attention): "einsum" (default), "xla" or
                            "cudnn" (jax.nn.dot_product_attention's implementations; cudnn: NVIDIA GPUs, bf16/fp16)
 model.lora.enabled         train LoRA adapters on a frozen base (spo_jax.adapters; off by default)
@@ -167,7 +169,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     c = section({"stage": "preference", "run_dir": "", "seed": 0, "compile_cache": ""})
     c.model = section({"path": "", "config": None,  # a ConfigDict of HF config.json fields when set
                        "tokenizer": "", "dtype": "bfloat16", "param_dtype": "float32", "remat": False,
-                       "attention": "einsum", "lora": adapters.default_config()})
+                       "remat_policy": "full", "attention": "einsum", "lora": adapters.default_config()})
     c.reference = section({"mode": "cached", "path": "", "cache_dir": ""})
     c.data = section({
         "train_path": "", "train_split": "train", "eval_path": "", "eval_split": "test", "format": "auto",

@@ -59,6 +59,7 @@ def _validate_model(c) -> None:
     check_choice(c, "model.dtype", tuple(JNP_DTYPES))
     check_choice(c, "model.param_dtype", PARAM_DTYPES)
     check_bool(c, "model.remat")
+    check_choice(c, "model.remat_policy", tuple(models.REMAT_POLICIES))
     check_choice(c, "model.attention", models.ATTENTION_IMPLEMENTATIONS)
 
 
@@ -183,7 +184,7 @@ def build_model(config, source: str | None = None):
             fail("model.config", dict(config.model.config).get("model_type"), f"{e}")
         model = models.create_model(mcfg, rngs=nnx.Rngs(int(config.seed)), **kw)
     if config.model.remat:
-        models.set_remat(model, True)
+        models.set_remat(model, True, config.model.remat_policy)
     models.set_attention(model, config.model.attention)
     return model
 

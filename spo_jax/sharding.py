@@ -155,6 +155,42 @@ def param_shardings(params: Any, mesh: Mesh, rules: Sequence[tuple[str, P]] = DE
                         is_leaf=lambda x: isinstance(x, P))
 
 
+def on_mesh(mesh: Mesh, fn):
+    """``fn`` traced under ``mesh``'s abstract mesh, so that the model's ``gathered`` / ``batch_split``
+    constraints apply (the trainer's jitted steps; elsewhere they are no-ops)."""
+    def traced(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return traced
+
+
+def _context_mesh():
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty or not set(AXES) <= set(mesh.axis_names) else mesh
+
+
+def gathered(w, spec: P):
+    """A weight where it is used: constrained to ``spec`` (its partition rule without ``"fsdp"``), i.e.
+    all-gathered over fsdp (ZeRO-3 / FSDP). Its gradient is then a local partial sum, reduce-scattered onto
+    the parameter's split: without this XLA may gather the batch-split activations (or their cotangents)
+    whole over the batch for a weight gradient instead, so per-device memory stops falling with the
+    number of devices. A no-op outside ``on_mesh``."""
+    mesh = _context_mesh()
+    if mesh is None or mesh.shape["fsdp"] == 1:
+        return w
+    return jax.lax.with_sharding_constraint(w, _fit_spec(spec, w.shape, mesh))
+
+
+def batch_split(x):
+    """An activation ``[batch, ...]`` constrained to its leading axis over ``("data", "fsdp")`` (a no-op
+    outside ``on_mesh``)."""
+    mesh = _context_mesh()
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, _fit_spec(batch_spec(x.ndim), x.shape, mesh))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

@@ -179,6 +179,7 @@ def make_train_step(config, graphdef, tx, schedule, mesh, shardings: TrainState)
     accum = int(config.optim.grad_accum_steps) > 1
     micro = sharding_lib.P(None, sharding_lib.BATCH_AXES) if accum else sharding_lib.P(sharding_lib.BATCH_AXES)
     batch_sharding = jax.sharding.NamedSharding(mesh, micro)
+    step = sharding_lib.on_mesh(mesh, step)  # the model's weights gathered where used, activations batch-split
     return jax.jit(step, in_shardings=(shardings, batch_sharding),
                    out_shardings=(shardings, sharding_lib.replicated(mesh)), donate_argnums=(0,))
 
@@ -201,7 +202,7 @@ def make_eval_step(config, graphdef, mesh, *, sft_data: bool | None = None) -> C
         metrics_fn = objectives.make_eval_metrics(config, adapters.bind(logps_fn, frozen), sft_data=sft_like)
         return metrics_fn(params, batch)
 
-    return jax.jit(step, out_shardings=sharding_lib.replicated(mesh))
+    return jax.jit(sharding_lib.on_mesh(mesh, step), out_shardings=sharding_lib.replicated(mesh))
 
 
 def _logps_fn(config, graphdef) -> Callable:

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from spo_jax import sharding
 from spo_jax.models.config import ACTIVATIONS, ModelConfig
 
 __all__ = ["layer_masks", "at_least_f32", "rope_inv_freq", "apply_rope", "RMSNorm", "LayerNorm", "Attention",
@@ -92,9 +93,27 @@ def _norm(cfg: ModelConfig, param_dtype):
     return cls(cfg.hidden_size, cfg.rms_norm_eps, param_dtype)
 
 
-def _linear(i, o, bias, rngs, dtype, param_dtype):
-    return nnx.Linear(i, o, use_bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                      kernel_init=nnx.initializers.normal(0.02))
+class Linear(nnx.Linear):
+    """``nnx.Linear`` whose kernel is used gathered over fsdp (``sharding.gathered``; ``gather_spec``: its
+    partition rule without fsdp), so its gradient is a local partial sum, never a batch-gathered activation."""
+
+    def __call__(self, inputs, out_sharding=None):
+        kernel = sharding.gathered(self.kernel[...], sharding.P(*self.gather_spec))
+        bias = self.bias[...] if self.bias is not None else None
+        inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
+        y = self.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())), precision=self.precision)
+        if bias is not None:
+            y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+        return y
+
+
+def _linear(i, o, bias, rngs, dtype, param_dtype, gather_spec=(None, "tensor")):
+    """A projection; ``gather_spec``: (None, "tensor") column-parallel (D -> F), ("tensor", None) row-parallel
+    (F -> D), as ``sharding.LLAMA_RULES`` split them."""
+    layer = Linear(i, o, use_bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                   kernel_init=nnx.initializers.normal(0.02))
+    layer.gather_spec = gather_spec
+    return layer
 
 
 class Attention(nnx.Module):
@@ -104,7 +123,7 @@ class Attention(nnx.Module):
         self.q_proj = _linear(D, H * hd, b, rngs, dtype, param_dtype)
         self.k_proj = _linear(D, KV * hd, b, rngs, dtype, param_dtype)
         self.v_proj = _linear(D, KV * hd, b, rngs, dtype, param_dtype)
-        self.o_proj = _linear(H * hd, D, cfg.attention_out_bias, rngs, dtype, param_dtype)
+        self.o_proj = _linear(H * hd, D, cfg.attention_out_bias, rngs, dtype, param_dtype, ("tensor", None))
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, param_dtype)
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, param_dtype)
@@ -157,7 +176,7 @@ class MLP(nnx.Module):
         if cfg.gated_mlp:
             self.gate_proj = _linear(D, F, b, rngs, dtype, param_dtype)
         self.up_proj = _linear(D, F, b, rngs, dtype, param_dtype)
-        self.down_proj = _linear(F, D, b, rngs, dtype, param_dtype)
+        self.down_proj = _linear(F, D, b, rngs, dtype, param_dtype, ("tensor", None))
         self.act = cfg.hidden_act
         self.gated = cfg.gated_mlp
 
@@ -198,10 +217,15 @@ class Decoder(nnx.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, False, rngs, dtype, param_dtype)
         self.remat = False
+        self.remat_policy = "full"
+
+    def _embedding(self):
+        """The [V, D] token embedding, gathered over fsdp (``sharding.gathered``)."""
+        return sharding.gathered(self.embed.embedding[...], sharding.P("tensor", None))
 
     def embed_inputs(self, input_ids, positions):
         """Token embeddings (+ learned position embeddings at ``positions``) and RoPE's inv_freq (or None)."""
-        x = self.embed(input_ids)
+        x = jnp.take(self._embedding(), input_ids, axis=0).astype(self.dtype)
         if self.config.position_embedding == "learned":
             return x + self.pos_embed(positions), None
         return x, rope_inv_freq(self.config)
@@ -223,20 +247,23 @@ class Decoder(nnx.Module):
         masks = layer_masks(self.config, mask, positions, positions)
         x, inv_freq = self.embed_inputs(input_ids, positions)
         for layer, mask in zip(self.layers, masks):
+            x = sharding.batch_split(x)
             if self.remat:
                 # graph_updates=False: a layer mutates no state, so nothing is written back out of the
                 # checkpoint; with write-back nnx.remat tried to set the LoRA dropout key (a frozen,
                 # non-parameter Variable from the jit's trace level) inside the grad trace and crashed
-                x = nnx.remat(lambda m, *a: m(*a), graph_updates=False)(layer, x, positions, mask, inv_freq)
+                policy = REMAT_POLICIES[self.remat_policy]
+                x = nnx.remat(lambda m, *a: m(*a), graph_updates=False, policy=policy)(layer, x, positions, mask,
+                                                                                      inv_freq)
             else:
                 x = layer(x, positions, mask, inv_freq)
-        return self.norm(x)
+        return sharding.batch_split(self.norm(x))
 
     def unembedding(self):
         """``(W [D, V], None)``: the output projection (the tied embedding's transpose, or ``lm_head``)."""
         if self.config.tie_word_embeddings:
-            return self.embed.embedding[...].T, None
-        return self.lm_head.kernel[...], None
+            return self._embedding().T, None
+        return sharding.gathered(self.lm_head.kernel[...], sharding.P(None, "tensor")), None
 
     def logits(self, hidden):
         """Next-token logits ``[B, T, V]`` (at least fp32) of hidden states ``[B, T, D]`` from ``__call__``:
@@ -251,8 +278,22 @@ def create_model(config: ModelConfig, *, rngs: nnx.Rngs | None = None, dtype=jnp
     return Decoder(config, rngs=rngs or nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
 
 
-def set_remat(model: Decoder, on: bool = True) -> None:
+#: What a rematerialised layer keeps from its forward pass for the backward pass (MaxText's names):
+#: ``full``: nothing (every activation recomputed: the least memory, one more forward of FLOPs);
+#: ``dots_saveable``: the matmul outputs (recomputes only the cheap element-wise work);
+#: ``dots_with_no_batch_dims_saveable``: the matmul outputs that have no batch dimension.
+REMAT_POLICIES = {"full": jax.checkpoint_policies.nothing_saveable,
+                  "dots_saveable": jax.checkpoint_policies.dots_saveable,
+                  "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def set_remat(model: Decoder, on: bool = True, policy: str = "full") -> None:
+    """Rematerialise each layer in the backward pass (``on``), keeping what ``policy`` (a key of
+    ``REMAT_POLICIES``) names."""
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"remat policy {policy!r}: must be one of {tuple(REMAT_POLICIES)}")
     model.remat = bool(on)
+    model.remat_policy = policy
 
 
 ATTENTION_IMPLEMENTATIONS = ("einsum", "xla", "cudnn")
