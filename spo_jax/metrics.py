@@ -146,7 +146,7 @@ def trim_jsonl(path: str, step: int) -> int:
     if not os.path.exists(path):
         return 0
     keep, dropped = [], 0
-    with open(path) as f:
+    with open(path, encoding="utf-8", errors="replace") as f:  # damaged bytes: a line that does not parse
         for line in f:
             try:
                 record = json.loads(line)

@@ -605,7 +605,9 @@ def train(config, *, train_data=None, eval_data=None, sft_data=None, stop_at: in
     empty; ``sft_data``: SFT rows batched as ``batch["sft"]`` beside the pairs). ``stop_at``: end this invocation after that optimizer step (with a
     checkpoint there, as a pre-empted job would; a later call resumes). The run
     resumes from the latest complete checkpoint in ``run_dir`` when
-    ``checkpoint.resume``. Returns a ``TrainResult``."""
+    ``checkpoint.resume``. The run holds ``<run_dir>/run.lock`` (``spo_jax.runlock``) from before it
+    writes anything until it returns: a second run on the same directory raises a ``ConfigError``
+    naming the holder. Returns a ``TrainResult``."""
     c = config
     sharding_lib.initialize_distributed(c.distributed.coordinator_address, c.distributed.num_processes,
                                         c.distributed.process_id, c.distributed.cpu_collectives)

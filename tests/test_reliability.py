@@ -447,3 +447,12 @@ def test_a_jax_platform_this_machine_lacks_is_one_line_exit_2(pairs, tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1].startswith(
         "config error: JAX cannot start a backend with the environment {'JAX_PLATFORMS': 'nosuchplatform'}")
+
+
+def test_damaged_bytes_in_metrics_jsonl_are_dropped_on_resume_not_a_traceback(tmp_path):
+    from spo_jax.metrics import trim_jsonl
+    path = tmp_path / "metrics.jsonl"
+    good = [json.dumps({"step": s, "split": "train", "loss": 0.5}) + "\n" for s in (1, 2, 3)]
+    path.write_bytes(good[0].encode() + b"\xff\xfe\x00garbage\n" + good[1].encode() + good[2].encode()[:9])
+    assert trim_jsonl(str(path), 2) == 2  # the damaged line and the torn last one
+    assert path.read_text() == good[0] + good[1]
