@@ -235,7 +235,9 @@ def test_stage_eval_of_a_missing_run_refuses_and_its_advice_evaluates_the_model_
 
 
 def test_resume_refusal_names_the_changed_fields_and_its_advice_leads_to_a_working_run(trained, pairs, tmp_path):
-    run_dir, _ = trained
+    import shutil
+    run_dir = tmp_path / "run"  # a copy: this test continues the run
+    shutil.copytree(trained[0], run_dir)
     with pytest.raises(ConfigError) as e:
         train.train(tiny_config(run_dir, pairs, data__batch_size=8, loss__name="ipo", optim__schedule="constant"))
     msg = str(e.value)
