@@ -146,6 +146,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 import re
 from typing import Any
 
@@ -280,6 +281,8 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
     check_choice(c, "stage", STAGES)
     if not c.run_dir:
         fail("run_dir", c.run_dir, "set a run directory (checkpoints, metrics and caches go there)")
+    if os.path.exists(os.path.expanduser(c.run_dir)) and not os.path.isdir(os.path.expanduser(c.run_dir)):
+        fail("run_dir", c.run_dir, "is a file, not a directory; name a directory (it is created if missing)")
     if not isinstance(c.compile_cache, str):
         fail("compile_cache", c.compile_cache, "must be a directory, 'off', or '' (the default location)")
     if not is_int(c.seed):
@@ -336,6 +339,9 @@ def _validate_hooks(c) -> None:
     check_choice(c, "train.on_degenerate", DEGENERATE_ACTIONS)
     check_int(c, ("train.degenerate_steps",), 2)
     check_int(c, ("checkpoint.every", "checkpoint.restore_step", "eval.every", "eval.num_batches"), 0)
+    if c.checkpoint.restore_step and not c.checkpoint.resume:
+        fail("checkpoint.restore_step", c.checkpoint.restore_step, "names a checkpoint to restore, but "
+             "checkpoint.resume=False restores none; set checkpoint.resume=True (or restore_step=0)")
     if c.checkpoint.restore_step and c.stage != "eval":
         fail("checkpoint.restore_step", c.checkpoint.restore_step, "names a checkpoint to evaluate: only with "
              "stage eval (training resumes from the latest); set it to 0")

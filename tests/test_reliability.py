@@ -458,3 +458,12 @@ def test_damaged_bytes_in_metrics_jsonl_are_dropped_on_resume_not_a_traceback(tm
     path.write_bytes(good[0].encode() + b"\xff\xfe\x00garbage\n" + good[1].encode() + good[2].encode()[:9])
     assert trim_jsonl(str(path), 2) == 2  # the damaged line and the torn last one
     assert path.read_text() == good[0] + good[1]
+
+
+def test_a_run_dir_that_is_a_file_and_a_restore_step_without_resume_are_config_errors(pairs, tmp_path):
+    from spo_jax import config as config_lib
+    with pytest.raises(ConfigError, match=r"config.run_dir='.*pairs.jsonl': is a file, not a directory"):
+        config_lib.validate_config(tiny_config(pairs, pairs))
+    with pytest.raises(ConfigError, match=r"restore_step=3: .*checkpoint.resume=False restores none"):
+        config_lib.validate_config(tiny_config(tmp_path, "", stage="eval", data__eval_path=pairs,
+                                               checkpoint__restore_step=3, checkpoint__resume=False))
