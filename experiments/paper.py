@@ -10,7 +10,7 @@ import sys
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from spo_jax.configs.paper import get_config, main  # noqa: E402,F401
+from spo_jax.configs.paper import get_config, hf_config, main  # noqa: E402,F401
 
 if __name__ == "__main__":
     main()

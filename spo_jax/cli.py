@@ -225,6 +225,7 @@ def _usage_error(message: str) -> None:
 
 
 _started = False  # set once absl has parsed the flags (what fails before is a bad flag)
+_command = None  # what runs instead of training (main's ``command``: spo_jax.plan)
 
 
 def _main(args) -> None:
@@ -261,13 +262,15 @@ def _main(args) -> None:
         logger.info("%s", config_summary(cfg))
     try:
         with CompileStats() as compiles:
-            result = train(cfg)
+            result = train(cfg) if _command is None else _command(cfg)
     except BaseException as e:  # noqa: BLE001 - expected failures become one line and an exit code
         kind = classify(e)
         if kind is None or debug:
             raise
         print(f"{PREFIXES[kind]}{failure_message(kind, e, cfg)}", file=sys.stderr)
         raise SystemExit(EXIT_CODES[kind]) from None
+    if _command is not None:
+        return
     logger.info("compile cache %s: %s", cache_dir or "off", compiles.summary())
     if STOP_REQUESTED.is_set() and cfg.stage != "eval" and int(jax.device_get(result.state.step)) < cfg.train.num_steps:
         print(_stopped_message(result), file=sys.stderr)
@@ -281,11 +284,12 @@ def _main(args) -> None:
         print(json.dumps(out, default=str))
 
 
-def usage() -> str:
-    """This module's docstring, the exit codes, and every config field with its
+def usage(doc: str | None = None) -> str:
+    """``doc`` (default: this module's docstring), the exit codes, and every config field with its
     default and description (``config.field_help``): what ``--help`` prints."""
     help_ = config_lib.field_help()
-    lines = [__doc__.strip().replace("{presets}", configs.describe()), "", "Exit codes: 0 done; 1 unexpected error (a bug: traceback); "
+    lines = [(doc or __doc__).strip().replace("{presets}", configs.describe()), "",
+             "Exit codes: 0 done; 1 unexpected error (a bug: traceback); "
              + "; ".join(f"{code} {kind}" for kind, code in EXIT_CODES.items()) + ".", "",
              "Config fields (--config.<field>=<value>; default, then description):", ""]
     for name, default in config_lib.config_fields():
@@ -316,12 +320,16 @@ def resolve_config_arg(argv: list[str]) -> list[str]:
     return out
 
 
-def main(argv=None) -> None:
+def main(argv=None, command=None, doc: str | None = None) -> None:
+    """The command line: ``command(config)`` (default: ``spo_jax.train.train`` and the run's summary) with the
+    same config flags, console and failure handling; ``doc`` heads ``--help``."""
+    global _command
+    _command = command
     argv = resolve_config_arg(sys.argv if argv is None else argv)
     config_flags.DEFINE_config_file("config", None, "a preset name (" + ", ".join(configs.PRESETS) + "), a config "
                                     "file, or a run's config.json; every field is listed above with its default",
                                     lock_config=True)
-    sys.modules["__main__"].__doc__ = usage()  # absl's --help prints it, then the flags
+    sys.modules["__main__"].__doc__ = usage(doc)  # absl's --help prints it, then the flags
     try:
         app.run(_main, argv=argv)
     except SystemExit as e:

@@ -18,6 +18,10 @@ seed                       int: parameter init (from-scratch models), data order
 compile_cache              JAX persistent compilation cache directory, read by the CLI (spo_jax.cli):
                            "" = $SPO_JAX_COMPILE_CACHE, else ~/.cache/spo_jax/jax_cache; "off" disables
                            it (spo_jax.compile_cache; Python callers use enable_compile_cache)
+preflight                  before any data or reference work, compile the train step at the largest batch and
+                           check it fits each device's memory (spo_jax.plan.preflight; skipped when a generous
+                           bound from the shapes is under half of it): "stop" (a misfit is a config error naming
+                           flags that fit), "warn" or "off"
 
 model.path                 local HF directory, Hub id or ``.gguf`` file ("" -> use model.config)
 model.config               inline HF-style config dict for a from-scratch model (None -> use model.path)
@@ -167,7 +171,7 @@ STAGES = ("sft", "preference", "eval")
 def get_default_config() -> ml_collections.ConfigDict:
     """The default configuration (locked, except ``loss.hparams`` and ``model.config``)."""
     section = ml_collections.ConfigDict
-    c = section({"stage": "preference", "run_dir": "", "seed": 0, "compile_cache": ""})
+    c = section({"stage": "preference", "run_dir": "", "seed": 0, "compile_cache": "", "preflight": "stop"})
     c.model = section({"path": "", "config": None,  # a ConfigDict of HF config.json fields when set
                        "tokenizer": "", "dtype": "bfloat16", "param_dtype": "float32", "remat": False,
                        "remat_policy": "full", "attention": "einsum", "lora": adapters.default_config()})
@@ -287,6 +291,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
         fail("compile_cache", c.compile_cache, "must be a directory, 'off', or '' (the default location)")
     if not is_int(c.seed):
         fail("seed", c.seed, "must be an int")
+    check_choice(c, "preflight", ("stop", "warn", "off"))
     inputs.validate_config(c)
     adapters.validate_config(c)  # before reference's: LoRA decides which reference is allowed
     objectives.validate_config(c)

@@ -413,6 +413,9 @@ class _Loop:
                 m["step_time"] = dt
                 m["tokens_per_sec"] = tokens / dt
                 m["mfu"] = mfu(self.num_params, tokens, dt, peak, jax.device_count(), ref_n)
+                if step == start + 2 and self.is_main:  # the first timed step: the run's projected time
+                    logger.info("step time %.3g s: the remaining %d steps take about %.1f min", dt, num_steps - step,
+                                dt * (num_steps - step) / 60)
             if self.is_main and (warning := flat.check(step, m["loss"])):
                 logger.warning("%s", warning)
             if step % c.metrics.log_every == 0 or step == num_steps:
@@ -618,6 +621,8 @@ def train(config, *, train_data=None, eval_data=None, sft_data=None, stop_at: in
     try:
         run_info.write(c, _config_dict(c), in_memory=tuple(k for k, d in (("train", train_data), ("eval", eval_data),
                                                                           ("sft", sft_data)) if d is not None))
+        from spo_jax import plan  # imports this module
+        plan.preflight(c)  # the step's memory against the devices', before any data or reference work
         loop = _Loop(c, train_data=train_data, eval_data=eval_data, sft_data=sft_data)
         if c.stage == "eval":
             return loop.run_eval()

@@ -98,6 +98,26 @@ MODELS = {
     "llama-3-8b": dict(hub="meta-llama/Meta-Llama-3-8B", family="llama", remat=True, grad_accum=4, pref_lr=5e-7),
 }
 
+#: Each model's architecture, the fields of its Hub config.json that spo_jax.models reads: what
+#: ``python -m spo_jax.plan`` builds the model's shapes from (``hf_config``), without weights or network.
+HF_CONFIGS = {
+    "qwen2.5-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                         max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                         tie_word_embeddings=True, use_sliding_window=False, hidden_act="silu",
+                         bos_token_id=151643, eos_token_id=151643),
+    "llama-3.2-1b": dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                         num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                         max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
+                         tie_word_embeddings=True, hidden_act="silu", bos_token_id=128000, eos_token_id=128001,
+                         rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0,
+                                           high_freq_factor=4.0, original_max_position_embeddings=8192)),
+    "llama-3-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                       max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
+                       tie_word_embeddings=False, hidden_act="silu", bos_token_id=128000, eos_token_id=128001),
+}
+
 #: The paper's BT losses (names of spo_jax.losses) and their hyperparameters.
 LOSSES = {
     # Rafailov et al. 2023; TRL DPOConfig default beta = 0.1.
@@ -229,6 +249,11 @@ def parse(arg: str) -> dict:
     if loss == "sft" and spo == "spo":
         raise GridError(f"{arg!r}: SPO wraps a preference loss; the SFT model takes 'nospo'")
     return dict(model=model, loss=loss, spo=spo == "spo", dataset=dataset, stage=stage, mesh=mesh)
+
+
+def hf_config(arg: str = "qwen2.5-0.5b,dpo,spo,gsm8k") -> dict:
+    """The HF config fields of the grid entry's model (``spo_jax.plan`` reads them: no weights needed)."""
+    return dict(HF_CONFIGS[parse(arg)["model"]])
 
 
 def method_name(loss: str, spo: bool) -> str:
