@@ -123,20 +123,37 @@ def test_ctrl_c_before_the_first_step_stops_at_once_and_a_second_quits(pairs, tm
     assert err.strip().splitlines()[-1] == ("stopped by SIGINT before the first step of this run; nothing was "
                                             "trained; rerun the same command to start")
     assert not (run_dir / "checkpoints").exists() or not os.listdir(run_dir / "checkpoints")
-    # a second Ctrl-C quits at once, whatever the main thread is doing
-    proc = start([sys.executable, "-c", "import time, sys; from spo_jax import cli; cli.install_stop_handlers(); "
-                  "print('ready', flush=True); time.sleep(60)"])
+    # inside a long XLA compile (where Python runs no signal handler) the request is acknowledged at once,
+    # and a second Ctrl-C quits at once
+    proc = start([sys.executable, "-c", LONG_COMPILE])
     try:
-        assert proc.stdout.readline().strip() == "ready"
+        assert proc.stdout.readline().strip() == "compiling"
+        time.sleep(0.3)
         proc.send_signal(signal.SIGINT)
-        time.sleep(0.5)
+        ack = proc.stderr.readline()
+        assert proc.poll() is None  # still compiling
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
+        out, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130
-    assert "SIGINT received: stopping after the current step" in err and "second Ctrl-C: quitting now" in err
+    assert ack.startswith("SIGINT received: stopping after the current step")
+    assert proc.returncode == 130 and "second Ctrl-C: quitting now" in err and "compiled" not in out
+
+
+LONG_COMPILE = """
+import jax, jax.numpy as jnp
+from spo_jax import cli
+cli.install_stop_handlers()
+def f(x):
+    for i in range(3000):
+        x = jnp.sin(x) * (i % 7 + 1) + jnp.cos(x[::-1])
+    return x
+lowered = jax.jit(f).lower(jnp.ones(64))
+print("compiling", flush=True)
+lowered.compile()  # XLA, seconds to tens of seconds, without returning to Python
+print("compiled", flush=True)
+"""
 
 
 SAVE_HOOK = """
