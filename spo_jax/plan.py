@@ -509,7 +509,9 @@ def preflight(config, *, capacity: int | None = None, log=None) -> dict | None:
 
 
 def _gib(b) -> str:
-    return "?" if b is None else f"{b / GiB:.2f} GiB"
+    if b is None:
+        return "?"
+    return f"{b / GiB:.2f} GiB" if abs(b) >= GiB / 4 else f"{b / (1 << 20):.1f} MiB"
 
 
 def format_report(rep: dict) -> str:
