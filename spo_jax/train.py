@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx, struct
+from tqdm.auto import tqdm
 
 from spo_jax import adapters
 from spo_jax import config as config_lib
@@ -319,11 +320,16 @@ class _Loop:
         it = inputs.make_iterator(c, self.eval_ds, batch_size=c.data.eval_batch_size, shuffle=False, num_epochs=1,
                                   seed=0, pad_id=self.pad_id)
         per_batch = []
+        total = min(it.num_batches(), c.eval.num_batches or it.num_batches())
+        bar = tqdm(total=total, desc=f"eval at step {step}", unit="batch", dynamic_ncols=True, leave=False,
+                   disable=not (c.metrics.progress_bar and self.is_main))
         for i, local in enumerate(it):
             if c.eval.num_batches and i >= c.eval.num_batches:
                 break
             batch = sharding_lib.make_global_batch(self.reference.add_to(local, "eval"), self.mesh)
             per_batch.append(jax.device_get(self._eval_step(params, self.reference.params, batch, self.state.frozen)))
+            bar.update(1)
+        bar.close()
         out = pooled_mean(per_batch)
         if c.eval.generation:
             out.update(self._generation_accuracy(params))
