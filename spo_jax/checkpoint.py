@@ -425,16 +425,19 @@ def _flat(d, prefix: str = "") -> dict:
 
 
 def check_resume_config(saved: dict, now: dict, directory: str, *, allow_optim_change: bool = False,
-                        sections: tuple[str, ...] = RESUME_SECTIONS) -> None:
+                        sections: tuple[str, ...] = RESUME_SECTIONS, defaults: dict | None = None) -> None:
     """Raise ``ConfigError`` when the checkpoint's config (``saved``) differs from the run's
     (``now``) in one of ``sections``, naming each changed field with its old and new value
     and what a resume accepts; ``optim`` may change with ``allow_optim_change`` (logged: e.g.
-    resuming a diverged run with a lower learning rate)."""
+    resuming a diverged run with a lower learning rate). A field the checkpoint predates (absent
+    from ``saved``) that has its value in ``defaults`` (the default config) counts as unchanged."""
     changed = {}
     for section in sections:
         if saved.get(section) is None:
             continue
         old, new = _flat(saved.get(section), f"{section}."), _flat(now.get(section), f"{section}.")
+        default = _flat((defaults or {}).get(section), f"{section}.")
+        old.update({k: v for k, v in new.items() if k not in old and k in default and default[k] == v})
         changed.update({k: (old.get(k, "<absent>"), new.get(k, "<absent>")) for k in sorted(set(old) | set(new))
                         if old.get(k, "<absent>") != new.get(k, "<absent>") and k not in EVAL_ONLY_FIELDS})
     optim = {k: v for k, v in changed.items() if k.startswith("optim.")}

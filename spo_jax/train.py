@@ -377,7 +377,8 @@ class _Loop:
     def _check_resume_config(self, saved: dict) -> None:
         check_resume_config(saved, _config_dict(self.config), self.checkpointer.directory,
                             allow_optim_change=bool(self.config.checkpoint.allow_optim_change),
-                            sections=EVAL_SECTIONS if self.config.stage == "eval" else RESUME_SECTIONS)
+                            sections=EVAL_SECTIONS if self.config.stage == "eval" else RESUME_SECTIONS,
+                            defaults=_config_dict(config_lib.get_default_config()))
 
     def _save(self, step: int, it) -> None:
         self.writer.flush()  # every record up to this checkpoint is on disk before it exists

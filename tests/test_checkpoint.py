@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from spo_jax import sharding
 from spo_jax.checkpoint import Checkpointer, abstract_like
@@ -99,3 +101,20 @@ def test_killed_writer_leaves_previous_checkpoint_readable(tmp_path):
     np.testing.assert_array_equal(np.asarray(restored["w"]), np.full((512, 1024), float(latest), np.float32))
     assert int(restored["step"]) == latest and data_state == {"cursor": latest}
     ckpt.close()
+
+
+def test_resume_accepts_a_checkpoint_written_before_a_field_existed_only_at_its_default():
+    from spo_jax import config as config_lib
+    from spo_jax.checkpoint import check_resume_config
+    from spo_jax.validation import ConfigError
+
+    defaults = json.loads(json.dumps(config_lib.get_default_config().to_dict(), default=str))
+    now = json.loads(json.dumps(defaults))
+    saved = json.loads(json.dumps(defaults))
+    del saved["model"]["remat_policy"]  # a checkpoint written before model.remat_policy existed
+    check_resume_config(saved, now, "ckpt", defaults=defaults)
+    now["model"]["remat_policy"] = "dots_saveable"  # the new field away from its default is a change
+    with pytest.raises(ConfigError, match=r"model\.remat_policy: '<absent>' -> 'dots_saveable'"):
+        check_resume_config(saved, now, "ckpt", defaults=defaults)
+    with pytest.raises(ConfigError, match=r"model\.remat_policy"):  # without the defaults: as before
+        check_resume_config(saved, defaults, "ckpt")
