@@ -19,7 +19,7 @@ import time
 import numpy as np
 import pytest
 
-from spo_jax import train
+from spo_jax import compile_cache, train
 from spo_jax.checkpoint import Checkpointer
 from spo_jax.runlock import LOCK_NAME, RunLock, RunLocked
 from spo_jax.validation import ConfigError
@@ -35,13 +35,24 @@ def pairs(tmp_path_factory):
     return write_pairs(tmp_path_factory.mktemp("reliability") / "pairs.jsonl")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def cache_env(tmp_path_factory):
+    """One JAX compile cache for this module's runs, in-process and in the trainers it starts (the same tiny
+    programs compile once): a fresh directory, so no outcome depends on a run outside this module; a
+    program loaded from it computes what its compilation would (the tests compare exact numbers)."""
+    path = str(tmp_path_factory.mktemp("jax_cache"))
+    compile_cache.enable_compile_cache(path)
+    yield dict(ENV, SPO_JAX_COMPILE_CACHE=path)
+    compile_cache.enable_compile_cache("off")
+
+
 def cli_args(run_dir, pairs, *overrides) -> list[str]:
     return [sys.executable, "-m", "spo_jax.train", f"--config={TINY}", f"--config.run_dir={run_dir}",
             f"--config.data.train_path={pairs}", *overrides]
 
 
-def start(args) -> subprocess.Popen:
-    return subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def start(args, env=ENV) -> subprocess.Popen:
+    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def wait_for(cond, proc, timeout=300):
@@ -74,24 +85,78 @@ def test_run_lock_is_exclusive_names_its_holder_and_a_stale_one_is_taken_over(tm
     lock.release()
 
 
-def test_second_trainer_on_a_run_dir_exits_2_and_ctrl_c_mid_run_saves_and_resumes(pairs, tmp_path):
-    """Two real trainers on one run directory: the second exits 2 naming the first (pid,
-    host, start time) and writes nothing; then Ctrl-C (SIGINT) mid-run: acknowledged at once,
-    a checkpoint after the current step, exit 130; the rerun resumes from it."""
+# One command, run four times on one run directory (each refusal or stop message says "rerun the same command"):
+# Ctrl-C before the first step, Ctrl-C during a save, a second trainer while the third run trains, Ctrl-C mid-run.
+# The num_steps is never reached: every run is stopped, and the shared compile cache serves the later runs the
+# programs the first compiled (the same command compiles the same programs).
+CHAIN_STEPS = 100_000
+
+EARLY_HOOK = """
+import os, signal, sys
+from spo_jax import cli, train
+make_train_step = train.make_train_step
+def interrupt_then_build(*args, **kwargs):  # Ctrl-C after start-up, before the train step is compiled
+    os.kill(os.getpid(), signal.SIGINT)
+    assert train.STOP_REQUESTED.wait(30)
+    return make_train_step(*args, **kwargs)
+train.make_train_step = interrupt_then_build
+cli.main(sys.argv)
+"""
+
+SAVE_HOOK = """
+import os, signal, sys
+from spo_jax import checkpoint, cli, train
+save = checkpoint.Checkpointer.save
+def save_and_interrupt(self, step, *args, **kwargs):
+    if step == 5:  # Ctrl-C while the step-5 checkpoint is being written
+        os.kill(os.getpid(), signal.SIGINT)
+        assert train.STOP_REQUESTED.wait(30)
+    return save(self, step, *args, **kwargs)
+checkpoint.Checkpointer.save = save_and_interrupt
+cli.main(sys.argv)
+"""
+
+
+def test_ctrl_c_before_the_first_step_during_a_save_and_mid_run_and_a_second_trainer(pairs, tmp_path, cache_env):
+    """Ctrl-C (SIGINT) before the first step: exit 130, nothing trained; the same command again, Ctrl-C during
+    the step-5 save: the save completes, a checkpoint after the next step, exit 130; again, and while it trains
+    a second trainer on the run directory exits 2 naming the first (pid, host, start time) and writes nothing;
+    then Ctrl-C mid-run: acknowledged at once, a checkpoint after the current step, exit 130; a last rerun
+    resumes from it with one metrics record per step."""
     run_dir = tmp_path / "run"
-    num_steps = 400
-    first = start(cli_args(run_dir, pairs, f"--config.train.num_steps={num_steps}", "--config.checkpoint.every=50"))
+    args = cli_args(run_dir, pairs, f"--config.train.num_steps={CHAIN_STEPS}", "--config.checkpoint.every=5",
+                    "--config.checkpoint.async_save=True")
+    ckpts = Checkpointer(str(run_dir / "checkpoints"))
     jsonl = run_dir / "metrics.jsonl"
+
+    early = subprocess.run([sys.executable, "-c", EARLY_HOOK, *args[3:]], cwd=ROOT, env=cache_env,
+                           capture_output=True, text=True, timeout=300)
+    assert early.returncode == 130, early.stderr[-3000:]
+    assert "SIGINT received: stopping after the current step" in early.stderr
+    assert early.stderr.strip().splitlines()[-1] == ("stopped by SIGINT before the first step of this run; nothing "
+                                                     "was trained; rerun the same command to start")
+    assert ckpts.all_steps() == [] and not (jsonl.exists() and jsonl.read_text().strip())
+    assert not (run_dir / LOCK_NAME).exists()
+
+    saving = subprocess.run([sys.executable, "-c", SAVE_HOOK, *args[3:]], cwd=ROOT, env=cache_env,
+                            capture_output=True, text=True, timeout=300)
+    assert saving.returncode == 130, saving.stderr[-3000:]
+    assert ckpts.all_steps() == [5, 6]  # the interrupted save is complete, and one more after the next step
+    assert saving.stderr.strip().splitlines()[-1] == ("stopped by SIGINT after step 6 with a checkpoint there; "
+                                                      "rerun the same command to resume")
+    assert sorted(train_records(jsonl)) == list(range(1, 7)) and not (run_dir / LOCK_NAME).exists()
+
+    first = start(args, env=cache_env)
     try:
         wait_for(lambda: (run_dir / LOCK_NAME).exists(), first)
-        second = subprocess.run(cli_args(run_dir, pairs), cwd=ROOT, env=ENV, capture_output=True, text=True,
+        second = subprocess.run(cli_args(run_dir, pairs), cwd=ROOT, env=cache_env, capture_output=True, text=True,
                                 timeout=300)
         assert second.returncode == 2, second.stderr[-3000:]
         last = second.stderr.strip().splitlines()[-1]
         assert last.startswith(f"config error: config.run_dir='{run_dir}' is in use by another run: pid {first.pid} "
                                f"on host {socket.gethostname()} (started "), last
         assert "Traceback" not in second.stderr
-        wait_for(lambda: jsonl.exists() and len(jsonl.read_text().splitlines()) >= 3, first)
+        wait_for(lambda: len(jsonl.read_text().splitlines()) >= 9, first)  # resumed at 6: three more steps
         first.send_signal(signal.SIGINT)
         out, err = first.communicate(timeout=300)
     finally:
@@ -99,8 +164,8 @@ def test_second_trainer_on_a_run_dir_exits_2_and_ctrl_c_mid_run_saves_and_resume
             first.kill()
     assert first.returncode == 130, err[-3000:]
     assert "SIGINT received: stopping after the current step" in err
-    stopped = Checkpointer(str(run_dir / "checkpoints")).latest_step()
-    assert 3 <= stopped < num_steps
+    stopped = ckpts.latest_step()
+    assert 9 <= stopped < CHAIN_STEPS
     assert err.strip().splitlines()[-1] == (f"stopped by SIGINT after step {stopped} with a checkpoint there; "
                                             "rerun the same command to resume")
     assert max(train_records(jsonl)) == stopped and not (run_dir / LOCK_NAME).exists()
@@ -109,20 +174,7 @@ def test_second_trainer_on_a_run_dir_exits_2_and_ctrl_c_mid_run_saves_and_resume
     assert_continuous(run_dir, stopped + 2)
 
 
-def test_ctrl_c_before_the_first_step_stops_at_once_and_a_second_quits(pairs, tmp_path):
-    run_dir = tmp_path / "early"
-    proc = start(cli_args(run_dir, pairs))
-    try:
-        wait_for(lambda: (run_dir / LOCK_NAME).exists(), proc)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, err[-3000:]
-    assert err.strip().splitlines()[-1] == ("stopped by SIGINT before the first step of this run; nothing was "
-                                            "trained; rerun the same command to start")
-    assert not (run_dir / "checkpoints").exists() or not os.listdir(run_dir / "checkpoints")
+def test_ctrl_c_during_a_compile_is_acknowledged_at_once_and_a_second_quits():
     # inside a long XLA compile (where Python runs no signal handler) the request is acknowledged at once,
     # and a second Ctrl-C quits at once
     proc = start([sys.executable, "-c", LONG_COMPILE])
@@ -146,38 +198,14 @@ import jax, jax.numpy as jnp
 from spo_jax import cli
 cli.install_stop_handlers()
 def f(x):
-    for i in range(3000):
+    for i in range(1000):
         x = jnp.sin(x) * (i % 7 + 1) + jnp.cos(x[::-1])
     return x
 lowered = jax.jit(f).lower(jnp.ones(64))
 print("compiling", flush=True)
-lowered.compile()  # XLA, seconds to tens of seconds, without returning to Python
+lowered.compile()  # XLA, seconds, without returning to Python
 print("compiled", flush=True)
 """
-
-
-SAVE_HOOK = """
-import os, signal, sys, time
-from spo_jax import checkpoint, cli
-save = checkpoint.Checkpointer.save
-def save_and_interrupt(self, step, *args, **kwargs):
-    if step == 5:  # Ctrl-C while the step-5 checkpoint is being written
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.5)
-    return save(self, step, *args, **kwargs)
-checkpoint.Checkpointer.save = save_and_interrupt
-cli.main(sys.argv)
-"""
-
-
-def test_ctrl_c_during_a_save_completes_it_and_stops_after_the_next_step(pairs, tmp_path):
-    run_dir = tmp_path / "save"
-    args = cli_args(run_dir, pairs, "--config.train.num_steps=20", "--config.checkpoint.async_save=True")
-    proc = subprocess.run([sys.executable, "-c", SAVE_HOOK, *args[3:]], cwd=ROOT, env=ENV, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 130, proc.stderr[-3000:]
-    assert Checkpointer(str(run_dir / "checkpoints")).all_steps() == [5, 6]
-    assert proc.stderr.strip().splitlines()[-1].startswith("stopped by SIGINT after step 6 with a checkpoint there")
 
 
 # --------------------------------------------------------------------------- #
