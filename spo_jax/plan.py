@@ -52,6 +52,11 @@ from spo_jax.metrics import mfu
 from spo_jax.optim import make_optimizer
 from spo_jax.validation import ConfigError
 
+__all__ = ["quiet_libtpu", "topology_devices", "make_mesh", "host_free_bytes", "device_capacity", "hf_config",
+           "planning_config", "abstract_policy", "abstract_state", "batch_shapes", "train_batch", "eval_batch",
+           "tokens_per_step", "compile_program", "plan", "candidates", "search", "flags_text", "preflight",
+           "format_report", "search_table", "run", "main", "CHIPS", "TOPOLOGY_FORMS", "PREFLIGHT_MODES"]
+
 GiB = 1 << 30
 
 #: TPU chips by ``device_kind``: (HBM bytes, peak bf16 FLOP/s, HBM bandwidth bytes/s, source), per chip.
