@@ -11,7 +11,7 @@ The model is built from its shapes alone (``nnx.eval_shape``): ``model.config``,
 ``<model.path>/config.json``, else the config file's own ``hf_config(arg)`` (``experiments/paper.py``
 carries its models' HF config fields), else a Hub id's config (needs the network). The batch is the
 config's largest (``data.max_length`` tokens, every position scored). The programs are the trainer's own
-(``train.make_train_step`` / ``make_eval_step`` with ``sharding.param_shardings``), lowered on abstract
+(``steps.make_train_step`` / ``make_eval_step`` with ``sharding.param_shardings``), lowered on abstract
 arguments and compiled; for each, per device: argument / temporary / output bytes (XLA's
 ``memory_analysis``) against the capacity (the chip's HBM, ``CHIPS``; on a CPU the host's free RAM; on a
 GPU the device's limit), whether it fits, FLOPs and the compiler's step-time estimate
@@ -46,7 +46,7 @@ from spo_jax import adapters, models, validation
 from spo_jax import config as config_lib
 from spo_jax import reference as reference_lib
 from spo_jax import sharding as sharding_lib
-from spo_jax import train as train_lib
+from spo_jax import steps as steps_lib
 from spo_jax.data.batching import empty_batch
 from spo_jax.metrics import mfu
 from spo_jax.optim import make_optimizer
@@ -208,7 +208,7 @@ def abstract_state(config, mesh):
     policy, params, frozen = abstract_policy(config)
     tx, schedule = make_optimizer(config)
     online = reference_lib.reference_mode(config) == "online" and not policy.lora
-    state = train_lib.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+    state = steps_lib.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                                  opt_state=jax.eval_shape(tx.init, params),
                                  rng=jax.ShapeDtypeStruct((2,), jnp.uint32), ref_params=params if online else None,
                                  frozen=frozen)
@@ -334,13 +334,13 @@ def plan(config, devices, *, programs: tuple[str, ...] = ("train_step", "eval_st
            "mesh": dict(zip(sharding_lib.AXES, (int(mesh.shape[a]) for a in sharding_lib.AXES))),
            "capacity_source": source, "peak_bf16_flops": peak_flops, "programs": {}, "executables": {}}
     if "train_step" in programs and c.stage != "eval":
-        step = train_lib.make_train_step(c, policy, tx, schedule, mesh, shardings)
+        step = steps_lib.make_train_step(c, policy, tx, schedule, mesh, shardings)
         exe, rep = compile_program(step, (state, train_batch(c, mesh)), cap, peak_flops, bandwidth)
         out["programs"]["train_step"], out["executables"]["train_step"] = rep, exe
         _projection(c, rep, state, peak_flops, len(devices))
     if "eval_step" in programs and c.data.eval_path:
         sft = c.stage == "sft" or (c.stage == "eval" and reference_lib.reference_mode(c) == "none")
-        step = train_lib.make_eval_step(c, policy, mesh, sft_data=sft)
+        step = steps_lib.make_eval_step(c, policy, mesh, sft_data=sft)
         args = (state.params, state.ref_params, eval_batch(c, mesh, sft), state.frozen)
         exe, rep = compile_program(step, args, cap, peak_flops, bandwidth)
         out["programs"]["eval_step"], out["executables"]["eval_step"] = rep, exe
