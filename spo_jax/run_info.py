@@ -2,7 +2,9 @@
 (``spo_jax.train.train`` calls :func:`write` once the config is valid and the run directory
 locked):
 
-* ``config.json``: the resolved config (every field, as the checkpoints record it).
+* ``config.json``: the resolved config of the training run (every field, as the checkpoints record
+  it): written at a fresh start, and at a resume once its checkpoint accepted the config (a refused
+  resume leaves it as it was); an evaluation (stage eval) never writes it.
   ``python -m spo_jax.train --config=<run_dir>/config.json`` reruns the run, or resumes it from
   its newest checkpoint (``spo_jax.configs.run``); relative paths in it are relative to ``cwd``.
 * ``run_info.json``: ``{"invocations": [...]}``, one entry per start (a resume appends): the
@@ -28,7 +30,7 @@ import sys
 
 import jax
 
-__all__ = ["CONFIG_NAME", "INFO_NAME", "write", "describe", "versions", "git_commit", "file_digest"]
+__all__ = ["CONFIG_NAME", "INFO_NAME", "write", "write_config", "describe", "versions", "git_commit", "file_digest"]
 
 logger = logging.getLogger("spo_jax.run_info")
 
@@ -105,8 +107,10 @@ def describe(config, *, in_memory: tuple[str, ...] = ()) -> dict:
     info = {
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command,
-        "rerun": f"cd {shlex.quote(os.getcwd())} && python -m spo_jax.train "
-                 f"--config={shlex.quote(os.path.join(run_dir, CONFIG_NAME))}",
+        "stage": config.stage,
+        # an evaluation reruns as typed (config.json stays the training run's)
+        "rerun": f"cd {shlex.quote(os.getcwd())} && " + (command if config.stage == "eval" else
+                 f"python -m spo_jax.train --config={shlex.quote(os.path.join(run_dir, CONFIG_NAME))}"),
         "cwd": os.getcwd(),
         "versions": versions(),
         "devices": {"platform": jax.devices()[0].platform, "count": jax.device_count(),
@@ -120,14 +124,16 @@ def describe(config, *, in_memory: tuple[str, ...] = ()) -> dict:
     return info
 
 
-def write(config, config_dict: dict, *, in_memory: tuple[str, ...] = ()) -> None:
-    """Write ``config.json`` (``config_dict``: the resolved config) and append this invocation to
-    ``run_info.json`` in ``config.run_dir`` (process 0 only; the others return at once)."""
+def write(config, config_dict: dict, *, in_memory: tuple[str, ...] = (), config_file: bool = True) -> None:
+    """Append this invocation to ``run_info.json`` in ``config.run_dir`` and, with ``config_file``,
+    write ``config.json`` (``config_dict``: the resolved config). Process 0 only; the others return
+    at once."""
     if jax.process_index() != 0:
         return
     run_dir = os.path.abspath(os.path.expanduser(config.run_dir))
     os.makedirs(run_dir, exist_ok=True)
-    _write_json(os.path.join(run_dir, CONFIG_NAME), config_dict)
+    if config_file:
+        write_config(run_dir, config_dict)
     info_path = os.path.join(run_dir, INFO_NAME)
     invocations = []
     try:
@@ -139,6 +145,11 @@ def write(config, config_dict: dict, *, in_memory: tuple[str, ...] = ()) -> None
     _write_json(info_path, {"invocations": invocations + [entry]})
     logger.info("run described in %s and %s; rerun or resume: %s", os.path.join(run_dir, CONFIG_NAME),
                 INFO_NAME, entry["rerun"])
+
+
+def write_config(run_dir: str, config_dict: dict) -> None:
+    """``<run_dir>/config.json``: the training run's resolved config (atomic)."""
+    _write_json(os.path.join(run_dir, CONFIG_NAME), config_dict)
 
 
 def _write_json(path: str, obj) -> None:

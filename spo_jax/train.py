@@ -238,6 +238,8 @@ class _Loop:
         if data_state and it is not None:
             it.set_state(data_state)
         logger.info("resumed from %s step %d", self.checkpointer.directory, step)
+        if c.stage != "eval" and self.is_main:  # the resume check passed: this config continues the run
+            run_info.write_config(self.run_dir, _config_dict(c))
         return int(step)
 
     def _check_resume_config(self, saved: dict) -> None:
@@ -492,8 +494,11 @@ def train(config, *, train_data=None, eval_data=None, sft_data=None, stop_at: in
         _check_eval_source(c)
     lock = lock_run_dir(c.run_dir, is_main=jax.process_index() == 0, agree=all_processes_agree)
     try:
+        # config.json is the training run's: written now for a fresh run, after the resume check for a
+        # resumed one (a refused resume leaves it as it was), never by an evaluation
         run_info.write(c, _config_dict(c), in_memory=tuple(k for k, d in (("train", train_data), ("eval", eval_data),
-                                                                          ("sft", sft_data)) if d is not None))
+                                                                          ("sft", sft_data)) if d is not None),
+                       config_file=c.stage != "eval" and not _has_checkpoints(c))
         plan.preflight(c)  # the step's memory against the devices', before any data or reference work
         loop = _Loop(c, train_data=train_data, eval_data=eval_data, sft_data=sft_data)
         if c.stage == "eval":
@@ -504,11 +509,20 @@ def train(config, *, train_data=None, eval_data=None, sft_data=None, stop_at: in
             lock.release()
 
 
+def _checkpoint_dir(c) -> str:
+    return os.path.join(os.path.abspath(os.path.expanduser(c.run_dir)), "checkpoints")
+
+
+def _has_checkpoints(c) -> bool:
+    directory = _checkpoint_dir(c)
+    return os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))
+
+
 def _check_eval_source(c) -> None:
     """Stage eval with ``checkpoint.resume``: run_dir must hold a training run's checkpoints (a
     mistyped run_dir would otherwise evaluate the initial model)."""
-    directory = os.path.join(os.path.abspath(os.path.expanduser(c.run_dir)), "checkpoints")
-    if not (os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))):
+    directory = _checkpoint_dir(c)
+    if not _has_checkpoints(c):
         raise config_lib.ConfigError(
             f"config.run_dir={c.run_dir!r}: stage eval evaluates a training run's latest checkpoint, and "
             f"{directory} {'holds none' if os.path.isdir(directory) else 'does not exist'}; point run_dir at a "

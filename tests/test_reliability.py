@@ -257,6 +257,7 @@ def eval_config(run_dir, pairs, **overrides):
 def test_stage_eval_on_a_run_restores_its_latest_or_a_named_checkpoint(trained, pairs):
     run_dir, final = trained
     assert final["loss"] < 0.69  # trained: not the initial model's ln 2
+    config_json = (run_dir / "config.json").read_text()
     latest = train.train(eval_config(run_dir, pairs))
     assert latest.start_step == 10 and latest.final_eval == final  # the same parameters, the same numbers
     at5 = train.train(eval_config(run_dir, pairs, checkpoint__restore_step=5))
@@ -265,6 +266,11 @@ def test_stage_eval_on_a_run_restores_its_latest_or_a_named_checkpoint(trained, 
         train.train(eval_config(run_dir, pairs, checkpoint__restore_step=7))
     with pytest.raises(ConfigError, match="config.checkpoint.restore_step=5: names a checkpoint to evaluate"):
         train.train(tiny_config(run_dir, pairs, checkpoint__restore_step=5))
+    # an evaluation is recorded in run_info.json; config.json stays the training run's (it reruns the run)
+    assert (run_dir / "config.json").read_text() == config_json
+    invocations = json.loads((run_dir / "run_info.json").read_text())["invocations"]
+    assert invocations[0]["stage"] == "preference" and invocations[-1]["stage"] == "eval"
+    assert "--config.stage=eval" in invocations[-1]["rerun"] or "called from Python" in invocations[-1]["rerun"]
 
 
 def test_stage_eval_of_a_missing_run_refuses_and_its_advice_evaluates_the_model_saying_so(pairs, tmp_path, caplog):
@@ -287,6 +293,7 @@ def test_resume_refusal_names_the_changed_fields_and_its_advice_leads_to_a_worki
         train.train(tiny_config(run_dir, pairs, data__batch_size=8, loss__name="ipo", optim__schedule="constant"))
     msg = str(e.value)
     assert "other settings: data.batch_size: 4 -> 8; loss.name: 'dpo' -> 'ipo'." in msg, msg
+    assert json.loads((run_dir / "config.json").read_text())["data"]["batch_size"] == 4  # a refused resume: as it was
     assert "train.num_steps" in msg and "new run_dir" in msg and "data.eval_path" not in msg
     assert "checkpoint.resume=False" not in msg  # (that advice was refused in turn: a circle)
     fresh = train.train(tiny_config(tmp_path / "new", pairs, data__batch_size=8, loss__name="ipo", train__num_steps=2))
@@ -302,6 +309,7 @@ def test_resume_refusal_names_the_changed_fields_and_its_advice_leads_to_a_worki
     more = train.train(tiny_config(run_dir, pairs, data__eval_path=pairs, optim__schedule="constant",
                                    train__num_steps=11))
     assert more.start_step == 10 and more.history[0]["step"] == 11
+    assert json.loads((run_dir / "config.json").read_text())["train"]["num_steps"] == 11  # the accepted resume's
 
 
 # --------------------------------------------------------------------------- #
