@@ -14,9 +14,10 @@ from spo_jax.configs import lora_dpo, tiny
 from tests.test_train import write_pairs
 
 
-def _tiny_lora(tmp_path, **overrides):
+def _tiny_lora(tmp_path, *, long_prompts=True, **overrides):
     """The lora_dpo preset as given (learning rate, warm-up, schedule, rank, alpha, dtypes, cached
-    reference) with the tiny preset's model and data sizes."""
+    reference) with the tiny preset's model and data sizes. ``long_prompts``: a quarter of the
+    prompts longer, so that batches come in 2+ lengths."""
     c = lora_dpo.get_config()
     t = tiny.get_config()
     c.model.config = ml_collections.ConfigDict(t.model.config.to_dict())
@@ -25,8 +26,9 @@ def _tiny_lora(tmp_path, **overrides):
         c.data[k] = t.data[k]
     c.run_dir = str(tmp_path / "run")
     rows = [json.loads(line) for line in open(write_pairs(tmp_path / "short.jsonl", n=16))]
-    with open(tmp_path / "pairs.jsonl", "w") as f:  # a quarter of the prompts longer: batches of 2+ lengths
-        f.writelines(json.dumps({**r, "prompt": r["prompt"] + " He gets 1 more ." * 3 * (i % 4 == 0)}) + "\n"
+    with open(tmp_path / "pairs.jsonl", "w") as f:
+        f.writelines(json.dumps({**r, "prompt": r["prompt"] + " He gets 1 more ." * 3 * (i % 4 == 0 and long_prompts)})
+                     + "\n"
                      for i, r in enumerate(rows))
     c.data.train_path = str(tmp_path / "pairs.jsonl")
     c.train.num_steps = 20
@@ -44,7 +46,7 @@ def test_lora_preset_defaults_move_the_loss_and_every_step_program_is_compiled_a
     made = []
     real = train.make_train_step
     monkeypatch.setattr(train, "make_train_step", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
-    c = _tiny_lora(tmp_path, **{"data.length_bucket": 8, "data.max_length": 64})  # several batch lengths
+    c = _tiny_lora(tmp_path, **{"data.length_bucket": 16, "data.max_length": 64})  # 2 batch lengths
     assert c.optim.learning_rate == 0 and optim.learning_rate(c) == 1e-4  # LoRA's default, not 5e-7
     with caplog.at_level(logging.INFO, logger="spo_jax"):
         result = train.train(c)
@@ -61,7 +63,8 @@ def test_lora_preset_defaults_move_the_loss_and_every_step_program_is_compiled_a
 
 
 def test_a_run_whose_loss_does_not_move_warns_with_the_cause(tmp_path, caplog):
-    c = _tiny_lora(tmp_path, **{"optim.learning_rate": 5e-7, "train.num_steps": 10})  # full fine-tuning's rate
+    # full fine-tuning's rate; one batch length (one step program): the warning needs no more
+    c = _tiny_lora(tmp_path, long_prompts=False, **{"optim.learning_rate": 5e-7, "train.num_steps": 10})
     with caplog.at_level(logging.WARNING, logger="spo_jax"):
         train.train(c)
     (warning,) = [r.getMessage() for r in caplog.records if "has not moved" in r.getMessage()]
