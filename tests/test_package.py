@@ -57,7 +57,8 @@ def test_presets_run_from_the_wheel_in_an_empty_directory(wheel_dir, tmp_path):
     pairs = write_pairs(tmp_path / "pairs.jsonl", n=8)
     cache = f"--config.compile_cache={tmp_path / 'jax_cache'}"  # the rerun loads the first run's programs
     proc = _cli(wheel_dir, cwd, "--config=tiny", "--config.run_dir=run", f"--config.data.train_path={pairs}",
-                "--config.train.num_steps=2", "--config.checkpoint.every=2", cache)
+                "--config.train.num_steps=2", "--config.checkpoint.every=2",
+                "--config.model.config.num_hidden_layers=1", cache)  # one layer: half the step's compile
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["run_dir"] == str(cwd / "run") and out["last_train"]["step"] == 2
