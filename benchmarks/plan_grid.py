@@ -97,9 +97,10 @@ def main() -> None:
                         json.dump(rows, f, indent=1)
     if args.write:
         write_section(os.path.join(os.path.dirname(STORE), "RESULTS.md"), "plan_grid",
-                      "### The paper's models on TPU slices (`benchmarks/plan_grid.py`)\n\nTPU compiler's estimate, "
-                      "not a measurement: libtpu compiled the train step on this CPU for each slice "
-                      "(`python -m spo_jax.plan`); GSM8K shapes, 128 pairs x 512 tokens per step.\n\n" + table(rows))
+                      "### The paper's models on TPU slices (`benchmarks/plan_grid.py`)\n\n**TPU compiler's estimate "
+                      "(libtpu 0.0.52, deviceless compile on a 2-core CPU), not a measurement**: libtpu compiled "
+                      "the train step on this CPU for each slice (`python -m spo_jax.plan`); GSM8K shapes, "
+                      "128 pairs x 512 tokens per step. Only the rows below have run.\n\n" + table(rows))
     print(table(rows))
 
 

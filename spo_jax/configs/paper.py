@@ -155,6 +155,8 @@ MESHES = {
     "gpu": dict(data=1, fsdp=-1, tensor=1, coordinator=""),
     # A TPU pod slice (v4-32 = 16 chips / 4 hosts, v5e-32 / v5e-64, ...): FSDP over every chip of
     # the slice; one process per host, started with jax.distributed.initialize() ("auto").
+    # Fits for qwen2.5-0.5b DPO+SPO at 128 x 512 on v5p-8 (4 chips, 52.8 GiB peak/chip) and v5p-32
+    # (16 chips, 14.9 GiB), TPU compiler's estimate (benchmarks/RESULTS.md, plan_grid); other slices unchecked.
     "tpu": dict(data=1, fsdp=-1, tensor=1, coordinator="auto"),
     # Pure data parallelism over whatever devices there are (small models, CPU smoke runs).
     "local": dict(data=-1, fsdp=1, tensor=1, coordinator=""),
