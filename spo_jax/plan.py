@@ -96,7 +96,7 @@ def topology_devices(name: str, num_slices: int = 1) -> list:
     except Exception as e:  # noqa: BLE001 - libtpu missing or a name it rejects: one line
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ConfigError(f"--topology={name!r}: {first}; use one of {TOPOLOGY_FORMS} (needs libtpu: "
-                          "pip install libtpu)") from None
+                          "pip install \"libtpu==0.0.42.*\", the version jax 0.10.2 pins)") from None
 
 
 def make_mesh(config, devices) -> jax.sharding.Mesh:
