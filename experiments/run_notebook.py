@@ -6,7 +6,8 @@ the same way and checks its tables against the stored ones).
 
 The kernel starts in ``experiments/`` (as when the notebook is opened there) with this checkout on its
 ``PYTHONPATH``; ``ABLATION_OUT`` points it at a new temporary directory, so nothing is read back from an
-earlier run, and ``ABLATION_SIZE`` is left to the notebook's default (quick).
+earlier run, and ``ABLATION_SIZE`` is left to the notebook's default (quick). The kernel sees one CPU
+device whatever ``XLA_FLAGS`` forces on the caller (the stored tables are one device's).
 """
 
 from __future__ import annotations
@@ -25,9 +26,13 @@ NOTEBOOK = os.path.join(REPO, "experiments", "ablation.ipynb")
 def execute(out_dir: str, path: str = NOTEBOOK, timeout: int = 1200) -> nbformat.NotebookNode:
     """The notebook at ``path`` executed in a fresh kernel (cwd: its folder) writing to ``out_dir``."""
     nb = nbformat.read(path, as_version=4)
-    saved = {k: os.environ.get(k) for k in ("ABLATION_OUT", "ABLATION_SIZE", "PYTHONPATH")}
+    saved = {k: os.environ.get(k) for k in ("ABLATION_OUT", "ABLATION_SIZE", "PYTHONPATH", "XLA_FLAGS")}
     os.environ["ABLATION_OUT"] = out_dir
     os.environ.pop("ABLATION_SIZE", None)
+    # one CPU device, as when the notebook is opened: the arms' numbers depend (in the last digits of a
+    # win rate) on how many devices the batch is split over, and the stored tables are one device's
+    flags = [f for f in (saved["XLA_FLAGS"] or "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    os.environ["XLA_FLAGS"] = " ".join(flags)
     os.environ["PYTHONPATH"] = os.pathsep.join([REPO] + ([saved["PYTHONPATH"]] if saved["PYTHONPATH"] else []))
     try:
         NotebookClient(nb, timeout=timeout, kernel_name="python3",

@@ -1,7 +1,10 @@
 """Shared pytest fixtures: the real GGUF model file and the shared data folder (skipped when absent)."""
 
+import atexit
 import importlib.util
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,8 +13,18 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # The entry points (CLI, demo, experiments) turn JAX's persistent compilation cache on by default, in the
 # user's cache directory; the tests (and the subprocesses they start, which inherit this) must neither
-# write there nor depend on what an earlier run left there. tests/test_compile_cache.py uses tmp dirs.
-os.environ["SPO_JAX_COMPILE_CACHE"] = "off"
+# write there nor depend on what an earlier run left there. They share one fresh cache of their own
+# instead: a directory made for this session (by the first process, pytest-xdist's controller; its workers
+# and every CLI subprocess inherit the variable), used in-process too, so that the many tests that compile
+# the same tiny programs compile each once per session (the suite on 2 cores: see the README).
+# tests/test_compile_cache.py uses tmp dirs of its own.
+if not os.environ.get("SPO_JAX_TEST_COMPILE_CACHE"):
+    os.environ["SPO_JAX_TEST_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="spo_jax_test_jax_cache_")
+    atexit.register(shutil.rmtree, os.environ["SPO_JAX_TEST_COMPILE_CACHE"], True)
+os.environ["SPO_JAX_COMPILE_CACHE"] = os.environ["SPO_JAX_TEST_COMPILE_CACHE"]
+from spo_jax.compile_cache import enable_compile_cache  # noqa: E402
+
+enable_compile_cache()
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

@@ -51,7 +51,8 @@ def test_lora_preset_defaults_move_the_loss_and_every_step_program_is_compiled_a
     with caplog.at_level(logging.INFO, logger="spo_jax"):
         result = train.train(c)
     losses = [h["loss"] for h in result.history if h["split"] == "train"]
-    assert len(losses) == 20 and abs(losses[0] - np.log(2)) < 1e-6  # the policy is the reference at step 1
+    assert len(losses) == 20 and abs(losses[0] - np.log(2)) < 1e-4  # the policy is the reference at step 1
+    # (to fp32 rounding: on 8 devices the step and the reference pass sum in other orders, 1.7e-5 seen)
     assert np.mean(losses[-5:]) < losses[0] - 1e-3, losses  # at 5e-7 it moves < 1e-3 (the next test)
     text = [r.getMessage() for r in caplog.records]
     (plan,) = [m for m in text if "the train step compiles for" in m]

@@ -301,7 +301,7 @@ def test_resume_refusal_names_the_changed_fields_and_its_advice_leads_to_a_worki
     # a changed stage: the advice is to evaluate the run, which works (previous test)
     with pytest.raises(ConfigError, match=r"stage: 'preference' -> 'sft'.*to evaluate this run, add --config.stage=eval"):
         train.train(tiny_config(run_dir, write_sft(tmp_path / "sft.jsonl"), stage="sft", optim__schedule="constant",
-                                reference__mode="none"))
+                                reference__mode="none", data__batch_size=8))  # 8: splits over 8 devices too
     # checkpoint.resume=False on a run with checkpoints: its advice (resume=True, the same settings) continues it
     with pytest.raises(ConfigError, match="set checkpoint.resume=True to continue"):
         train.train(tiny_config(run_dir, pairs, data__eval_path=pairs, optim__schedule="constant",
