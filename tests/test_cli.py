@@ -28,22 +28,62 @@ def run_cli(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
                           timeout=timeout, env=dict(os.environ, JAX_PLATFORMS="cpu", **(env or {})))
 
 
+# One interpreter imports what ``python -m spo_jax.train`` imports (jax, transformers, datasets, ...: ~4 s of
+# CPU per process), then forks once per invocation; each child runs spo_jax.train as __main__ exactly as
+# ``python -m`` does (spo_jax.train and spo_jax.cli are not left imported in the parent: they run fresh, and
+# the CLI's absl flags are defined in the child only), with its stdout / stderr on files and its own exit
+# status. The parent never starts a JAX backend, so the forks are safe.
+_FORK_RUNNER = r"""
+import json, os, runpy, sys, traceback
+import spo_jax, spo_jax.train
+assert "spo_jax.cli" not in sys.modules and "absl.flags" in sys.modules
+del sys.modules["spo_jax.train"], spo_jax.train
+cases, out = json.loads(sys.argv[1]), sys.argv[2]
+for i, (args, env) in enumerate(cases):
+    pid = os.fork()
+    if pid == 0:
+        os.environ.update(env)
+        for fd, name in ((1, "out"), (2, "err")):
+            os.dup2(os.open(os.path.join(out, f"{i}.{name}"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        sys.argv = [sys.argv[0], *args]
+        code = 0
+        try:
+            runpy.run_module("spo_jax.train", run_name="__main__", alter_sys=True)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+            if not isinstance(e.code, (int, type(None))):
+                print(e.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    with open(os.path.join(out, f"{i}.code"), "w") as f:
+        f.write(str(os.waitstatus_to_exitcode(status)))
+"""
+
+
+def run_cli_batch(cases, out_dir, *, cwd=ROOT, env=None, timeout=600) -> list[subprocess.CompletedProcess]:
+    """``python -m spo_jax.train <args>`` for each ``(args, extra_env)`` in ``cases``, one after another, each
+    its own (forked) process; ``env``: the whole environment of the batch (default: this one's, CPU)."""
+    import json
+    os.makedirs(out_dir, exist_ok=True)
+    env = dict(os.environ, JAX_PLATFORMS="cpu") if env is None else env
+    proc = subprocess.run([sys.executable, "-c", _FORK_RUNNER, json.dumps([[list(a), dict(e or {})] for a, e in cases]),
+                           str(out_dir)], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    read = lambda i, name: open(os.path.join(out_dir, f"{i}.{name}")).read()  # noqa: E731
+    return [subprocess.CompletedProcess(["python", "-m", "spo_jax.train", *a], int(read(i, "code")), read(i, "out"),
+                                        read(i, "err")) for i, (a, _) in enumerate(cases)]
+
+
 def test_every_config_field_has_one_description():
     fields = [name for name, _ in config_lib.config_fields()]
     help_ = config_lib.field_help()
     assert sorted(help_) == sorted(fields)
     assert all(len(help_[f]) > 5 for f in fields)
-
-
-def test_help_prints_every_field_with_default_and_description():
-    proc = run_cli("--help", timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    out = proc.stdout
-    help_ = config_lib.field_help()
-    for name, default in config_lib.config_fields():
-        line = f"  {name} = {default!r}\n      {help_[name]}\n"
-        assert line in out, name
-    assert "Exit codes: 0 done; 1 unexpected error" in out
 
 
 def test_expected_failures_are_classified_with_exit_codes():
@@ -77,7 +117,36 @@ def bad_json(tmp_path_factory):
     lines = open(good).read().splitlines()
     lines.insert(2, '{"prompt": "x", "chosen": "a" "rejected": "b"}')
     (d / "bad.jsonl").write_text("\n".join(lines) + "\n")
+    # data.max_length past a GPT-2's learned positions (test_config_mistakes_before_anything_heavy)
+    (d / "gpt2.py").write_text("import ml_collections\nfrom experiments.tiny_test import get_config as tiny\n\n"
+                               "def get_config():\n    c = tiny()\n"
+                               f"    c.model.config = ml_collections.ConfigDict({GPT2_16!r})\n    return c\n")
     return d
+
+
+def _bad_data_args(d):
+    return [f"--config={TINY}", f"--config.run_dir={d / 'run'}", f"--config.data.train_path={d / 'bad.jsonl'}"]
+
+
+def _base_args(d):
+    return [f"--config={TINY}", f"--config.run_dir={d / 'run'}", f"--config.data.train_path={d / 'pairs.jsonl'}"]
+
+
+@pytest.fixture(scope="module")
+def cli_runs(bad_json):
+    """Every CLI invocation of the tests below, run in one batch (run_cli_batch: a process each)."""
+    base = _base_args(bad_json)
+    cases = {
+        "help": (["--help"], None),
+        "bad_data": (_bad_data_args(bad_json), None),
+        "bad_data_debug": (_bad_data_args(bad_json), {"SPO_JAX_DEBUG": "1"}),
+        "loss": ([*base, "--config.loss.name=dpoo"], None),
+        "field": ([*base, "--config.optim.learnig_rate=1e-3"], None),
+        "type": ([*base, "--config.train.num_steps=ten"], None),
+        "gpt2": ([f"--config={bad_json / 'gpt2.py'}", *base[1:]], None),
+        "no_file": (["--config=experiments/nope.py"], None),
+    }
+    return dict(zip(cases, run_cli_batch(list(cases.values()), bad_json / "batch")))
 
 
 def _one_line(proc, code: int, prefix: str) -> str:
@@ -88,32 +157,37 @@ def _one_line(proc, code: int, prefix: str) -> str:
     return last
 
 
-def test_bad_data_file_is_one_line_and_exit_3_traceback_only_on_request(bad_json):
-    args = [f"--config={TINY}", f"--config.run_dir={bad_json / 'run'}", f"--config.data.train_path={bad_json / 'bad.jsonl'}"]
-    proc = run_cli(*args)
+def test_bad_data_file_is_one_line_and_exit_3_traceback_only_on_request(cli_runs):
+    proc = cli_runs["bad_data"]
     last = _one_line(proc, 3, "data error: ")
     assert last.endswith("bad.jsonl:3: not valid JSON: Expecting ',' delimiter (column 31); each line must be one "
                          "JSON object.")
     assert "pyarrow" not in proc.stderr  # datasets' own report of the same error is not repeated
-    debug = run_cli(*args, env={"SPO_JAX_DEBUG": "1"})
+    debug = cli_runs["bad_data_debug"]
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "DataError" in debug.stderr
 
 
-def test_config_mistakes_before_anything_heavy(bad_json):
-    base = [f"--config={TINY}", f"--config.run_dir={bad_json / 'run'}",
-            f"--config.data.train_path={bad_json / 'pairs.jsonl'}"]
+def test_config_mistakes_before_anything_heavy(cli_runs):
     # an unknown loss name: the intended config error listing the losses (issue 18 item 8)
-    last = _one_line(run_cli(*base, "--config.loss.name=dpoo"), 2, "config error: ")
+    last = _one_line(cli_runs["loss"], 2, "config error: ")
     assert "unknown loss 'dpoo'; known losses: " in last and "simpo" in last
     # a typo in a field name, a value of the wrong type, a config file that does not exist
-    last = _one_line(run_cli(*base, "--config.optim.learnig_rate=1e-3"), 2, "config error: ")
+    last = _one_line(cli_runs["field"], 2, "config error: ")
     assert "no config field 'learnig_rate'" in last and "did you mean learning_rate?" in last
-    _one_line(run_cli(*base, "--config.train.num_steps=ten"), 2, "Pass --helpshort")
-    # data.max_length past a GPT-2's learned positions: refused before the model is built
-    (bad_json / "gpt2.py").write_text("import ml_collections\nfrom experiments.tiny_test import get_config as tiny\n\n"
-                                      "def get_config():\n    c = tiny()\n"
-                                      f"    c.model.config = ml_collections.ConfigDict({GPT2_16!r})\n    return c\n")
-    last = _one_line(run_cli(f"--config={bad_json / 'gpt2.py'}", *base[1:]), 2, "config error: config.data.max_length=32")
+    _one_line(cli_runs["type"], 2, "Pass --helpshort")
+    # data.max_length past a GPT-2's learned positions (bad_json's gpt2.py): refused before the model is built
+    last = _one_line(cli_runs["gpt2"], 2, "config error: config.data.max_length=32")
     assert "max_position_embeddings=16" in last and "lower data.max_length to <= 16" in last
-    last = _one_line(run_cli("--config=experiments/nope.py"), 2, "usage error: --config=experiments/nope.py is "
+    last = _one_line(cli_runs["no_file"], 2, "usage error: --config=experiments/nope.py is "
                      "neither a file nor a preset; presets: dpo, spo, lora_dpo, sft, paper, tiny")
+
+
+def test_help_prints_every_field_with_default_and_description(cli_runs):
+    proc = cli_runs["help"]
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    help_ = config_lib.field_help()
+    for name, default in config_lib.config_fields():
+        line = f"  {name} = {default!r}\n      {help_[name]}\n"
+        assert line in out, name
+    assert "Exit codes: 0 done; 1 unexpected error" in out
