@@ -89,23 +89,23 @@ def test_cli_second_identical_run_compiles_nothing(tmp_path):
     pairs = write_pairs(tmp_path / "pairs.jsonl", n=8)
     cache = tmp_path / "cache"
 
-    def cli(run: str, setting: str) -> dict:
-        args = [sys.executable, "-m", "spo_jax.train", f"--config={os.path.join(ROOT, 'experiments', 'tiny_test.py')}",
-                f"--config.run_dir={tmp_path / run}", f"--config.data.train_path={pairs}",
-                "--config.train.num_steps=2", "--config.checkpoint.every=0", f"--config.compile_cache={setting}"]
-        out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=400,
-                             env=dict(os.environ, JAX_PLATFORMS="cpu"))
-        assert out.returncode == 0, out.stderr[-3000:]
-        return json.loads(out.stdout.strip().splitlines()[-1])
+    def args(run: str, setting: str) -> list[str]:
+        return [f"--config={os.path.join(ROOT, 'experiments', 'tiny_test.py')}", f"--config.run_dir={tmp_path / run}",
+                f"--config.data.train_path={pairs}", "--config.train.num_steps=2", "--config.checkpoint.every=0",
+                "--config.model.config.num_hidden_layers=1", f"--config.compile_cache={setting}"]  # (1 layer: half
+        # the compile)
 
-    first, second = cli("a", str(cache)), cli("b", str(cache))
+    # three processes, one after another (forked from one interpreter that has imported the libraries and
+    # started no JAX backend: tests.test_cli.run_cli_batch); the last: a cache directory that cannot be made
+    from tests.test_cli import run_cli_batch
+    runs = run_cli_batch([(args("a", str(cache)), None), (args("b", str(cache)), None),
+                          (args("c", f"{pairs}/cache"), None)], tmp_path / "batch")
+    for out in runs[:2]:
+        assert out.returncode == 0, out.stderr[-3000:]
+    first, second = (json.loads(out.stdout.strip().splitlines()[-1]) for out in runs[:2])
     assert first["compile"]["cache_dir"] == str(cache) and first["compile"]["compiled"] > 0
     assert second["compile"]["programs"] == first["compile"]["programs"]
     assert second["compile"]["compiled"] == 0 and second["compile"]["cache_hits"] == second["compile"]["programs"]
     assert second["last_train"]["loss"] == first["last_train"]["loss"]
-    bad = subprocess.run([sys.executable, "-m", "spo_jax.train",
-                          f"--config={os.path.join(ROOT, 'experiments', 'tiny_test.py')}",
-                          f"--config.run_dir={tmp_path / 'c'}", f"--config.data.train_path={pairs}",
-                          f"--config.compile_cache={pairs}/cache"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    bad = runs[2]
     assert bad.returncode != 0 and "config.compile_cache=" in bad.stderr and "'off'" in bad.stderr

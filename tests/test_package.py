@@ -41,24 +41,29 @@ def wheel_dir(tmp_path_factory):
     return site
 
 
-def _cli(site, cwd, *args):
+def _cli_env(site):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(PYTHONPATH=str(site), JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "spo_jax.train", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=600, env=env)
+    return env
 
 
 def test_presets_run_from_the_wheel_in_an_empty_directory(wheel_dir, tmp_path):
+    from tests.test_cli import run_cli_batch
     cwd = tmp_path / "empty"
     cwd.mkdir()
-    proc = _cli(wheel_dir, cwd, "--help")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert all(f"  {name} " in proc.stdout for name in configs.PRESETS)
     pairs = write_pairs(tmp_path / "pairs.jsonl", n=8)
     cache = f"--config.compile_cache={tmp_path / 'jax_cache'}"  # the rerun loads the first run's programs
-    proc = _cli(wheel_dir, cwd, "--config=tiny", "--config.run_dir=run", f"--config.data.train_path={pairs}",
-                "--config.train.num_steps=2", "--config.checkpoint.every=2",
-                "--config.model.config.num_hidden_layers=1", cache)  # one layer: half the step's compile
+    # python -m spo_jax.train, a process each (forked from one interpreter that imported the wheel's spo_jax
+    # once: tests.test_cli.run_cli_batch), in the empty directory with only the wheel's files on the path
+    helped, ran = run_cli_batch([
+        (["--help"], None),
+        (["--config=tiny", "--config.run_dir=run", f"--config.data.train_path={pairs}", "--config.train.num_steps=2",
+          "--config.checkpoint.every=2", "--config.model.config.num_hidden_layers=1", cache], None),
+    ], tmp_path / "batch1", cwd=cwd, env=_cli_env(wheel_dir))  # (one layer: half the step's compile)
+    proc = helped
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert all(f"  {name} " in proc.stdout for name in configs.PRESETS)
+    proc = ran
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["run_dir"] == str(cwd / "run") and out["last_train"]["step"] == 2
@@ -74,13 +79,16 @@ def test_presets_run_from_the_wheel_in_an_empty_directory(wheel_dir, tmp_path):
     digest = subprocess.run(["sha256sum", pairs], capture_output=True, text=True).stdout.split()[0]
     assert info["data"]["train"] == {"path": pairs, "bytes": os.path.getsize(pairs), "sha256": digest}
     # ... and its config.json resumes it (one more step from the step-2 checkpoint)
-    proc = _cli(wheel_dir, cwd, "--config=run/config.json", "--config.train.num_steps=3")
+    proc, refused = run_cli_batch([
+        (["--config=run/config.json", "--config.train.num_steps=3"], None),
+        (["--config=experiments/default.py"], None),  # a checkout's path means nothing here
+    ], tmp_path / "batch2", cwd=cwd, env=_cli_env(wheel_dir))
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert (out["start_step"], out["last_train"]["step"]) == (2, 3)
     with open(cwd / "run" / "run_info.json") as f:
         assert len(json.load(f)["invocations"]) == 2
-    proc = _cli(wheel_dir, cwd, "--config=experiments/default.py")  # a checkout's path means nothing here
+    proc = refused
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
         "usage error: --config=experiments/default.py is neither a file nor a preset; presets: dpo,")
 
