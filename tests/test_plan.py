@@ -113,7 +113,9 @@ def test_trainer_preflight_stops_in_seconds_with_flags_that_fit(tmp_path, monkey
     from tests.test_train import write_pairs
 
     # a batch that more micro-batches can still split over every device (CI runs with 8 CPU devices)
-    c = train_config(tmp_path / "run", write_pairs(tmp_path / "pairs.jsonl"), data__batch_size=2 * jax.device_count())
+    # (one layer: half of each of the step's compiles, the search's included)
+    c = train_config(tmp_path / "run", write_pairs(tmp_path / "pairs.jsonl"), data__batch_size=2 * jax.device_count(),
+                     model__config__num_hidden_layers=1)
     assert plan.preflight(c) is None  # a tiny model, far below the host's memory: not compiled
     need = plan.plan(plan.planning_config(c, dict(c.model.config)), jax.devices(),
                      programs=("train_step",))["programs"]["train_step"]["peak_bytes"]
