@@ -50,8 +50,9 @@ def test_per_sequence_grads_match_a_loop_of_grad(setup):
     S = len(batch["seq_valid"])
     assert g.shape[0] == S
     loop = []
+    row_grad = jax.jit(jax.grad(lambda p, b: logps_fn(p, b)[0][0]))  # one compile for the S one-row batches
     for r in range(S):
-        gr = jax.grad(lambda p: logps_fn(p, _row(batch, r))[0][0])(params)
+        gr = row_grad(params, _row(batch, r))
         loop.append(np.asarray(ravel_pytree(gr)[0]))
     loop = np.stack(loop)
     np.testing.assert_allclose(g, loop, rtol=1e-4, atol=1e-5 * np.abs(loop).max())
@@ -74,6 +75,7 @@ def test_first_order_prediction_error_scales_as_eta_squared(setup):
     batch = {**batch, "ref_logps": np.asarray(sums) + np.linspace(-1, 1, len(sums)).astype(np.float32)}
     dpo = losses.get_loss("dpo", beta=0.5)
 
+    @jax.jit  # compiled once for both step sizes (jax.grad of it inside first_order_change)
     def loss_fn(p, b):
         s, c = logps_fn(p, b)
         return dpo(batch_pair_stats(s, c, b))[0]
