@@ -45,7 +45,7 @@ def _row(batch, r):
 
 def test_per_sequence_grads_match_a_loop_of_grad(setup):
     graphdef, params, batch, _ = setup
-    logps_fn = make_logps_fn(graphdef)
+    logps_fn = jax.jit(make_logps_fn(graphdef))  # the trainer's function, compiled (not run op by op)
     g = np.asarray(evaluate.per_sequence_grads(graphdef, params, batch))
     S = len(batch["seq_valid"])
     assert g.shape[0] == S
@@ -70,7 +70,7 @@ def test_per_sequence_grads_match_a_loop_of_grad(setup):
 
 def test_first_order_prediction_error_scales_as_eta_squared(setup):
     graphdef, params, batch, _ = setup
-    logps_fn = make_logps_fn(graphdef)
+    logps_fn = jax.jit(make_logps_fn(graphdef))  # the trainer's function, compiled (not run op by op)
     sums, _ = logps_fn(params, batch)
     batch = {**batch, "ref_logps": np.asarray(sums) + np.linspace(-1, 1, len(sums)).astype(np.float32)}
     dpo = losses.get_loss("dpo", beta=0.5)

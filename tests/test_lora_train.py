@@ -25,7 +25,9 @@ from spo_jax.models import lora
 
 from tests.test_train import flat_params, tiny_config, train_losses, write_pairs
 
-LORA = dict(model__lora__enabled=True, model__lora__rank=4, model__lora__alpha=8.0, optim__learning_rate=1e-2)
+# one layer of the tiny Llama (the preset has 2): the layers are unrolled, so each compile is about half as long
+LORA = dict(model__lora__enabled=True, model__lora__rank=4, model__lora__alpha=8.0, optim__learning_rate=1e-2,
+            model__config__num_hidden_layers=1)
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +146,7 @@ def test_benchmark_smoke():
     spec = importlib.util.spec_from_file_location("benchmarks_lora", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    cfg = dict(bench.SMOLLM2_SHAPE, vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    cfg = dict(bench.SMOLLM2_SHAPE, vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                num_attention_heads=4, num_key_value_heads=2, head_dim=8)
     rows = [bench.measure(v, model_config=cfg, pairs=8, prompt_len=6, response_len=6, steps=1)
             for v in ("full", "lora")]

@@ -10,8 +10,9 @@ from flax import nnx
 from spo_jax import models, sampling
 from spo_jax.data import prepare_dataset, synthetic
 
+# one layer: each prompt bucket / cache size compiles its own decode program, and the layers are unrolled
 TINY = dict(model_type="llama", vocab_size=len(synthetic.vocabulary()), hidden_size=32, intermediate_size=64,
-            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+            num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
             rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, pad_token_id=0, bos_token_id=2,
             eos_token_id=3)
 
