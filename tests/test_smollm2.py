@@ -46,7 +46,7 @@ def test_smollm2_experiment_smoke(shared_data_dir, smollm2_gguf, tmp_path):
     ckpt = tmp_path / "tiny"
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(str(ckpt))
     tok.save_pretrained(str(ckpt))
