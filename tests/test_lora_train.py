@@ -25,7 +25,7 @@ from spo_jax.models import lora
 
 from tests.test_train import flat_params, tiny_config, train_losses, write_pairs
 
-# one layer of the tiny Llama (the preset has 2): the layers are unrolled, so each compile is about half as long
+# one layer of the tiny Llama (the preset has 2): the layers are unrolled, so each program compiles a smaller graph
 LORA = dict(model__lora__enabled=True, model__lora__rank=4, model__lora__alpha=8.0, optim__learning_rate=1e-2,
             model__config__num_hidden_layers=1)
 
