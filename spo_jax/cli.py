@@ -72,12 +72,13 @@ EXIT_CODES = {
     "diverged": 6,     # non-finite or degenerate training; names the last good checkpoint
     "os": 7,           # the file system: no space left, permission denied, a missing directory
     "interrupted": 130,  # Ctrl-C
+    "hangup": 129,       # SIGHUP (the terminal closed): the loop saved a checkpoint after the current step
     "terminated": 143,   # SIGTERM: the loop saved a checkpoint after the current step
 }
 
 PREFIXES = {"config": "config error: ", "data": "data error: ", "model": "model error: ",
             "checkpoint": "checkpoint error: ", "diverged": "training stopped: ", "os": "file system error: ",
-            "interrupted": "", "terminated": ""}
+            "interrupted": "", "hangup": "", "terminated": ""}
 
 #: Loggers of libraries whose INFO records are chatter (Orbax logs through absl).
 LIBRARY_LOGGERS = ("absl", "jax", "orbax", "datasets", "transformers", "tensorstore", "urllib3", "filelock",
@@ -169,13 +170,18 @@ def failure_message(kind: str, e: BaseException, c) -> str:
     return str(e)
 
 
+#: The signals that stop a run with a checkpoint, and the exit code kind of each.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+STOP_EXIT = {"SIGINT": "interrupted", "SIGTERM": "terminated", "SIGHUP": "hangup"}
+
 #: The signals that asked this process to stop, in order (names).
 STOPPED_BY: list[str] = []
 
 
 def install_stop_handlers() -> None:
-    """SIGINT (Ctrl-C) and SIGTERM (pre-emption) set ``train.STOP_REQUESTED``: the loop saves a
-    checkpoint after the current step and the CLI exits 130 / 143. Python runs a signal
+    """SIGINT (Ctrl-C), SIGTERM (pre-emption) and SIGHUP (the terminal or SSH session closed) set
+    ``train.STOP_REQUESTED``: the loop saves a checkpoint after the current step and the CLI exits
+    130 / 143 / 129. Python runs a signal
     handler only between bytecodes of the main thread, which can be inside an XLA compile for
     minutes, and a ``KeyboardInterrupt`` raised there can be swallowed (XLA's gc callback):
     so the handlers do nothing, and a thread woken by the C-level handler
@@ -183,7 +189,7 @@ def install_stop_handlers() -> None:
     Ctrl-C quits at once (exit 130; every complete checkpoint is kept)."""
     r, w = os.pipe()
     os.set_blocking(w, False)
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, lambda signum, frame: None)
     signal.set_wakeup_fd(w, warn_on_full_buffer=False)
     threading.Thread(target=_watch_signals, args=(r,), name="spo_jax-stop", daemon=True).start()
@@ -199,14 +205,20 @@ def _on_signal(signum: int) -> None:
     name = signal.Signals(signum).name
     if STOP_REQUESTED.is_set():
         if signum == signal.SIGINT:
-            os.write(2, b"second Ctrl-C: quitting now; rerun the same command to resume from the last complete "
-                        b"checkpoint\n")
+            try:
+                os.write(2, b"second Ctrl-C: quitting now; rerun the same command to resume from the last complete "
+                            b"checkpoint\n")
+            except OSError:
+                pass
             os._exit(EXIT_CODES["interrupted"])
         return
     STOPPED_BY.append(name)
     STOP_REQUESTED.set()
-    os.write(2, f"{name} received: stopping after the current step, with a checkpoint there (Ctrl-C again to "
-                "quit at once)\n".encode())
+    try:  # after a SIGHUP the terminal may be gone (EIO): the stop goes on without the line
+        os.write(2, f"{name} received: stopping after the current step, with a checkpoint there (Ctrl-C again to "
+                    "quit at once)\n".encode())
+    except OSError:
+        pass
 
 
 def _stopped_message(result) -> str:
@@ -274,7 +286,7 @@ def _main(args) -> None:
     logger.info("compile cache %s: %s", cache_dir or "off", compiles.summary())
     if STOP_REQUESTED.is_set() and cfg.stage != "eval" and int(jax.device_get(result.state.step)) < cfg.train.num_steps:
         print(_stopped_message(result), file=sys.stderr)
-        raise SystemExit(EXIT_CODES["terminated" if STOPPED_BY[:1] == ["SIGTERM"] else "interrupted"])
+        raise SystemExit(EXIT_CODES[STOP_EXIT.get(STOPPED_BY[0] if STOPPED_BY else "", "interrupted")])
     if jax.process_index() == 0:
         logger.info("run directory %s%s", result.run_dir,
                     f"; exported model {result.export_dir}" if result.export_dir else "")
