@@ -60,25 +60,50 @@ print(json.dumps(dict(programs=s.programs, compiled=s.compiled, hits=s.cache_hit
 """
 
 
-def _child(setting: str) -> dict:
+# One interpreter imports jax (no backend started, nothing compiled), then runs _CHILD in a forked process per
+# setting, one after another: each a process of its own, with JAX's in-memory caches empty.
+_FORKS = """
+import os, sys, traceback
+import jax, jax.numpy, spo_jax.compile_cache
+child = compile(sys.argv[1], "<child>", "exec")
+for setting in sys.argv[2:]:
+    pid = os.fork()
+    if pid == 0:
+        sys.argv = ["-c", setting]
+        code = 0
+        try:
+            exec(child, {"__name__": "__main__"})
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status):
+        sys.exit(f"the process with setting {setting} failed")
+"""
+
+
+def _children(*settings: str) -> list[dict]:
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop(compile_cache.ENV_VAR, None)
-    out = subprocess.run([sys.executable, "-c", _CHILD, setting], cwd=ROOT, env=env, capture_output=True,
+    out = subprocess.run([sys.executable, "-c", _FORKS, _CHILD, *settings], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == len(settings), out.stdout
+    return lines
 
 
 def test_second_identical_process_compiles_nothing(tmp_path):
     cache = str(tmp_path / "cache")
-    first = _child(cache)
+    first, second, off = _children(cache, cache, "off")
     assert first["programs"] >= 2 and first["compiled"] == first["programs"] and first["writes"] >= 2
-    assert len(os.listdir(cache)) == first["writes"]  # small programs are cached too (no thresholds)
-    second = _child(cache)
     assert second["programs"] == first["programs"]
     assert second["compiled"] == 0 and second["hits"] == second["programs"] and second["writes"] == 0
-    off = _child("off")
     assert off["compiled"] == off["programs"] and off["hits"] == off["writes"] == 0
+    # small programs are cached too (no thresholds); the second process and 'off' wrote nothing there
     assert len(os.listdir(cache)) == first["writes"]
 
 
