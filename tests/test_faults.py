@@ -88,11 +88,12 @@ def test_sigkill_between_checkpoints_resume_has_one_record_per_step(pairs, tmp_p
     """Kill the CLI after a checkpoint with records past it; the rerun resumes from the
     checkpoint and the metrics (JSONL and TensorBoard) hold each step once."""
     run_dir = tmp_path / "killed"
-    num_steps, every = 120, 20
+    # constant schedule: the train step the in-process tests below compile (the shared compile cache serves it)
+    num_steps, every = 60, 10
     args = [sys.executable, "-m", "spo_jax.train", f"--config={TINY}", f"--config.run_dir={run_dir}",
             f"--config.data.train_path={pairs}", f"--config.train.num_steps={num_steps}",
             f"--config.checkpoint.every={every}", "--config.checkpoint.async_save=True",
-            "--config.checkpoint.keep=2", "--config.metrics.tensorboard=True"]
+            "--config.checkpoint.keep=2", "--config.metrics.tensorboard=True", "--config.optim.schedule=constant"]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     ckdir, jsonl = run_dir / "checkpoints", run_dir / "metrics.jsonl"
@@ -169,14 +170,22 @@ CORRUPTIONS = {"truncated data files": _truncate_data_files, "deleted _METADATA"
                "deleted data files": _delete_data_files}
 
 
-@pytest.mark.parametrize("how", sorted(CORRUPTIONS))
-def test_corrupted_newest_checkpoint_falls_back_and_is_moved_aside(tmp_path, how, caplog, capfd):
-    directory = tmp_path / "ck"
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+    """Checkpoints of _state(1) and _state(2) at steps 1 and 2 (each corruption case damages a copy)."""
+    directory = tmp_path_factory.mktemp("two_checkpoints") / "ck"
     ck = Checkpointer(str(directory), keep=3, async_save=False)
-    states = {s: _state(s) for s in (1, 2)}
-    for s, st in states.items():
-        ck.save(s, st, {"cursor": s}, {"run": "x"})
+    for s in (1, 2):
+        ck.save(s, _state(s), {"cursor": s}, {"run": "x"})
     ck.close()
+    return directory
+
+
+@pytest.mark.parametrize("how", sorted(CORRUPTIONS))
+def test_corrupted_newest_checkpoint_falls_back_and_is_moved_aside(two_checkpoints, tmp_path, how, caplog, capfd):
+    directory = tmp_path / "ck"
+    shutil.copytree(two_checkpoints, directory)
+    states = {s: _state(s) for s in (1, 2)}
     CORRUPTIONS[how](str(directory / "2"))
     listing = sorted(os.path.relpath(os.path.join(r, n), directory / "2") for r, _, ns in os.walk(directory / "2")
                      for n in ns)
@@ -286,23 +295,24 @@ def test_disk_full_while_checkpointing_keeps_last_checkpoint_and_resumes(pairs, 
     cause and the intact last checkpoint; the rerun after freeing space resumes from it with
     continuous metrics (which live outside the full filesystem)."""
     run_dir = tmp_path / "run"
-    config = tiny_config(run_dir, pairs, train__num_steps=20, metrics__tensorboard=True)
+    # constant schedule: the train step of the other runs in this module (compiled once)
+    config = tiny_config(run_dir, pairs, train__num_steps=15, metrics__tensorboard=True, optim__schedule="constant")
     with small_filesystem(run_dir / "checkpoints", 16384) as mounted:
         if mounted is None:  # inject: the second save fails as a full disk would
             real_save = Checkpointer.save
 
             def failing_save(self, step, *a, **k):
-                if step == 10:
+                if step == 10:  # the second save (not the last)
                     raise CheckpointSaveError(self._save_failure_message(
                         step, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
                 return real_save(self, step, *a, **k)
 
             monkeypatch.setattr(Checkpointer, "save", failing_save)
             last = 5
-        else:  # a complete run to step 10, then the disk under the checkpoints fills up
-            train.train(config, stop_at=10)
+        else:  # a complete run to step 5, then the disk under the checkpoints fills up (the save at 10 fails)
+            train.train(config, stop_at=5)
             last = Checkpointer(str(run_dir / "checkpoints")).all_steps()[-1]
-            assert last == 10
+            assert last == 5
             _fill(run_dir / "checkpoints")
         capfd.readouterr()
         with pytest.raises(CheckpointSaveError) as err:
@@ -321,7 +331,7 @@ def test_disk_full_while_checkpointing_keeps_last_checkpoint_and_resumes(pairs, 
             os.remove(run_dir / "checkpoints" / ".filler")  # space freed
         resumed = train.train(config)
         assert resumed.start_step == last
-        assert_continuous(run_dir, 20, before)
+        assert_continuous(run_dir, 15, before)
 
 
 # --------------------------------------------------------------------------- #
@@ -330,11 +340,11 @@ def test_disk_full_while_checkpointing_keeps_last_checkpoint_and_resumes(pairs, 
 
 
 def test_divergence_names_a_good_checkpoint_that_resumes_with_a_lower_learning_rate(pairs, tmp_path):
-    """lr 1e30 without clipping: step 1 (warm-up lr 0) is saved, step 2 explodes. The
+    """lr 1e30 without clipping: step 1 (warm-up lr 0) is saved, step 2 (lr 5e29) explodes. The
     message names step 1; its weights are finite; the same command with a lower
     learning rate is refused unless checkpoint.allow_optim_change, then continues."""
     run_dir = tmp_path / "diverged"
-    bad = dict(train__num_steps=6, checkpoint__every=1, optim__learning_rate=1e30, optim__warmup_steps=4,
+    bad = dict(train__num_steps=6, checkpoint__every=1, optim__learning_rate=1e30, optim__warmup_steps=2,
                optim__grad_clip=0.0, optim__schedule="constant")
     with pytest.raises(metrics.DegenerateTrainingError, match=r"at step 2: .*not saved\. The last good checkpoint "
                                                             r"is step 1 .*checkpoint\.allow_optim_change=True"):
