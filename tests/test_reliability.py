@@ -35,15 +35,15 @@ def pairs(tmp_path_factory):
     return write_pairs(tmp_path_factory.mktemp("reliability") / "pairs.jsonl")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cache_env(tmp_path_factory):
-    """One JAX compile cache for this module's runs, in-process and in the trainers it starts (the same tiny
-    programs compile once): a fresh directory, so no outcome depends on a run outside this module; a
-    program loaded from it computes what its compilation would (the tests compare exact numbers)."""
-    path = str(tmp_path_factory.mktemp("jax_cache"))
-    compile_cache.enable_compile_cache(path)
-    yield dict(ENV, SPO_JAX_COMPILE_CACHE=path)
-    compile_cache.enable_compile_cache("off")
+@pytest.fixture(scope="module")
+def cache_env():
+    """The environment of the trainers this module starts: they and this process share the test session's
+    fresh JAX compile cache (tests/conftest.py), so the same tiny programs compile once (this module's runs
+    all use the constant schedule: one train step whatever num_steps); a program loaded from it computes
+    what its compilation would (the tests compare exact numbers)."""
+    path = compile_cache.resolve_cache_dir(None)
+    assert path and path == os.environ["SPO_JAX_TEST_COMPILE_CACHE"], path
+    return dict(ENV, SPO_JAX_COMPILE_CACHE=path)
 
 
 def cli_args(run_dir, pairs, *overrides) -> list[str]:
@@ -88,7 +88,8 @@ def test_run_lock_is_exclusive_names_its_holder_and_a_stale_one_is_taken_over(tm
 # One command, run four times on one run directory (each refusal or stop message says "rerun the same command"):
 # Ctrl-C before the first step, Ctrl-C during a save, a second trainer while the third run trains, Ctrl-C mid-run.
 # The num_steps is never reached: every run is stopped, and the shared compile cache serves the later runs the
-# programs the first compiled (the same command compiles the same programs).
+# programs the first compiled (the same command compiles the same programs; with the constant schedule the
+# in-process resume and the `trained` fixture below use the same train step).
 CHAIN_STEPS = 100_000
 
 EARLY_HOOK = """
@@ -125,7 +126,7 @@ def test_ctrl_c_before_the_first_step_during_a_save_and_mid_run_and_a_second_tra
     resumes from it with one metrics record per step."""
     run_dir = tmp_path / "run"
     args = cli_args(run_dir, pairs, f"--config.train.num_steps={CHAIN_STEPS}", "--config.checkpoint.every=5",
-                    "--config.checkpoint.async_save=True")
+                    "--config.checkpoint.async_save=True", "--config.optim.schedule=constant")
     ckpts = Checkpointer(str(run_dir / "checkpoints"))
     jsonl = run_dir / "metrics.jsonl"
 
@@ -149,7 +150,7 @@ def test_ctrl_c_before_the_first_step_during_a_save_and_mid_run_and_a_second_tra
     first = start(args, env=cache_env)
     try:
         wait_for(lambda: (run_dir / LOCK_NAME).exists(), first)
-        second = subprocess.run(cli_args(run_dir, pairs), cwd=ROOT, env=cache_env, capture_output=True, text=True,
+        second = subprocess.run(cli_args(run_dir, pairs, "--config.optim.schedule=constant"), cwd=ROOT, env=cache_env, capture_output=True, text=True,
                                 timeout=300)
         assert second.returncode == 2, second.stderr[-3000:]
         last = second.stderr.strip().splitlines()[-1]
@@ -169,7 +170,7 @@ def test_ctrl_c_before_the_first_step_during_a_save_and_mid_run_and_a_second_tra
     assert err.strip().splitlines()[-1] == (f"stopped by SIGINT after step {stopped} with a checkpoint there; "
                                             "rerun the same command to resume")
     assert max(train_records(jsonl)) == stopped and not (run_dir / LOCK_NAME).exists()
-    resumed = train.train(tiny_config(run_dir, pairs, train__num_steps=stopped + 2))
+    resumed = train.train(tiny_config(run_dir, pairs, train__num_steps=stopped + 2, optim__schedule="constant"))
     assert resumed.start_step == stopped
     assert_continuous(run_dir, stopped + 2)
 
