@@ -194,6 +194,30 @@ def test_ctrl_c_during_a_compile_is_acknowledged_at_once_and_a_second_quits():
     assert proc.returncode == 130 and "second Ctrl-C: quitting now" in err and "compiled" not in out
 
 
+def test_sighup_stops_like_sigterm_with_exit_129():
+    # a closed terminal or SSH session (SIGHUP) used to kill a run without a checkpoint: it now sets the same
+    # stop request as Ctrl-C / SIGTERM (a checkpoint after the current step, the CLI's exit path) with 129
+    proc = start([sys.executable, "-c", HANGUP])
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGHUP)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert err.startswith("SIGHUP received: stopping after the current step"), err
+    assert proc.returncode == 0 and out.split() == ["stop", "requested", "129"], (out, err)
+
+
+HANGUP = """
+from spo_jax import cli, train
+cli.install_stop_handlers()
+print("ready", flush=True)
+assert train.STOP_REQUESTED.wait(30)
+print("stop requested", cli.EXIT_CODES[cli.STOP_EXIT[cli.STOPPED_BY[0]]], flush=True)
+"""
+
+
 LONG_COMPILE = """
 import jax, jax.numpy as jnp
 from spo_jax import cli
