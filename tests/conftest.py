@@ -2,6 +2,7 @@
 
 import atexit
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
@@ -21,10 +22,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if not os.environ.get("SPO_JAX_TEST_COMPILE_CACHE"):
     os.environ["SPO_JAX_TEST_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="spo_jax_test_jax_cache_")
     atexit.register(shutil.rmtree, os.environ["SPO_JAX_TEST_COMPILE_CACHE"], True)
-os.environ["SPO_JAX_COMPILE_CACHE"] = os.environ["SPO_JAX_TEST_COMPILE_CACHE"]
+_SESSION_CACHE = os.environ["SPO_JAX_COMPILE_CACHE"] = os.environ["SPO_JAX_TEST_COMPILE_CACHE"]
 from spo_jax.compile_cache import enable_compile_cache  # noqa: E402
 
-enable_compile_cache()
+enable_compile_cache(_SESSION_CACHE)
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -67,3 +68,22 @@ def _release_memory_after_module():
     gc.collect()
     jax.clear_caches()
     gc.collect()
+
+
+@pytest.fixture(autouse=True)
+def _restore_process_state():
+    """Put back what an entry point run in-process (``spo_jax.experiment`` / ``spo_jax.demo`` ``main``,
+    ``run_command``) changes for the whole process: the level of every logger that existed before the
+    test (they quiet e.g. ``spo_jax.train`` to WARNING, and a later test on the same worker that reads
+    its records with ``caplog`` saw none) and the session's compile cache (``--compile-cache off``
+    turned it off for every later test on the worker)."""
+    loggers = logging.Logger.manager.loggerDict
+    saved = {name: lg.level for name, lg in loggers.items() if isinstance(lg, logging.Logger)}
+    yield
+    for name, level in saved.items():
+        lg = loggers.get(name)
+        if isinstance(lg, logging.Logger) and lg.level != level:
+            lg.setLevel(level)
+    import jax
+    if not jax.config.jax_enable_compilation_cache or jax.config.jax_compilation_cache_dir != _SESSION_CACHE:
+        enable_compile_cache(_SESSION_CACHE)
