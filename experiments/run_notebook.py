@@ -6,8 +6,8 @@ the same way and checks its tables against the stored ones).
 
 The kernel starts in ``experiments/`` (as when the notebook is opened there) with this checkout on its
 ``PYTHONPATH``; ``ABLATION_OUT`` points it at a new temporary directory, so nothing is read back from an
-earlier run, and ``ABLATION_SIZE`` is left to the notebook's default (quick). The kernel sees one CPU
-device whatever ``XLA_FLAGS`` forces on the caller (the stored tables are one device's).
+earlier run, and ``ABLATION_SIZE`` is left to the notebook's default (quick). The kernel runs with XLA's
+default flags (one CPU device) whatever ``XLA_FLAGS`` the caller has (the stored tables are made so).
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ def execute(out_dir: str, path: str = NOTEBOOK, timeout: int = 1200) -> nbformat
     saved = {k: os.environ.get(k) for k in ("ABLATION_OUT", "ABLATION_SIZE", "PYTHONPATH", "XLA_FLAGS")}
     os.environ["ABLATION_OUT"] = out_dir
     os.environ.pop("ABLATION_SIZE", None)
-    # one CPU device, as when the notebook is opened: the arms' numbers depend (in the last digits of a
-    # win rate) on how many devices the batch is split over, and the stored tables are one device's
-    flags = [f for f in (saved["XLA_FLAGS"] or "").split() if not f.startswith("--xla_force_host_platform_device_count")]
-    os.environ["XLA_FLAGS"] = " ".join(flags)
+    # XLA's defaults and one CPU device, as when the notebook is opened: the arms' numbers depend (in the
+    # last digits of a win rate) on how many devices the batch is split over and on how XLA compiles the
+    # programs, and the stored tables are from one device with XLA's default flags
+    os.environ.pop("XLA_FLAGS", None)
     os.environ["PYTHONPATH"] = os.pathsep.join([REPO] + ([saved["PYTHONPATH"]] if saved["PYTHONPATH"] else []))
     try:
         NotebookClient(nb, timeout=timeout, kernel_name="python3",

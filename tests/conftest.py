@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import add_fast_compile  # noqa: E402
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
+add_fast_compile()  # before anything starts JAX's backend: LLVM's optimisation off (see tests/helpers.py)
 
 # The entry points (CLI, demo, experiments) turn JAX's persistent compilation cache on by default, in the
 # user's cache directory; the tests (and the subprocesses they start, which inherit this) must neither

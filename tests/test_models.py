@@ -38,6 +38,7 @@ from spo_jax.models import (
     set_remat,
     unembedding,
 )
+from tests.helpers import xla_flags
 
 VOCAB = 101
 T = 24  # > 16 = original_max_position_embeddings of the llama3-scaled config
@@ -722,7 +723,7 @@ print(t.is_alive())
 def test_exit_while_a_decode_program_compiles_in_the_background():
     """A process may end while a background compile runs (a prefetched program its last generate did not
     need): the interpreter waits for it; exiting during an XLA compile would abort the process."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = dict(os.environ, XLA_FLAGS=xla_flags())
     proc = subprocess.run([sys.executable, "-c", _EXIT_WHILE_COMPILING], capture_output=True, text=True, env=env,
                           timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "True", (proc.returncode, proc.stdout, proc.stderr[-2000:])

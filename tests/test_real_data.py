@@ -23,6 +23,7 @@ import pytest
 from spo_jax import models
 from spo_jax.data import loading, prepare_dataset
 from spo_jax.data.gsm8k import extract_answer
+from tests.helpers import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,9 +82,7 @@ def one_device_env():
     """The environment for a real-model subprocess: one CPU device. CI simulates 8 devices
     (XLA_FLAGS); an FSDP-sharded 135M model on 8 simulated devices of one host gathers a
     full copy per device and needs ~24 GiB, so the real-model runs use one device."""
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
-    return env
+    return dict(os.environ, XLA_FLAGS=xla_flags())
 
 
 def test_dpo_steps_on_8_real_hh_rlhf_pairs_with_smollm2(shared_data_dir, smollm2_gguf, tmp_path):

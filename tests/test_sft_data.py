@@ -34,6 +34,7 @@ from spo_jax import inputs, models, objectives, train
 from spo_jax.checkpoint import Checkpointer
 from spo_jax.data import BatchIterator
 from tests.test_train import ROOT, flat_params, tiny_config, train_losses, write_pairs, write_sft
+from tests.helpers import xla_flags
 
 LAM = 0.7
 
@@ -201,7 +202,7 @@ def test_cli_with_a_jsonl_sft_file(files, tmp_path):
             f"--config.run_dir={tmp_path}", f"--config.data.train_path={pairs}", f"--config.data.sft_path={sft}",
             "--config.data.sft_batch_size=8", "--config.loss.sft_data_weight=2.0", "--config.train.num_steps=1",
             "--config.optim.warmup_steps=0"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(2))
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"loss=dpo + 2·SFT-data NLL train={pairs} eval=- sft_data={sft} " in proc.stdout + proc.stderr

@@ -18,6 +18,8 @@ import os
 import subprocess
 import sys
 
+from tests.helpers import xla_flags
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "experiments"))
 try:
@@ -59,8 +61,7 @@ def test_smollm2_experiment_smoke(shared_data_dir, smollm2_gguf, tmp_path):
             f.write(json.dumps({"prompt": prompt, "chosen": row["answer"],
                                 "rejected": f"{body}#### {int(answer) + 1}"}) + "\n")
     out = tmp_path / "out"
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # one CPU device (the script refuses simulated ones)
+    env = dict(os.environ, XLA_FLAGS=xla_flags())  # one CPU device (the script refuses simulated ones)
     proc = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "smollm2.py"), "--size", "smoke",
                            "--out", str(out), "--model", str(ckpt), "--data", str(shared_data_dir),
                            "--task-pairs", str(pairs), "--methods", "DPO+SPO,SFT-mix"],

@@ -25,6 +25,7 @@ import pytest
 from spo_jax import config as config_lib
 from spo_jax import sharding, train
 from spo_jax.checkpoint import Checkpointer
+from tests.helpers import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
@@ -104,7 +105,7 @@ def _subprocess_main() -> None:
 
 
 def _child(spec: dict, devices: int, extra_env: dict | None = None) -> subprocess.Popen:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(devices))
     env.update(extra_env or {})
     code = "import sys; sys.argv[1:] = [sys.argv[1]]; from tests.test_train import _subprocess_main; _subprocess_main()"
     return subprocess.Popen([sys.executable, "-c", code, json.dumps(spec)], cwd=ROOT, env=env,
