@@ -90,3 +90,20 @@ def _restore_process_state():
     import jax
     if not jax.config.jax_enable_compilation_cache or jax.config.jax_compilation_cache_dir != _SESSION_CACHE:
         enable_compile_cache(_SESSION_CACHE)
+
+
+# The longest test files first. pytest-xdist (``--dist loadfile``, ``--no-loadscope-reorder`` in
+# pyproject's addopts) hands the files to its two workers in collection order; started last, a long file
+# (the notebook, the real-model runs: one or two tests each, so xdist's default order by test count put
+# them at the end) leaves one worker running it alone while the other has finished. Seconds per file, as
+# measured on 2 cores (2026-12-07): a stale order costs only balance, never a result.
+_LONGEST_FIRST = ("test_train.py", "test_real_data.py", "test_faults.py", "test_models.py", "test_reliability.py",
+                  "test_notebook.py", "test_experiments.py", "test_demo.py", "test_gguf.py", "test_bilevel.py",
+                  "test_smollm2.py", "test_sft_data.py", "test_lora_train.py", "test_benchmarks.py",
+                  "test_plan.py", "test_package.py", "test_compile_cache.py", "test_first_hour.py",
+                  "test_logprobs.py", "test_lora.py", "test_checkpoint.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: in-file order kept
