@@ -49,9 +49,11 @@ reference.path             reference model source; "" = the initial policy (mode
 reference.cache_dir        "" = <run_dir>/ref_cache
 
 data.train_path            dataset file / save_to_disk dir / Hub id (required for sft, preference)
-data.train_split           split of train_path
+data.train_split           split of train_path, with an optional row slice: "train[:64]" (the first 64 rows),
+                           "train[100:200]", "train[-50:]", "train[:10%]" (a single file is one split: only the
+                           slice is read)
 data.eval_path             held-out set ("" = none)
-data.eval_split            split of eval_path
+data.eval_split            split of eval_path (a slice as in data.train_split)
 data.format                "auto" (detected from the columns) or a format: "preference" (prompt, chosen, rejected),
                            "implicit_preference" (chosen, rejected: full dialogues, the shared leading part is
                            the prompt, as HH-RLHF), "prompt_completion" (prompt, completion), "messages"
@@ -79,7 +81,7 @@ data.sft_path              SFT data for preference training ("" = none): an SFT-
                            messages or question/answer) batched beside the pairs as batch["sft"] (own iterator,
                            length buckets and checkpointed position); read by loss.sft_data_weight and by SPO's lower
                            level (spo.value="inner_sft", or the unrolled / implicit solvers)
-data.sft_split             split of sft_path
+data.sft_split             split of sft_path (a slice as in data.train_split)
 data.sft_batch_size        global SFT examples per optimizer step (0 = data.batch_size)
 
 loss.name                  a registered loss (spo_jax.losses.get_loss); stage "sft" ignores it

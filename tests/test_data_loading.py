@@ -326,3 +326,26 @@ def test_directories_of_files_and_saved_dataset_dicts(tok, tmp_path):
     with pytest.raises(ValueError, match="unknown file type"):
         (tmp_path / "rows.txt").write_text("x")
         load_rows(tmp_path / "rows.txt")
+
+
+def test_split_slices_of_files_saved_dicts_and_directories(tmp_path):
+    """``"train[:64]"``-style slices (datasets' split syntax) on every local source; the oracle: Python's
+    list slicing of the rows as written."""
+    rows = [{"prompt": f"p{i}", "chosen": f" c{i}", "rejected": f" r{i}"} for i in range(10)]
+    path = tmp_path / "pairs.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    saved = tmp_path / "saved_dict"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(saved))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for split, want in (("train[:4]", rows[:4]), ("train[3:6]", rows[3:6]), ("train[-2:]", rows[-2:]),
+                        ("train[:30%]", rows[:3]), ("train[90%:]", rows[9:]), ("train[5:2]", []),
+                        ("train[:64]", rows), ("train", rows)):
+        for source in (path, saved, folder):
+            assert load_rows(source, split=split)["prompt"] == [r["prompt"] for r in want], (split, source)
+    assert load_rows(path, split="test[:2]")["prompt"] == ["p0", "p1"]  # a file is one split, whatever its name
+    for bad in ("train[:a]", "train[1:2:3]", "train+test"):
+        with pytest.raises(ValueError, match=r"not a split name with an optional slice; write e\.g\. 'train'"):
+            load_rows(path, split=bad)

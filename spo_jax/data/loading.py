@@ -35,6 +35,7 @@ import gzip
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -113,8 +114,10 @@ def load_rows(
         ``.csv[.gz]``, ``.arrow``), a directory written by ``Dataset.save_to_disk``
         / ``DatasetDict.save_to_disk``, a directory of data files, or a Hub id
         such as ``"Anthropic/hh-rlhf"`` (needs network).
-      split: the split to return (a ``DatasetDict`` on disk, a Hub dataset, or a
-        slice such as ``"train[:100]"`` for Hub ids and data-file directories).
+      split: the split to return (of a ``DatasetDict`` on disk, a Hub dataset or a
+        data-file directory; a single file is one split, whatever its name), with an
+        optional slice in the ``datasets`` syntax: ``"train[:64]"`` (the first 64
+        rows), ``"train[100:200]"``, ``"test[:10%]"``, ``"train[-50:]"``.
       name, data_dir, data_files: forwarded to ``datasets.load_dataset`` for Hub
         ids and data-file directories (e.g. ``name="main"`` for ``openai/gsm8k``,
         ``data_dir="harmless-base"`` for ``Anthropic/hh-rlhf``).
@@ -124,7 +127,9 @@ def load_rows(
       a ``datasets.Dataset`` (one split).
     """
     path = os.fspath(source)
+    rows = None  # a slice of a file or a save_to_disk split, taken here (datasets slices the others itself)
     if os.path.isfile(path):
+        rows = parse_split(split)[1]
         builder = _builder_for_file(path)
         if builder is None:
             raise DataError(
@@ -147,11 +152,12 @@ def load_rows(
         saved = any(os.path.exists(os.path.join(path, f))
                     for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
         if saved:
+            split_name, rows = parse_split(split)
             ds = datasets.load_from_disk(path)
             if isinstance(ds, datasets.DatasetDict):
-                if split not in ds:
-                    raise DataError(f"split={split!r} is not in {path!r}; it holds splits {list(ds)}.")
-                ds = ds[split]
+                if split_name not in ds:
+                    raise DataError(f"split={split_name!r} is not in {path!r}; it holds splits {list(ds)}.")
+                ds = ds[split_name]
         else:
             ds = datasets.load_dataset(path, name=name, data_dir=data_dir, data_files=data_files,
                                        split=split, cache_dir=cache_dir)
@@ -163,8 +169,35 @@ def load_rows(
                                    split=split, cache_dir=cache_dir)
     if isinstance(ds, datasets.DatasetDict):  # e.g. split=None forwarded by a caller
         ds = ds[split]
+    if rows is not None:
+        ds = _slice_rows(ds, rows)
     logger.info("loaded %d rows with columns %s from %s", len(ds), ds.column_names, path)
     return ds
+
+
+_SPLIT = re.compile(r"^([\w.-]+)(?:\[(-?\d+%?)?:(-?\d+%?)?\])?$")
+
+
+def parse_split(split: str) -> tuple[str, tuple[str | None, str | None] | None]:
+    """``"train[:64]"`` -> ``("train", (None, "64"))``; ``"test[10%:20%]"`` -> ``("test", ("10%", "20%"))``;
+    ``"train"`` -> ``("train", None)``. ``DataError`` for anything else."""
+    m = _SPLIT.match(str(split).replace(" ", ""))
+    if m is None:
+        raise DataError(f"split={split!r}: not a split name with an optional slice; write e.g. 'train', "
+                        "'train[:64]' (the first 64 rows), 'train[100:200]', 'train[-50:]' or 'test[:10%]'")
+    name, lo, hi = m.groups()
+    return name, ((lo, hi) if "[" in str(split) else None)
+
+
+def _slice_rows(ds: datasets.Dataset, bounds: tuple[str | None, str | None]) -> datasets.Dataset:
+    """The rows of ``ds`` in ``bounds`` (:func:`parse_split`; a bound ``"N%"`` is N% of the rows, rounded)."""
+    n = len(ds)
+
+    def at(b):
+        return None if b is None else (round(n * int(b[:-1]) / 100) if b.endswith("%") else int(b))
+
+    start, stop, _ = slice(at(bounds[0]), at(bounds[1])).indices(n)
+    return ds.select(range(start, max(start, stop)))
 
 
 def _open_text(path: str):
