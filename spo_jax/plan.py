@@ -17,7 +17,9 @@ arguments and compiled; for each, per device: argument / temporary / output byte
 GPU the device's limit), whether it fits, FLOPs and the compiler's step-time estimate
 (``cost_analysis``: TPU only), and from the estimate tokens/s, the run's time and MFU against the chip's
 published bf16 peak. A program the compiler refuses for memory is reported as not fitting, with the size
-it reported. Sampling programs (``eval.generation``) are not compiled: their shapes depend on the prompts.
+it reported. With ``eval.generation`` the sampling programs are compiled too, at their largest
+(:func:`sampling_programs`: the packed prefill of one generate call's prompts and a decode chunk with the
+cache at its longest).
 
 ``--search`` compiles the train step over mesh factorisations (data x fsdp x tensor), micro-batches
 (``optim.grad_accum_steps`` at the same global batch), ``model.remat`` / ``model.remat_policy`` and the
@@ -318,7 +320,7 @@ def _num_params(tree) -> int:
     return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
-def plan(config, devices, *, programs: tuple[str, ...] = ("train_step", "eval_step"),
+def plan(config, devices, *, programs: tuple[str, ...] = ("train_step", "eval_step", "sampling"),
          capacity: int | None = None) -> dict:
     """Compile the run's programs for ``devices`` (``config``: a ``planning_config``). Returns the report
     (``--json``'s object) with ``"executables"``: the compiled programs (dropped before printing)."""
@@ -344,7 +346,44 @@ def plan(config, devices, *, programs: tuple[str, ...] = ("train_step", "eval_st
         args = (state.params, state.ref_params, eval_batch(c, mesh, sft), state.frozen)
         exe, rep = compile_program(step, args, cap, peak_flops, bandwidth)
         out["programs"]["eval_step"], out["executables"]["eval_step"] = rep, exe
+    if "sampling" in programs and c.eval.generation:
+        for name, (jitted, args) in sampling_programs(c, policy, state).items():
+            exe, rep = compile_program(jitted, args, cap, peak_flops, bandwidth)
+            out["programs"][name], out["executables"][name] = rep, exe
     return out
+
+
+def sampling_programs(config, policy, state) -> dict:
+    """The evaluation's sampling programs (``eval.generation``: ``spo_jax.models.generate`` on the held-out
+    prompts) at their largest, as ``{name: (jitted, abstract args)}``: one generate call's batch of
+    ``min(data.eval_batch_size, eval.num_prompts)`` distinct prompts of ``data.max_length`` tokens (no shared
+    prefix), ``sample_prefill`` (the packed prompts' forward that fills the cache) and ``sample_decode`` (one
+    chunk of ``DECODE_CHUNK`` decode steps over the whole batch, its cache at its largest: the prompts plus
+    ``eval.max_new_tokens`` slots). The parameters keep the trainer's shardings; the cache is planned as
+    one array per layer without a sharding of its own (the run's is the prefill's, as XLA lays it out)."""
+    from spo_jax.models import generation as gen
+    c = config
+    mcfg = models.ModelConfig.from_hf(dict(c.model.config))
+    B = min(int(c.data.eval_batch_size), int(c.eval.num_prompts))
+    L = int(c.data.max_length)
+    ids = (np.arange(B * L, dtype=np.int64).reshape(B, L) % max(1, mcfg.vocab_size - 1) + 1).astype(np.int32)
+    pack = gen.pack_prompts(ids, np.ones_like(ids), gen._attention_ratio(mcfg), gen.PREFIX_MULTIPLE)
+    Tp = pack.src.shape[1]
+    graphdef, params = policy.eval_graphdef, adapters.full_state(state.params, state.frozen)
+    slots = gen.length_bucket(Tp + int(c.eval.max_new_tokens))
+    dtype = jnp.dtype(c.model.dtype)
+    spec = jax.ShapeDtypeStruct
+    cache = (tuple(spec((B, mcfg.num_key_value_heads, mcfg.head_dim, slots), dtype)
+                   for _ in range(mcfg.num_hidden_layers)),
+             tuple(spec((B, mcfg.num_key_value_heads, slots, mcfg.head_dim), dtype)
+                   for _ in range(mcfg.num_hidden_layers)))
+    settings = (jnp.float32(c.eval.temperature), 0, 1.0, tuple(mcfg.eos_token_ids), 0)
+    decode = (graphdef, params, cache, spec((B, slots), jnp.bool_), spec((B, mcfg.vocab_size), jnp.float32),
+              spec((B,), jnp.int32), spec((B,), jnp.bool_), spec((2,), jnp.uint32), spec((B,), jnp.int32), 0, 0,
+              gen.DECODE_CHUNK, B, *settings, 0)
+    return {"sample_prefill": (gen._prefill_jit, (graphdef, params, pack.prefix, pack.ids, pack.positions,
+                                                  pack.segments)),
+            "sample_decode": (gen._decode_jit, decode)}
 
 
 def _projection(c, rep: dict, state, peak_flops, num_devices: int) -> None:

@@ -143,3 +143,47 @@ def test_a_compile_refused_for_hbm_is_a_result_not_a_traceback():
     assert r["temp_bytes"] == int(25.10 * plan.GiB) and r["compiler_limit_bytes"] == int(15.75 * plan.GiB)
     assert "temporaries 25.10 GiB of 15.75 GiB" in plan.format_report(
         {"devices": 4, "topology": "v5e:2x2", "mesh": {}, "capacity_source": "", "programs": {"train_step": r}})
+
+
+def test_sampling_programs_are_the_largest_that_generate_runs(monkeypatch, tmp_path):
+    """With ``eval.generation`` the plan compiles the sampling programs; the oracle: the shapes of the prefill
+    and of the largest decode chunk that ``models.generate`` itself runs on prompts of ``data.max_length``
+    tokens with ``eval.max_new_tokens`` (the cache grows past its first bucket: 24 + 48 -> 96 slots)."""
+    import numpy as np
+    from flax import nnx
+
+    from spo_jax import models
+    from spo_jax.models import generation as gen
+
+    B, new = 4, 48
+    c = tiny_config(**{"eval.generation": True, "data.eval_batch_size": B, "eval.num_prompts": 8,
+                       "eval.max_new_tokens": new})
+    c.data.eval_path = str(tmp_path / "eval.jsonl")  # planning never reads it (the config check wants a file)
+    (tmp_path / "eval.jsonl").write_text("{}\n")
+    rep = plan.plan(c, jax.devices()[:1], programs=("sampling",))
+    assert set(rep["programs"]) == {"sample_prefill", "sample_decode"}
+    assert all(r["fits"] and r["argument_bytes"] > 0 for r in rep["programs"].values())
+    policy, state, *_ = plan.abstract_state(c, plan.make_mesh(c, jax.devices()[:1]))
+    planned = plan.sampling_programs(c, policy, state)
+
+    calls = {"prefill": [], "decode": []}
+    prefill, decode = gen._prefill_jit, gen._decode_jit
+
+    def record(name, fn):
+        def wrapped(*args):
+            calls[name].append(jax.tree.map(lambda x: getattr(x, "shape", x), args[2:]))
+            return fn(*args)
+        return wrapped
+
+    monkeypatch.setattr(gen, "_prefill_jit", record("prefill", prefill))
+    monkeypatch.setattr(gen, "_decode_jit", record("decode", decode))
+    model = models.create_model(models.ModelConfig.from_hf(dict(TINY)), rngs=nnx.Rngs(0))
+    ids = np.arange(B * LENGTH).reshape(B, LENGTH) % (TINY["vocab_size"] - 1) + 1
+    toks, _ = models.generate(model, ids, np.ones_like(ids), max_new_tokens=new, eos_id=())
+    assert toks.shape == (B, new)
+    shape = lambda args: jax.tree.map(lambda x: getattr(x, "shape", x), args)  # noqa: E731
+    assert calls["prefill"] == [shape(planned["sample_prefill"][1][2:])]
+    largest = max(calls["decode"], key=lambda a: a[0][0][0][-1])  # by the cache's slots
+    want = shape(planned["sample_decode"][1][2:])
+    assert largest[0] == want[0] and largest[0][0][0] == (B, 2, 8, 96)  # the cache: [rows, KV, hd, slots]
+    assert [a for a in largest[1:7]] == [w for w in want[1:7]]  # mask, logits, positions, done, key, rows
