@@ -6,8 +6,9 @@ the same way and checks its tables against the stored ones).
 
 The kernel starts in ``experiments/`` (as when the notebook is opened there) with this checkout on its
 ``PYTHONPATH``; ``ABLATION_OUT`` points it at a new temporary directory, so nothing is read back from an
-earlier run, and ``ABLATION_SIZE`` is left to the notebook's default (quick). The kernel runs with XLA's
-default flags (one CPU device) whatever ``XLA_FLAGS`` the caller has (the stored tables are made so).
+earlier run, and ``ABLATION_SIZE`` is left to the notebook's default (quick). The kernel runs on JAX's CPU
+backend with XLA's default flags (one CPU device) whatever ``XLA_FLAGS`` the caller has (the stored tables
+are made so).
 """
 
 from __future__ import annotations
@@ -26,13 +27,15 @@ NOTEBOOK = os.path.join(REPO, "experiments", "ablation.ipynb")
 def execute(out_dir: str, path: str = NOTEBOOK, timeout: int = 1200) -> nbformat.NotebookNode:
     """The notebook at ``path`` executed in a fresh kernel (cwd: its folder) writing to ``out_dir``."""
     nb = nbformat.read(path, as_version=4)
-    saved = {k: os.environ.get(k) for k in ("ABLATION_OUT", "ABLATION_SIZE", "PYTHONPATH", "XLA_FLAGS")}
+    saved = {k: os.environ.get(k)
+             for k in ("ABLATION_OUT", "ABLATION_SIZE", "PYTHONPATH", "XLA_FLAGS", "JAX_PLATFORMS")}
     os.environ["ABLATION_OUT"] = out_dir
     os.environ.pop("ABLATION_SIZE", None)
     # XLA's defaults and one CPU device, as when the notebook is opened: the arms' numbers depend (in the
     # last digits of a win rate) on how many devices the batch is split over and on how XLA compiles the
     # programs, and the stored tables are from one device with XLA's default flags
     os.environ.pop("XLA_FLAGS", None)
+    os.environ["JAX_PLATFORMS"] = "cpu"  # (an installed libtpu would otherwise print its probing into the outputs)
     os.environ["PYTHONPATH"] = os.pathsep.join([REPO] + ([saved["PYTHONPATH"]] if saved["PYTHONPATH"] else []))
     try:
         NotebookClient(nb, timeout=timeout, kernel_name="python3",

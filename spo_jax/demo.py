@@ -10,8 +10,9 @@ one pipeline of :mod:`spo_jax.experiment`), on the synthetic multi-step arithmet
 whole-pipeline seed:
 
 1. **SFT** a small Llama decoder from scratch until its held-out accuracy has levelled off
-   (the curve is in the report), on solutions whose equations are written forward
-   (``52 - 7 = 45``) or result-first (``45 = 52 - 7``) at random.
+   (the curve and the rule are in the report; the arms start from the curve's best point, restored
+   from its checkpoint), on solutions whose equations are written forward (``52 - 7 = 45``) or
+   result-first (``45 = 52 - 7``) at random.
 2. **Pairs**, two settings from on-policy samples of disjoint training prompts: (a)
    *correctness* (a correct answer chosen, an incorrect one rejected: the paper's GSM8K
    column) and (b) *off-task style* (the result-first style preferred, an exact reward that
@@ -30,11 +31,11 @@ Writes ``<out>/report.md``, ``results.json``, ``pareto_style.png`` and the runs'
 The full grid (all six Table-2 losses +/- SPO, hyperparameters swept on a validation seed,
 reported on other seeds) is ``python -m spo_jax.experiment``.
 
-Record (2026-11-30, ``python -m spo_jax.demo``, seed 3, 2 CPU cores with one other job, load 5-6,
-warm compile cache): 494 s wall (SFT 296 s). SFT 0.897 held-out accuracy (1000 problems). (a) DPO
-0.521, DPO+SPO 0.942, RPO 0.957, SFT-mix 0.969, DPOP 0.950, RFT 0.942. (b) win rate / accuracy:
-DPO 0.859 / 0.352, DPO+SPO 0.841 / 0.820, RPO 0.856 / 0.842, SFT-mix 0.819 / 0.946, DPOP 0.827 /
-0.795, RFT 0.842 / 0.847 -- SPO prevents most of the collapse but is behind the simple fixes (README).
+Record (2026-12-07, ``python -m spo_jax.demo``, seed 3, 2 CPU cores, quiet machine, compile cache partly
+warm): 685 s wall (SFT 366 s). SFT 0.886 held-out accuracy (1000 problems). (a) DPO 0.824, DPO+SPO
+0.947, RPO 0.967, SFT-mix 0.981, DPOP 0.957, RFT 0.970. (b) win rate / accuracy: DPO 0.923 / 0.480,
+DPO+SPO 0.868 / 0.877, RPO 0.887 / 0.862, SFT-mix 0.842 / 0.956, DPOP 0.862 / 0.878, RFT 0.874 / 0.875
+-- SPO prevents the collapse; in (a) it is behind the simple fixes, in (b) on their frontier (README).
 """
 
 from __future__ import annotations

@@ -128,3 +128,30 @@ def test_grid_resume_reads_back_finished_work_and_runs_only_new_arms(quick_run, 
                             report_seeds=[0], fixed=demo.FIXED, resume=True)
     with pytest.raises(FileNotFoundError, match="grid.json not found"):
         experiment.run_grid(s, str(tmp_path / "nothing"), families_=list(FAMILIES), report_seeds=[0], resume=True)
+
+
+def test_sft_starts_from_the_best_point_of_its_curve(tmp_path, monkeypatch):
+    """When the curve's best point is not its last, the arms start from that point's checkpoint: the SFT model
+    handed to the arms and its export (what they load) equal a fresh SFT run stopped at that step, and
+    sft.json records the step. The first point is made the "best" here, whatever the curve."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from spo_jax import models
+    from spo_jax.experiment import pipeline
+
+    s = dataclasses.replace(experiment.WorldSettings.quick(), n_sft=64, n_val=4, sft_steps=40, sft_max_steps=40,
+                            sft_eval_every=20)
+    monkeypatch.setattr(pipeline, "best_step", min)
+    w = pipeline._Seed.build(s, 0, str(tmp_path / "seed0"), resume=False)
+    _, params, export, curve, chosen = pipeline._sft(w)
+    assert sorted(curve) == [20, 40] and chosen == 20
+    assert json.loads((tmp_path / "seed0" / "sft" / "sft.json").read_text())["chosen_step"] == 20
+    c = experiment.sft_config(s, str(tmp_path / "fresh"), 0)
+    c.train.num_steps = 20
+    fresh = pipeline.train(c, train_data=pipeline._dataset(w.sft_rows), eval_data=pipeline._dataset(w.val_rows))
+    want = jax.tree.leaves(jax.device_get(fresh.state.params))
+    for got in (params, nnx.split(models.from_pretrained(export))[1]):
+        got = jax.tree.leaves(got)
+        assert len(got) == len(want) and all(np.array_equal(a, b) for a, b in zip(got, want))

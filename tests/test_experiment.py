@@ -184,9 +184,12 @@ def test_levelled_off():
     assert E.levelled_off({"900": 0.8, "1000": 0.7, "200": 0.1})  # steps sort as numbers
 
 
-def test_the_report_says_what_the_sft_curve_did_and_how_that_was_decided():
-    fell = E.curve_words({"75": 0.062, "150": 0.0})  # the quick demo's curve on seed 3
-    assert fell.startswith("**fell** (0.062 -> 0.000 over the last 75 steps") and "levelled" not in fell
+def test_sft_start_is_the_curves_best_point_and_the_report_says_what_the_curve_did():
+    assert E.best_step({"75": 0.062, "150": 0.0}) == 75
+    assert E.best_step({"100": 0.5, "200": 0.9, "300": 0.9}) == 300  # ties: the later step
+    assert E.best_step({"1500": 0.925, "1750": 0.94, "2000": 0.78}) == 1750
+    fell = E.curve_words({"75": 0.062, "150": 0.0})
+    assert fell == "**fell** (0.062 -> 0.000 over the last 75 steps)" and "levelled" not in fell
     assert E.curve_words({"1500": 0.925, "1750": 0.94, "2000": 0.78}).startswith("**fell** (0.940 -> 0.780")
     assert E.curve_words({"100": 0.5, "200": 0.79, "300": 0.8}) == (
         "levelled off (0.790 -> 0.800 over the last 100 steps, less than 0.03 apart)")
@@ -331,7 +334,7 @@ def test_summarize_report_and_figure_on_stored_results(tmp_path):
     assert (tmp_path / "report.md").read_text() == text
     assert "swept on **seed 0**" in text and "reported on seeds [1, 2]" in text
     assert text.count("-- levelled off (0.790 -> 0.800 over the last 100 steps") == 2
-    assert f"Rule: {E.SFT_RULE}." in text
+    assert text.count("the arms start from step 200") == 2 and f"Rule: {E.SFT_RULE}." in text
     assert "| DPO+SPO | 0.9" in text and "![Pareto](pareto_style.png)" in text
     assert (tmp_path / "pareto_style.png").stat().st_size > 5000
 

@@ -45,8 +45,8 @@ from spo_jax.experiment.stats import (diff_interval, dominates, frontier_positio
                                       pareto_front, reading)
 from spo_jax.experiment.runs import (compare, experiment_config, in_process_arm, pairs_dataset, preference_stage,
                                      read_json, release_host_memory, write_json)
-from spo_jax.experiment.world import (LEVEL_TOLERANCE, SETTINGS, SFT_RULE, WorldSettings, base_config, curve_words,
-                                      levelled_off, preference_config, sft_config, sft_until_levelled)
+from spo_jax.experiment.world import (LEVEL_TOLERANCE, SETTINGS, SFT_RULE, WorldSettings, base_config, best_step,
+                                      curve_words, levelled_off, preference_config, sft_config, sft_until_levelled)
 from spo_jax.experiment.pipeline import run_world_seed
 from spo_jax.experiment.report import ci, pareto_figure, summarize, write_report
 from spo_jax.experiment.grid import CRITERIA, SWEEP, choose, run_grid, sweep_arms
@@ -59,8 +59,8 @@ __all__ = [
     "diff_interval", "dominates", "frontier_position", "pair_shift", "paired_bootstrap", "pareto_front", "reading",
     "compare", "experiment_config", "in_process_arm", "pairs_dataset", "preference_stage", "read_json",
     "release_host_memory", "write_json",
-    "LEVEL_TOLERANCE", "SETTINGS", "SFT_RULE", "WorldSettings", "base_config", "curve_words", "levelled_off",
-    "preference_config",
+    "LEVEL_TOLERANCE", "SETTINGS", "SFT_RULE", "WorldSettings", "base_config", "best_step", "curve_words",
+    "levelled_off", "preference_config",
     "sft_config", "sft_until_levelled",
     "run_world_seed", "ci", "pareto_figure", "summarize", "write_report",
     "CRITERIA", "SWEEP", "choose", "run_grid", "sweep_arms",

@@ -31,7 +31,8 @@ from spo_jax.experiment.methods import Method
 from spo_jax.experiment.runs import compare, pairs_dataset, read_json, write_json
 from spo_jax.experiment.stats import pair_shift
 from spo_jax.experiment.style import restyle_answer, style_pairs, style_reward, win_rate
-from spo_jax.experiment.world import SETTINGS, WorldSettings, preference_config, sft_config, sft_until_levelled
+from spo_jax.experiment.world import (SETTINGS, WorldSettings, best_step, preference_config, sft_config,
+                                     sft_until_levelled)
 from spo_jax.train import train
 
 logger = logging.getLogger("spo_jax.experiment")
@@ -99,13 +100,13 @@ def run_world_seed(s: WorldSettings, seed: int, arms: Mapping[str, Sequence[Meth
         raise ValueError(f"unknown setting(s) {unknown}; the settings are {list(SETTINGS)}")
     t0 = time.perf_counter()
     w = _Seed.build(s, seed, out_dir, resume)
-    sft_graphdef, sft_params, sft_export, curve = _sft(w)
+    sft_graphdef, sft_params, sft_export, curve, chosen = _sft(w)
     sft_model = nnx.merge(sft_graphdef, sft_params)
     t = time.perf_counter()
     sft_correct, sft_reward = w.greedy(sft_model)
     w.timings["eval_sft"] = time.perf_counter() - t
-    logger.info("seed %d SFT: held-out accuracy %.3f, style reward %.3f, curve %s", seed, sft_correct.mean(),
-                sft_reward.mean(), curve)
+    logger.info("seed %d SFT (step %d): held-out accuracy %.3f, style reward %.3f, curve %s", seed, chosen,
+                sft_correct.mean(), sft_reward.mean(), curve)
     pairs, pair_stats = _pairs(w, sft_model, arms)
     # The SFT data of the arms that train on them (SFT-mix, +SPO(SFT)), the same for every arm: the first
     # pref_steps x pref_batch of the seed's SFT rows, one epoch of the SFT iterator (each row seen once;
@@ -113,7 +114,7 @@ def run_world_seed(s: WorldSettings, seed: int, arms: Mapping[str, Sequence[Meth
     sft_ds = _dataset(w.sft_rows[:s.pref_steps * s.pref_batch])
     out: dict[str, Any] = {
         "seed": seed, "sft": {"accuracy": float(sft_correct.mean()), "reward": float(sft_reward.mean()),
-                              "curve": {str(k): v for k, v in sorted(curve.items())},
+                              "curve": {str(k): v for k, v in sorted(curve.items())}, "chosen_step": chosen,
                               "correct": sft_correct.astype(int).tolist(), "reward_items": sft_reward.tolist()},
         "pairs": pair_stats, "settings": {}}
     for name, methods in arms.items():
@@ -124,9 +125,10 @@ def run_world_seed(s: WorldSettings, seed: int, arms: Mapping[str, Sequence[Meth
     return out
 
 
-def _sft(w: _Seed) -> tuple[Any, Any, str, dict[int, float]]:
+def _sft(w: _Seed) -> tuple[Any, Any, str, dict[int, float], int]:
     """The seed's SFT model, trained until levelled off or read back (``sft/sft.json``): its graphdef,
-    parameters, export directory and validation-accuracy curve ({step: accuracy})."""
+    parameters, export directory, validation-accuracy curve ({step: accuracy}) and the step it is at, the
+    curve's best (:func:`~spo_jax.experiment.world.best_step`)."""
     sft_dir = os.path.join(w.out_dir, "sft")
     sft_record = os.path.join(sft_dir, "sft.json")
     sft_graphdef = sft_params = sft_export = None
@@ -158,9 +160,42 @@ def _sft(w: _Seed) -> tuple[Any, Any, str, dict[int, float]]:
         return new
 
     sft_until_levelled(w.s, curve, run_sft)
+    chosen = best_step(curve)
+    if not (os.path.exists(sft_record) and read_json(sft_record).get("chosen_step") == chosen):
+        t = time.perf_counter()
+        if chosen != max(curve):  # the curve fell after its best point: export that point's checkpoint
+            sft_graphdef, sft_params, sft_export = _restore_sft(w, sft_dir, chosen, curve)
+        w.timings["sft"] += time.perf_counter() - t
+        write_json(sft_record, {"export_dir": sft_export, "seconds": w.timings["sft"], "chosen_step": chosen,
+                                "curve": {str(k): v for k, v in sorted(curve.items())}})
     if sft_graphdef is None:
         sft_graphdef, sft_params = nnx.split(models.from_pretrained(sft_export))
-    return sft_graphdef, sft_params, sft_export, curve
+    return sft_graphdef, sft_params, sft_export, curve, chosen
+
+
+def _restore_sft(w: _Seed, sft_dir: str, step: int, curve: Mapping[int, float]) -> tuple[Any, Any, str]:
+    """Make the SFT run's checkpoint at ``step`` its final state and export it (``hf_final``): the later
+    checkpoints are deleted and the run resumed to ``step``, which evaluates it again; that accuracy must be
+    the curve's (the same parameters) -- RuntimeError otherwise."""
+    ckpt = os.path.join(sft_dir, "checkpoints")
+    if not os.path.isdir(os.path.join(ckpt, str(step))):
+        raise ValueError(f"{ckpt} has no checkpoint at step {step}, the best point of the SFT curve "
+                         f"{dict(sorted(curve.items()))}: it was written before SFT kept a checkpoint per point; "
+                         f"delete {sft_dir} to train SFT again, or use a new --out")
+    for name in os.listdir(ckpt):
+        if name.isdigit() and int(name) > step:
+            shutil.rmtree(os.path.join(ckpt, name))
+    c = sft_config(w.s, sft_dir, w.seed)
+    c.train.num_steps = step
+    c.checkpoint.resume = True
+    sft = train(c, train_data=_dataset(w.sft_rows), eval_data=_dataset(w.val_rows))
+    again = [float(h["gen/accuracy"]) for h in sft.history if h["split"] == "eval" and int(h["step"]) == step]
+    if again != [curve[step]]:
+        raise RuntimeError(f"seed {w.seed}: the SFT checkpoint of step {step} scores {again} on the validation "
+                           f"problems, its curve point {curve[step]}: not the same parameters")
+    logger.info("seed %d: SFT starts from step %d (validation accuracy %.3f, the curve's best; last %d: %.3f)",
+                w.seed, step, curve[step], max(curve), curve[max(curve)])
+    return sft.graphdef, jax.device_get(sft.state.params), sft.export_dir
 
 
 def _pairs(w: _Seed, sft_model, arms: Mapping[str, Sequence[Method]]) -> tuple[dict[str, list[dict]], dict]:

@@ -149,8 +149,13 @@ def _report_header(result: Mapping) -> list[str]:
             f"AdamW lr {s['pref_lr']}, the same for every arm. Intervals: 95% paired bootstrap over seeds and items.",
             "", "SFT (greedy accuracy on the validation problems during SFT, per seed): "
             + "; ".join(f"seed {r['seed']}: " + ", ".join(f"{k}: {v:.3f}" for k, v in r['sft']['curve'].items())
-                        + f" -- {curve_words(r['sft']['curve'])}" for r in result["per_seed"])
-            + f". Rule: {SFT_RULE}."]
+                        + f" -- {curve_words(r['sft']['curve'])}; the arms start from step {_start(r['sft'])}"
+                        for r in result["per_seed"]) + f". Rule: {SFT_RULE}."]
+
+
+def _start(sft: Mapping) -> int:
+    """The SFT step the arms started from (a result written before the best-point rule: the last one)."""
+    return sft.get("chosen_step", max(int(k) for k in sft["curve"]))
 
 
 def _correctness_table(st: Mapping, seeds: Sequence[Mapping]) -> list[str]:

@@ -19,13 +19,23 @@ SETTINGS = ("correctness", "style")
 #: The SFT model counts as levelled off when its validation accuracy rose by less than this over the
 #: last evaluation interval.
 LEVEL_TOLERANCE = 0.03
-
-
-#: How the SFT run ends (written into every report).
+#: How the SFT run ends and which of its checkpoints the arms start from (written into every report).
 SFT_RULE = (f"SFT runs sft_steps, then on by sft_eval_every steps while the last interval of its validation curve "
             f"gained {LEVEL_TOLERANCE} or more (up to sft_max_steps); it has levelled off when the last interval "
-            f"gained less than {LEVEL_TOLERANCE}, and fell when it lost {LEVEL_TOLERANCE} or more. The arms start "
-            "from the last step")
+            f"gained less than {LEVEL_TOLERANCE} (a fall included). The arms start from the curve's best point (the "
+            "highest validation accuracy, ties to the later step), restored from its checkpoint")
+
+
+def levelled_off(curve: Mapping[str, float]) -> bool:
+    """Whether an SFT accuracy curve (``{step: accuracy}``) gained less than :data:`LEVEL_TOLERANCE`
+    over its last interval (False with fewer than two points)."""
+    points = [curve[k] for k in sorted(curve, key=int)]
+    return len(points) >= 2 and points[-1] - points[-2] < LEVEL_TOLERANCE
+
+
+def best_step(curve: Mapping[str, float]) -> int:
+    """The step of the curve's highest validation accuracy (ties to the later step): the SFT start."""
+    return int(max(curve, key=lambda k: (curve[k], int(k))))
 
 
 def curve_words(curve: Mapping[str, float]) -> str:
@@ -39,16 +49,8 @@ def curve_words(curve: Mapping[str, float]) -> str:
         return (f"**still rising** ({span}, a gain of {LEVEL_TOLERANCE} or more: an extra NLL term can raise "
                 "accuracy here without any help from SPO)")
     if b - a <= -LEVEL_TOLERANCE:
-        return (f"**fell** ({span}: the arms start from a weaker model than an earlier step's, and an extra NLL "
-                "term can win back the drop without any help from SPO)")
+        return f"**fell** ({span})"
     return f"levelled off ({span}, less than {LEVEL_TOLERANCE} apart)"
-
-
-def levelled_off(curve: Mapping[str, float]) -> bool:
-    """Whether an SFT accuracy curve (``{step: accuracy}``) gained less than :data:`LEVEL_TOLERANCE`
-    over its last interval (False with fewer than two points)."""
-    points = [curve[k] for k in sorted(curve, key=int)]
-    return len(points) >= 2 and points[-1] - points[-2] < LEVEL_TOLERANCE
 
 
 def sft_until_levelled(s: "WorldSettings", curve: dict[int, float], run_sft: Callable[[int], dict[int, float]]) -> None:
@@ -114,11 +116,13 @@ class WorldSettings:
 
     @classmethod
     def quick(cls) -> "WorldSettings":
-        # one-step problems so that a tiny model makes both correct and incorrect samples in a few dozen steps
+        # one-step problems so that a tiny model makes both correct and incorrect samples in a few dozen steps;
+        # one point of the SFT curve: its 16 validation problems are too few to choose a checkpoint on (a
+        # 75-step point "best" by 1 problem left too few correctness pairs to train on)
         return cls(n_sft=480, n_test=48, n_val=16, n_pair_prompts=96, hidden_size=32, num_layers=1, num_heads=2,
                    difficulty=dict(steps=(1, 1), start_range=(2, 40), operand_range=(1, 9), ops=("add", "sub"),
                                    max_value=60), max_length=48, max_new_tokens=16, intermediate_size=64,
-                   sft_steps=150, sft_max_steps=150, sft_batch=32, sft_lr=1e-2, sft_eval_every=75, num_samples=4,
+                   sft_steps=150, sft_max_steps=150, sft_batch=32, sft_lr=1e-2, sft_eval_every=150, num_samples=4,
                    gen_batch=64,
                    pref_steps=10, pref_batch=8, pref_lr=1e-3, n_mass_pairs=8, mass_samples=2)
 
@@ -149,7 +153,7 @@ def base_config(s: WorldSettings, run_dir: str, seed: int):
 
 def sft_config(s: WorldSettings, run_dir: str, seed: int):
     """SFT from scratch, exported to ``<run_dir>/hf_final``; greedy accuracy on the validation
-    problems every ``sft_eval_every`` steps (the levelling-off curve)."""
+    problems every ``sft_eval_every`` steps (the levelling-off curve), with a checkpoint kept at each."""
     c = base_config(s, run_dir, seed)
     c.stage = "sft"
     c.reference.mode = "none"
@@ -166,6 +170,9 @@ def sft_config(s: WorldSettings, run_dir: str, seed: int):
     c.eval.max_new_tokens = s.max_new_tokens
     c.eval.temperature = 0.0
     c.checkpoint.export_hf = True
+    # a checkpoint at every point of the curve, all kept: the arms start from the best one (best_step)
+    c.checkpoint.every = s.sft_eval_every
+    c.checkpoint.keep = s.sft_max_steps // max(1, s.sft_eval_every) + 1
     return c
 
 
