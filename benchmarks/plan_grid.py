@@ -16,6 +16,7 @@ Each compile of the 0.5B model takes minutes on a loaded 2-core machine; run a f
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import sys
@@ -57,7 +58,13 @@ def cell(model: str, method: str, topology: str) -> dict:
     r = rep["programs"]["train_step"]
     return {"model": model, "method": method, "topology": topology, "chips": rep["devices"],
             "compile_s": round(time.time() - t, 1), **{k: v for k, v in r.items() if k != "error"},
-            "mesh": rep["mesh"], "grad_accum": int(c.optim.grad_accum_steps), "remat": bool(c.model.remat)}
+            "mesh": rep["mesh"], "grad_accum": int(c.optim.grad_accum_steps), "remat": bool(c.model.remat),
+            "libtpu": importlib.metadata.version("libtpu")}
+
+
+def _libtpu_versions(rows: list[dict]) -> str:
+    """The libtpu versions the rows were compiled with (rows from before this was recorded: 0.0.52)."""
+    return " / ".join(sorted({r.get("libtpu", "0.0.52") for r in rows}))
 
 
 def _pct(x) -> str:
@@ -98,7 +105,8 @@ def main() -> None:
     if args.write:
         write_section(os.path.join(os.path.dirname(STORE), "RESULTS.md"), "plan_grid",
                       "### The paper's models on TPU slices (`benchmarks/plan_grid.py`)\n\n**TPU compiler's estimate "
-                      "(libtpu 0.0.52, deviceless compile on a 2-core CPU), not a measurement**: libtpu compiled "
+                      f"(libtpu {_libtpu_versions(rows)}, deviceless compile on a 2-core CPU), not a measurement**: "
+                      "libtpu compiled "
                       "the train step on this CPU for each slice (`python -m spo_jax.plan`); GSM8K shapes, "
                       "128 pairs x 512 tokens per step. Only the rows below have run.\n\n" + table(rows))
     print(table(rows))
