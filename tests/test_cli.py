@@ -18,6 +18,7 @@ from spo_jax.data import DataError
 from spo_jax.models import ModelPathError
 from spo_jax.metrics import DegenerateTrainingError, NonFiniteLossError
 from spo_jax.validation import ConfigError
+from tests.helpers import FORK_EACH
 from tests.test_train import GPT2_16, ROOT, write_pairs
 
 TINY = os.path.join(ROOT, "experiments", "tiny_test.py")
@@ -33,35 +34,24 @@ def run_cli(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
 # ``python -m`` does (spo_jax.train and spo_jax.cli are not left imported in the parent: they run fresh, and
 # the CLI's absl flags are defined in the child only), with its stdout / stderr on files and its own exit
 # status. The parent never starts a JAX backend, so the forks are safe.
-_FORK_RUNNER = r"""
-import json, os, runpy, sys, traceback
+_FORK_RUNNER = FORK_EACH + r"""
+import json, runpy
 import spo_jax, spo_jax.train
 assert "spo_jax.cli" not in sys.modules and "absl.flags" in sys.modules
 del sys.modules["spo_jax.train"], spo_jax.train
 cases, out = json.loads(sys.argv[1]), sys.argv[2]
-for i, (args, env) in enumerate(cases):
-    pid = os.fork()
-    if pid == 0:
-        os.environ.update(env)
-        for fd, name in ((1, "out"), (2, "err")):
-            os.dup2(os.open(os.path.join(out, f"{i}.{name}"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-        sys.argv = [sys.argv[0], *args]
-        code = 0
-        try:
-            runpy.run_module("spo_jax.train", run_name="__main__", alter_sys=True)
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
-            if not isinstance(e.code, (int, type(None))):
-                print(e.code, file=sys.stderr)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    _, status = os.waitpid(pid, 0)
+
+
+def child(i, case):
+    args, env = case
+    os.environ.update(env)
+    sys.argv = [sys.argv[0], *args]
+    runpy.run_module("spo_jax.train", run_name="__main__", alter_sys=True)
+
+
+for i, code in enumerate(fork_each(cases, child, out)):
     with open(os.path.join(out, f"{i}.code"), "w") as f:
-        f.write(str(os.waitstatus_to_exitcode(status)))
+        f.write(str(code))
 """
 
 

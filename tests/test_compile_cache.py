@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from spo_jax import compile_cache
+from tests.helpers import FORK_EACH
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,25 +63,19 @@ print(json.dumps(dict(programs=s.programs, compiled=s.compiled, hits=s.cache_hit
 
 # One interpreter imports jax (no backend started, nothing compiled), then runs _CHILD in a forked process per
 # setting, one after another: each a process of its own, with JAX's in-memory caches empty.
-_FORKS = """
-import os, sys, traceback
+_FORKS = FORK_EACH + """
 import jax, jax.numpy, spo_jax.compile_cache
-child = compile(sys.argv[1], "<child>", "exec")
-for setting in sys.argv[2:]:
-    pid = os.fork()
-    if pid == 0:
-        sys.argv = ["-c", setting]
-        code = 0
-        try:
-            exec(child, {"__name__": "__main__"})
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    if os.waitstatus_to_exitcode(status):
+child_code = compile(sys.argv[1], "<child>", "exec")
+settings = sys.argv[2:]
+
+
+def child(i, setting):
+    sys.argv = ["-c", setting]
+    exec(child_code, {"__name__": "__main__"})
+
+
+for setting, code in zip(settings, fork_each(settings, child)):
+    if code:
         sys.exit(f"the process with setting {setting} failed")
 """
 
