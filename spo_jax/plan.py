@@ -367,20 +367,12 @@ def sampling_programs(config, policy, state) -> dict:
     B = min(int(c.data.eval_batch_size), int(c.eval.num_prompts))
     L = int(c.data.max_length)
     ids = (np.arange(B * L, dtype=np.int64).reshape(B, L) % max(1, mcfg.vocab_size - 1) + 1).astype(np.int32)
-    pack = gen.pack_prompts(ids, np.ones_like(ids), gen._attention_ratio(mcfg), gen.PREFIX_MULTIPLE)
-    Tp = pack.src.shape[1]
+    pack = gen.prompt_pack(mcfg, ids, np.ones_like(ids))
     graphdef, params = policy.eval_graphdef, adapters.full_state(state.params, state.frozen)
-    slots = gen.length_bucket(Tp + int(c.eval.max_new_tokens))
-    dtype = jnp.dtype(c.model.dtype)
-    spec = jax.ShapeDtypeStruct
-    cache = (tuple(spec((B, mcfg.num_key_value_heads, mcfg.head_dim, slots), dtype)
-                   for _ in range(mcfg.num_hidden_layers)),
-             tuple(spec((B, mcfg.num_key_value_heads, slots, mcfg.head_dim), dtype)
-                   for _ in range(mcfg.num_hidden_layers)))
+    slots = gen.length_bucket(pack.src.shape[1] + int(c.eval.max_new_tokens))
     settings = (jnp.float32(c.eval.temperature), 0, 1.0, tuple(mcfg.eos_token_ids), 0)
-    decode = (graphdef, params, cache, spec((B, slots), jnp.bool_), spec((B, mcfg.vocab_size), jnp.float32),
-              spec((B,), jnp.int32), spec((B,), jnp.bool_), spec((2,), jnp.uint32), spec((B,), jnp.int32), 0, 0,
-              gen.DECODE_CHUNK, B, *settings, 0)
+    decode = gen.decode_args(mcfg, jnp.dtype(c.model.dtype), graphdef, params,
+                             jax.ShapeDtypeStruct((2,), jnp.uint32), B, slots, gen.DECODE_CHUNK, B, settings)
     return {"sample_prefill": (gen._prefill_jit, (graphdef, params, pack.prefix, pack.ids, pack.positions,
                                                   pack.segments)),
             "sample_decode": (gen._decode_jit, decode)}

@@ -57,8 +57,8 @@ from flax import nnx
 from spo_jax.models.decoder import Decoder, at_least_f32, layer_masks
 
 __all__ = ["DECODE_CHUNK", "PREFIX_MULTIPLE", "length_bucket", "prompt_bucket", "batch_bucket", "PromptPack",
-           "pack_prompts", "prefill_forward", "decode_step", "row_levels", "next_size", "compact_size",
-           "compact_slots", "generate", "BACKGROUND_COMPILE"]
+           "pack_prompts", "prompt_pack", "decode_args", "prefill_forward", "decode_step", "row_levels", "next_size",
+           "compact_size", "compact_slots", "generate", "BACKGROUND_COMPILE"]
 
 DECODE_CHUNK = 32  # decode steps per compiled call (the host checks "all rows done" between calls)
 PREFIX_MULTIPLE = 8  # a shared prompt prefix is prefilled once, rounded down to this (fewer prefill programs)
@@ -368,7 +368,7 @@ def generate(model: Decoder, prompt_ids, prompt_mask, *, max_new_tokens: int, ke
         eos = tuple(int(e) for e in np.asarray(eos_id).reshape(-1))
     else:
         eos = (int(eos_id),)
-    pack = pack_prompts(prompt_ids, prompt_mask, _attention_ratio(model.config), PREFIX_MULTIPLE)
+    pack = prompt_pack(model.config, prompt_ids, prompt_mask)
     B, Tp = pack.src.shape
     key = jax.random.PRNGKey(0) if key is None else key
     graphdef, params = nnx.split(model)
@@ -465,18 +465,30 @@ def _precompile_decode(model, graphdef, params, key, rows: int, slots: int, chun
     if not background or signature in _DECODE_PROGRAMS or not hasattr(_decode_jit, "lower"):  # (tests wrap it)
         return None
     _DECODE_PROGRAMS.add(signature)
-    cfg = model.config
-    KV, hd, V = cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size
-    spec = jax.ShapeDtypeStruct
-    cache = (tuple(spec((rows, KV, hd, slots), model.dtype) for _ in range(cfg.num_hidden_layers)),
-             tuple(spec((rows, KV, slots, hd), model.dtype) for _ in range(cfg.num_hidden_layers)))
-    args = (graphdef, params, cache, spec((rows, slots), jnp.bool_), spec((rows, V), at_least_f32(model.dtype)),
-            spec((rows,), jnp.int32), spec((rows,), jnp.bool_), spec(jnp.shape(key), jnp.asarray(key).dtype),
-            spec((rows,), jnp.int32), 0, 0, chunk, batch, *settings, 0)
+    args = decode_args(model.config, model.dtype, graphdef, params, key, rows, slots, chunk, batch, settings)
     # not a daemon: the interpreter waits for it at exit (exiting during an XLA compile aborts the process)
     thread = threading.Thread(target=lambda: _decode_jit.lower(*args).compile(), daemon=False)
     thread.start()
     return thread
+
+
+def decode_args(cfg, dtype, graphdef, params, key, rows: int, slots: int, chunk: int, batch: int,
+                settings) -> tuple:
+    """Abstract arguments of ``_decode_jit`` (for ``.lower``): ``rows`` computed rows of ``batch``, a
+    ``slots``-slot cache of ``dtype`` (the model's), ``key`` an array or its shape / dtype, ``settings``
+    ``(temperature, top_k, top_p, eos ids, pad id)`` as :func:`generate` builds them."""
+    KV, hd, V = cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size
+    spec = jax.ShapeDtypeStruct
+    cache = (tuple(spec((rows, KV, hd, slots), dtype) for _ in range(cfg.num_hidden_layers)),
+             tuple(spec((rows, KV, slots, hd), dtype) for _ in range(cfg.num_hidden_layers)))
+    return (graphdef, params, cache, spec((rows, slots), jnp.bool_), spec((rows, V), at_least_f32(dtype)),
+            spec((rows,), jnp.int32), spec((rows,), jnp.bool_), spec(key.shape, key.dtype),
+            spec((rows,), jnp.int32), 0, 0, chunk, batch, *settings, 0)
+
+
+def prompt_pack(cfg, prompt_ids, prompt_mask) -> PromptPack:
+    """:func:`pack_prompts` as :func:`generate` calls it for a model of config ``cfg``."""
+    return pack_prompts(prompt_ids, prompt_mask, _attention_ratio(cfg), PREFIX_MULTIPLE)
 
 
 def _kv_valid(prompt_mask, slots: int):
