@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["PRESETS", "preset_path", "resolve", "describe"]
+__all__ = ["PRESETS", "preset_path", "resolve", "describe", "recipe"]
 
 #: name -> one line on what it is (the module ``spo_jax/configs/<name>.py``).
 PRESETS = {
@@ -26,6 +26,18 @@ PRESETS = {
     "paper": "the SPO paper's grid: --config=paper:MODEL,LOSS,spo|nospo,DATASET[,STAGE][,MESH]",
     "tiny": "a 2-layer random Llama with a synthetic tokenizer: a smoke test of an install",
 }
+
+def recipe(config):
+    """The dpo and sft presets' shared training recipe, set on ``config`` (returned): cosine schedule with a
+    warm-up over 10% of the steps (the alignment-handbook / SimPO recipes' ``warmup_ratio`` 0.1, as the
+    paper grid), following ``--config.train.num_steps``; 1000 steps of 32 examples of up to 1024 tokens."""
+    config.optim.warmup_steps = config.train.get_ref("num_steps") // 10
+    config.optim.schedule = "cosine"
+    config.train.num_steps = 1000
+    config.data.batch_size = 32
+    config.data.max_length = 1024
+    return config
+
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 

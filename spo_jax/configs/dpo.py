@@ -9,6 +9,7 @@ meaning, is listed by ``python -m spo_jax.train --help``.
 """
 
 from spo_jax.config import get_default_config
+from spo_jax.configs import recipe
 
 __all__ = ["get_config"]
 
@@ -19,11 +20,4 @@ def get_config():
     config.loss.name = "dpo"
     config.loss.hparams.beta = 0.1
     config.reference.mode = "cached"
-    # warm-up over 10% of the steps (the alignment-handbook / SimPO recipes' warmup_ratio 0.1, as the paper
-    # grid), following --config.train.num_steps
-    config.optim.warmup_steps = config.train.get_ref("num_steps") // 10
-    config.optim.schedule = "cosine"
-    config.train.num_steps = 1000
-    config.data.batch_size = 32
-    config.data.max_length = 1024
-    return config
+    return recipe(config)

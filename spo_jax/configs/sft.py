@@ -9,6 +9,7 @@ full fine-tuning, 1e-4 with LoRA; ``spo_jax.optim.learning_rate``).
 """
 
 from spo_jax.config import get_default_config
+from spo_jax.configs import recipe
 
 __all__ = ["get_config"]
 
@@ -17,11 +18,4 @@ def get_config():
     config = get_default_config()
     config.stage = "sft"
     config.reference.mode = "none"
-    # warm-up over 10% of the steps (the alignment-handbook / SimPO recipes' warmup_ratio 0.1, as the paper
-    # grid), following --config.train.num_steps
-    config.optim.warmup_steps = config.train.get_ref("num_steps") // 10
-    config.optim.schedule = "cosine"
-    config.train.num_steps = 1000
-    config.data.batch_size = 32
-    config.data.max_length = 1024
-    return config
+    return recipe(config)
