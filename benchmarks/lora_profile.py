@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 import lora as bench_lora  # noqa: E402
 import profile_step  # noqa: E402
 from common import make_pairs, peak_rss_mib  # noqa: E402
-from spo_jax import adapters, inputs, optim, train  # noqa: E402
+from spo_jax import adapters, inputs, models, optim, train  # noqa: E402
 from spo_jax import sharding as sharding_lib  # noqa: E402
 from spo_jax.data import BatchIterator  # noqa: E402
 
@@ -43,13 +43,18 @@ def main() -> None:
     p.add_argument("--reference", default="cached", choices=["cached", "online"])
     p.add_argument("--pairs", type=int, default=8)
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--attention", default="einsum", help="models.set_attention's implementation (einsum, xla)")
+    p.add_argument("--hlo", default="", help="write the compiled step's HLO text to this file")
+    p.add_argument("--top", type=int, default=12, help="how many of the largest instructions to list")
     a = p.parse_args()
     P = R = 128
     cfg = dict(bench_lora.SMOLLM2_SHAPE, num_hidden_layers=a.layers)
     c = bench_lora.make_config("lora", model_path="", model_config=cfg, pairs=a.pairs, max_length=P + R)
     c.reference.mode = a.reference
     mesh = sharding_lib.make_mesh((-1, 1, 1))
-    policy, params, frozen = adapters.split_policy(c, inputs.build_model(c))
+    model = inputs.build_model(c)
+    models.set_attention(model, a.attention)
+    policy, params, frozen = adapters.split_policy(c, model)
     tx, schedule = optim.make_optimizer(c)
     state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                              rng=jax.random.PRNGKey(0), ref_params=None, frozen=frozen)
@@ -71,6 +76,9 @@ def main() -> None:
     ca = compiled.cost_analysis()
     ca = ca[0] if isinstance(ca, list) else ca
     info = profile_step.parse_hlo(compiled.as_text())
+    if a.hlo:
+        with open(a.hlo, "w") as f:
+            f.write(compiled.as_text())
     state, _ = compiled(state, batches[0])
     jax.block_until_ready(state)
     walls = []
@@ -100,7 +108,7 @@ def main() -> None:
         if s / total >= 0.005:
             print(f"| {ph} | {comp} | {s:.2f} | {s / total:.1%} |")
     print("\nlargest instructions:")
-    for s, n, ph, comp, op in sorted(ops, reverse=True)[:12]:
+    for s, n, ph, comp, op in sorted(ops, reverse=True)[:a.top]:
         print(f"  {s:7.3f} s  {n}  [{ph} / {comp}]  {op[-90:]}")
 
 

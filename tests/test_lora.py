@@ -249,6 +249,24 @@ def test_adapter_sharding_follows_the_tensor_split():
     assert spec("layers/0/mlp/down_proj/kernel", (96, 64)) == P("tensor", "fsdp")  # the base as before
 
 
+def test_lora_delta_gradients_and_hvps_equal_autodiff_of_the_formula():
+    """``lora.lora_delta``'s written-out VJP against autodiff of PEFT's formula ``(x @ A @ B) * scaling``:
+    gradients w.r.t. x, A and B, and forward-over-reverse (``jax.linearize`` of the gradient: the implicit
+    solver's Hessian-vector products), with a [B, T, in] input as the decoder gives it."""
+    k = jax.random.split(jax.random.PRNGKey(0), 5)
+    x, a, b = (jax.random.normal(k[0], (2, 5, 7)), jax.random.normal(k[1], (7, 3)), jax.random.normal(k[2], (3, 6)))
+    w = jax.random.normal(k[3], (2, 5, 6))
+    ours = lambda *p: jnp.sum(jnp.sin(lora.lora_delta(*p, 2.5)) * w)  # noqa: E731
+    plain = lambda x, a, b: jnp.sum(jnp.sin((x @ a @ b) * 2.5) * w)  # noqa: E731
+    np.testing.assert_allclose(ours(x, a, b), plain(x, a, b), rtol=1e-6)
+    for g1, g0 in zip(jax.grad(ours, (0, 1, 2))(x, a, b), jax.grad(plain, (0, 1, 2))(x, a, b)):
+        np.testing.assert_allclose(g1, g0, rtol=0, atol=1e-6 * float(jnp.abs(g0).max()))  # fp32 sums reordered
+    v = tuple(jax.random.normal(kk, p.shape) for kk, p in zip(jax.random.split(k[4], 3), (x, a, b)))
+    hvp = [jax.linearize(lambda p, f=f: jax.grad(f, (0, 1, 2))(*p), (x, a, b))[1](v) for f in (ours, plain)]
+    for h1, h0 in zip(*hvp):
+        np.testing.assert_allclose(h1, h0, rtol=0, atol=1e-6 * float(jnp.abs(h0).max()))
+
+
 def test_remat_gives_the_same_loss_and_adapter_gradients(checkpoint):
     """Per-layer remat (``model.remat``) with adapters, the frozen base and dropout key entering the jitted
     function as arguments as in the trainer: the same loss and gradients as without, with dropout (0.3) and
