@@ -11,6 +11,10 @@ lr 1e-4, DPO beta 0.1. Each run is a fresh process launched by this script, whic
   callback from step begin to step end);
 * ``total``: the process's wall time; ``peak``: its peak RSS (``/usr/bin/time``'s maximum resident set).
 
+Both sides compute in fp32. TRL's ``DPOConfig`` defaults to ``bf16=True`` (torch's CPU autocast to bfloat16),
+which this script turns off: on this machine's CPU (AVX2, no AVX512-BF16 / AMX) torch's bf16 matmul ran at
+~1 GFLOP/s against ~60-120 fp32, so a TRL run left at its default did not finish 4 steps in 15 minutes.
+
 Runs (``--runs``): ``spo_cached``, ``spo_online``, ``spo_remat`` (cached, ``model.remat=True``),
 ``trl`` (PEFT; the reference is the base with the adapter disabled, its forward inside each step) and
 ``trl_gc`` (the same with ``gradient_checkpointing=True``)::
@@ -91,7 +95,8 @@ def trl_child(out: str, steps: int, gc: bool, t0: float) -> None:
     args = DPOConfig(output_dir=os.path.join(out, "trl_run"), per_device_train_batch_size=BATCH, max_steps=steps,
                      learning_rate=LR, beta=BETA, max_length=MAX_LEN, use_cpu=True, report_to=[],
                      logging_steps=1, save_strategy="no", dataloader_num_workers=0, seed=0,
-                     gradient_checkpointing=gc, lr_scheduler_type="constant")
+                     gradient_checkpointing=gc, lr_scheduler_type="constant",
+                     bf16=False)  # TRL's configs default to bf16 autocast: fp32 like spo_jax's runs (see the docstring)
     lcfg = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear",
                            task_type="CAUSAL_LM")
     trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok, peft_config=lcfg,
