@@ -10,7 +10,8 @@ kernel instead of wrapping the loaded one. The forward is PEFT's::
     y = x @ W + b + (dropout(x) @ A @ B) * scaling,    scaling = alpha / r  (alpha / sqrt(r) with rsLoRA)
 
 with A drawn like PEFT's ``kaiming_uniform(a=sqrt(5))`` (uniform in +-1/sqrt(in)) and B = 0, so the adapted
-model equals the base at step 0. Dropout masks come from one ``LoRADropoutKey`` per model
+model equals the base at step 0. The branch is :func:`lora_delta` (its gradient written out for XLA:CPU's
+layouts; the same values as autodiff). Dropout masks come from one ``LoRADropoutKey`` per model
 (``set_dropout_key``; the trainer derives it from the step) and are off after ``model.eval()``. The adapter branch runs in the adapters' dtype (fp32) and is cast back
 to the projection's output dtype, as PEFT does.
 
