@@ -27,7 +27,8 @@ from spo_jax.experiment.world import SETTINGS, WorldSettings
 #: SPO's weight gamma for every SPO family ("+SPO", "+SPO(SFT)"), RPO's, SFT-mix's and DPOP's
 #: lambda, DPO's beta. The grid of 2026-11-30 (README) swept the values up to gamma 30, lambda 10, DPOP
 #: lambda 500 and beta 0.3, and several families chose their largest; the next value of each is added here so
-#: that a winner at the old edge can be told from one past it (that sweep has not been rerun yet).
+#: that a winner at the old edge can be told from one past it (rerun on the validation seed on 2026-12-07: most
+#: winners are now interior; DPO's beta 1 and SimPO+SPO's gamma 100 still rise at the edge, README).
 SWEEP: dict[str, dict[str, tuple[float, ...]]] = {
     "+SPO": {"spo_gamma": (3.0, 10.0, 30.0, 100.0)},
     "RPO": {"lam": (0.3, 1.0, 3.0, 10.0, 30.0)},
