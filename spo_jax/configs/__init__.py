@@ -27,6 +27,7 @@ PRESETS = {
     "tiny": "a 2-layer random Llama with a synthetic tokenizer: a smoke test of an install",
 }
 
+
 def recipe(config):
     """The dpo and sft presets' shared training recipe, set on ``config`` (returned): cosine schedule with a
     warm-up over 10% of the steps (the alignment-handbook / SimPO recipes' ``warmup_ratio`` 0.1, as the

@@ -200,7 +200,7 @@ def lora_delta(x, a, b, scaling: float):
     is ``(g_u^T @ x)``, output ``[r, in]``, which takes ``x`` as it is, and only the small result is
     transposed (behind an optimization barrier, else XLA folds the transpose back into the dot).
     Forward-over-reverse (the implicit solver's HVPs) works: the backward is ordinary JAX."""
-    return ((x @ a) * scaling) @ b
+    return _lora_delta_fwd(x, a, b, scaling)[0]
 
 
 def _lora_delta_fwd(x, a, b, scaling):
@@ -212,9 +212,9 @@ def _lora_delta_bwd(scaling, res, g):
     x, a, b, u = res
     g = g.astype(u.dtype)
     gu = (g @ b.T) * scaling  # d/d(x @ a): [..., r]
-    lead = "ABCDEFGH"[:x.ndim - 1]
-    db = jnp.einsum(f"{lead}r,{lead}o->ro", u, g)
-    da = jax.lax.optimization_barrier(jnp.einsum(f"{lead}r,{lead}i->ri", gu, x)).T
+    tokens = (tuple(range(x.ndim - 1)),) * 2  # contract every leading (batch, position) axis
+    db = jnp.tensordot(u, g, tokens)  # [r, out]
+    da = jax.lax.optimization_barrier(jnp.tensordot(gu, x, tokens)).T  # [r, in] -> [in, r]
     return (gu @ a.T).astype(x.dtype), da.astype(a.dtype), db.astype(b.dtype)
 
 
